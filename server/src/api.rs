@@ -1,0 +1,207 @@
+//! The server API for backends: `/api/publish`, `/api/broadcast`, `/api/history`,
+//! `/api/presence`, `/api/disconnect`, behind `Authorization: Bearer <PUSHD_API_KEY>`.
+//! JSON in and out; every error is `{"error":{"code","message"}}` with a fitting status.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::auth::keys_match;
+use crate::channel::ChannelName;
+use crate::engine::{Epoch, HistoryQuery, NewMessage, Offset};
+use crate::http::{self, Body, HttpError};
+use crate::node::Node;
+use crate::protocol::{Close, CloseCode, CommandError, ErrorCode};
+
+/// Most results one history request returns.
+const MAX_HISTORY_LIMIT: usize = 1000;
+
+type ApiResult = Result<Response<Body>, HttpError>;
+
+/// Dispatches one `/api/*` request.
+pub async fn handle(node: Arc<Node>, req: Request<Incoming>) -> Response<Body> {
+    let origin = match http::allowed_origin(&node, &req) {
+        Ok(origin) => origin,
+        Err(refused) => return refused.into_response(),
+    };
+    let result = match check_key(&node, &req) {
+        Err(refused) => Err(refused),
+        Ok(()) => match (req.method(), req.uri().path()) {
+            (&Method::POST, "/api/publish") => publish(&node, req).await,
+            (&Method::POST, "/api/broadcast") => broadcast(&node, req).await,
+            (&Method::GET, "/api/history") => history(&node, &req).await,
+            (&Method::GET, "/api/presence") => presence(&node, &req).await,
+            (&Method::POST, "/api/disconnect") => disconnect(&node, req).await,
+            (method, path) => {
+                Err(HttpError::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, format!("no API route {method} {path}")))
+            }
+        },
+    };
+    http::with_cors(result.unwrap_or_else(HttpError::into_response), origin)
+}
+
+fn check_key<B>(node: &Node, req: &Request<B>) -> Result<(), HttpError> {
+    let Some(expected) = &node.config.api_key else { return Ok(()) };
+    match http::bearer(req) {
+        Some(given) if keys_match(given.as_bytes(), expected.as_bytes()) => Ok(()),
+        Some(_) => Err(HttpError::new(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, "wrong API key")),
+        None => Err(HttpError::new(
+            StatusCode::UNAUTHORIZED,
+            ErrorCode::Unauthorized,
+            "missing API key: send Authorization: Bearer <PUSHD_API_KEY>",
+        )),
+    }
+}
+
+/// Reads and parses a JSON body, refusing bodies over the payload limit plus envelope room.
+async fn read_json<T: DeserializeOwned>(node: &Node, req: Request<Incoming>) -> Result<T, HttpError> {
+    let limit = node.config.max_payload + 16 * 1024 + node.config.max_channels * 140;
+    let body: Bytes = match Limited::new(req.into_body(), limit).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            let msg = format!("request body is larger than {limit} bytes (--max-payload)");
+            return Err(HttpError::new(StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::PayloadTooLarge, msg));
+        }
+        Err(e) => return Err(HttpError::bad_request(format!("could not read the request body: {e}"))),
+    };
+    serde_json::from_slice(&body).map_err(|e| HttpError::bad_request(format!("malformed JSON body: {e}")))
+}
+
+fn channel(name: &str) -> Result<ChannelName, HttpError> {
+    ChannelName::parse(name)
+        .map_err(|e| HttpError::new(StatusCode::BAD_REQUEST, ErrorCode::BadChannel, format!("{name:?}: {e}")))
+}
+
+#[derive(Deserialize)]
+struct PublishBody {
+    channel: String,
+    data: Box<RawValue>,
+    event: Option<String>,
+}
+
+#[derive(Serialize)]
+struct Published {
+    channel: ChannelName,
+    epoch: Epoch,
+    offset: Offset,
+}
+
+async fn publish(node: &Node, req: Request<Incoming>) -> ApiResult {
+    let body: PublishBody = read_json(node, req).await?;
+    let channel = channel(&body.channel)?;
+    let msg = NewMessage::new(body.event, body.data);
+    let p = node.publish(&channel, msg, "api").await.map_err(HttpError::from)?;
+    Ok(http::json(StatusCode::OK, &Published { channel, epoch: p.epoch.clone(), offset: p.offset }))
+}
+
+#[derive(Deserialize)]
+struct BroadcastBody {
+    channels: Vec<String>,
+    data: Box<RawValue>,
+    event: Option<String>,
+}
+
+#[derive(Serialize)]
+struct BroadcastResult {
+    channel: ChannelName,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    epoch: Option<Epoch>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    offset: Option<Offset>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<CommandError>,
+}
+
+/// Publishes one message to many channels. Names are checked before anything is stored; if any
+/// channel could not store it the answer is 503, with per-channel results saying which did.
+async fn broadcast(node: &Node, req: Request<Incoming>) -> ApiResult {
+    let body: BroadcastBody = read_json(node, req).await?;
+    if body.channels.is_empty() {
+        return Err(HttpError::bad_request("name at least one channel in \"channels\""));
+    }
+    let channels = body.channels.iter().map(|c| channel(c)).collect::<Result<Vec<_>, _>>()?;
+    let msg = NewMessage::new(body.event, body.data);
+    let mut results = Vec::with_capacity(channels.len());
+    let mut all_stored = true;
+    for channel in channels {
+        let result = match node.publish(&channel, msg.clone(), "api").await {
+            Ok(p) => BroadcastResult { channel, epoch: Some(p.epoch.clone()), offset: Some(p.offset), error: None },
+            Err(e) if e.code == ErrorCode::PayloadTooLarge => return Err(e.into()),
+            Err(e) => {
+                all_stored = false;
+                BroadcastResult { channel, epoch: None, offset: None, error: Some(e) }
+            }
+        };
+        results.push(result);
+    }
+    let status = if all_stored { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    Ok(http::json(status, &serde_json::json!({ "results": results })))
+}
+
+#[derive(Serialize)]
+struct HistoryEntry<'a> {
+    offset: Offset,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    event: Option<&'a str>,
+    data: &'a RawValue,
+    time_ms: u64,
+}
+
+async fn history(node: &Node, req: &Request<Incoming>) -> ApiResult {
+    let name = http::query(req, "channel").ok_or_else(|| HttpError::bad_request("missing ?channel="))?;
+    let channel = channel(&name)?;
+    let number = |key: &str| -> Result<Option<u64>, HttpError> {
+        http::query(req, key)
+            .map(|v| {
+                v.parse::<u64>().map_err(|_| HttpError::bad_request(format!("?{key}= must be a non-negative integer")))
+            })
+            .transpose()
+    };
+    let limit = number("limit")?.map_or(100, |l| l as usize).clamp(1, MAX_HISTORY_LIMIT);
+    let query = match number("since")? {
+        Some(after) => HistoryQuery::After { after, limit },
+        None => HistoryQuery::Latest { limit },
+    };
+    let page = node.engine.history(&channel, query).await.map_err(|e| {
+        HttpError::new(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, format!("{e}: retry shortly"))
+    })?;
+    let entries: Vec<HistoryEntry> = page
+        .publications
+        .iter()
+        .map(|p| HistoryEntry { offset: p.offset, event: p.event.as_deref(), data: &p.data, time_ms: p.time_ms })
+        .collect();
+    let body = serde_json::json!({ "channel": channel, "epoch": page.epoch, "top": page.top, "publications": entries });
+    Ok(http::json(StatusCode::OK, &body))
+}
+
+async fn presence(node: &Node, req: &Request<Incoming>) -> ApiResult {
+    let name = http::query(req, "channel").ok_or_else(|| HttpError::bad_request("missing ?channel="))?;
+    let channel = channel(&name)?;
+    let clients = node.presence(&channel).await.map_err(HttpError::from)?;
+    Ok(http::json(StatusCode::OK, &serde_json::json!({ "channel": channel, "clients": clients })))
+}
+
+#[derive(Deserialize)]
+struct DisconnectBody {
+    user: Option<String>,
+    conn: Option<String>,
+    reason: Option<String>,
+}
+
+/// Closes a user's sockets (or one connection) with 4009 on this node.
+async fn disconnect(node: &Node, req: Request<Incoming>) -> ApiResult {
+    let body: DisconnectBody = read_json(node, req).await?;
+    if body.user.is_none() == body.conn.is_none() {
+        return Err(HttpError::bad_request("give exactly one of \"user\" or \"conn\""));
+    }
+    let reason = body.reason.unwrap_or_else(|| "disconnected by the server".into());
+    let n = node.hub.disconnect(body.user.as_deref(), body.conn.as_deref(), Close::new(CloseCode::Kicked, reason));
+    node.metrics.kicks.inc_by(n as u64);
+    Ok(http::json(StatusCode::OK, &serde_json::json!({ "disconnected": n })))
+}

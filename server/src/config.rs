@@ -1,0 +1,312 @@
+//! The node's configuration: clap `Args` (every flag is also a `PUSHD_*` env var) validated once
+//! into `Config` by `Config::try_from`. Nothing else in the node reads the environment.
+//!
+//! Tests build a `Config` directly with `Config::dev()` and struct update syntax.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, ValueEnum};
+
+use crate::channel::ChannelPattern;
+
+/// pushd: a real-time push broker node (WebSocket + SSE, gapless replay).
+///
+/// Without --token-secret the node runs in dev mode: anyone may connect, subscribe and
+/// publish, and it refuses to listen on anything but loopback.
+#[derive(Debug, Parser)]
+#[command(name = "pushd", version, about, long_about = None)]
+pub struct Args {
+    /// Address to listen on for clients, the server API, /metrics and health checks.
+    #[arg(long, env = "PUSHD_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// This node's id in logs, welcome frames and metrics. Default: "node-" + random hex.
+    #[arg(long, env = "PUSHD_NODE_ID")]
+    pub node_id: Option<String>,
+
+    /// HS256 secret that client tokens (JWT) are signed with. Unset = dev mode (loopback only).
+    #[arg(long, env = "PUSHD_TOKEN_SECRET", hide_env_values = true)]
+    pub token_secret: Option<String>,
+
+    /// Key backends send as `Authorization: Bearer <key>` on /api/*. Required outside dev mode.
+    #[arg(long, env = "PUSHD_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+
+    /// Browser origins allowed on /ws, /sse and /api/* (comma-separated, or `*`).
+    /// Default: same host only; `*` in dev mode. Requests without an Origin are not affected.
+    #[arg(long, env = "PUSHD_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
+
+    /// Messages kept per channel for replay.
+    #[arg(long, env = "PUSHD_HISTORY_SIZE", default_value_t = 1000)]
+    pub history_size: usize,
+
+    /// How long a channel's history is kept after its last publish, in seconds.
+    #[arg(long, env = "PUSHD_HISTORY_TTL", default_value_t = 600)]
+    pub history_ttl: u64,
+
+    /// Most messages one resubscribe may replay; a longer gap answers `recovered: false`.
+    #[arg(long, env = "PUSHD_MAX_REPLAY", default_value_t = 1000)]
+    pub max_replay: usize,
+
+    /// Largest inbound WebSocket frame, in bytes; bigger frames close the socket with 1009.
+    #[arg(long, env = "PUSHD_MAX_FRAME", default_value_t = 72 * 1024)]
+    pub max_frame: usize,
+
+    /// Largest `data` of one publish, in bytes (WebSocket and /api/publish).
+    #[arg(long, env = "PUSHD_MAX_PAYLOAD", default_value_t = 64 * 1024)]
+    pub max_payload: usize,
+
+    /// Most channels one connection may subscribe to.
+    #[arg(long, env = "PUSHD_MAX_CHANNELS", default_value_t = 128)]
+    pub max_channels: usize,
+
+    /// Most client connections (WebSocket + SSE) this node accepts; more get 503.
+    #[arg(long, env = "PUSHD_MAX_CONNECTIONS", default_value_t = 100_000)]
+    pub max_connections: usize,
+
+    /// Sustained inbound commands per second per connection.
+    #[arg(long, env = "PUSHD_RATE_LIMIT", default_value_t = 50)]
+    pub rate_limit: u32,
+
+    /// Inbound commands a connection may burst above the rate before it is closed with 4008.
+    #[arg(long, env = "PUSHD_RATE_BURST", default_value_t = 100)]
+    pub rate_burst: u32,
+
+    /// Messages queued for one connection before it counts as a slow consumer (closed with 4010).
+    #[arg(long, env = "PUSHD_SEND_QUEUE", default_value_t = 1024)]
+    pub send_queue: usize,
+
+    /// Seconds between server heartbeats (WebSocket ping, SSE comment).
+    #[arg(long, env = "PUSHD_PING_INTERVAL", default_value_t = 25)]
+    pub ping_interval: u64,
+
+    /// Seconds without any inbound frame after which a WebSocket peer counts as dead.
+    #[arg(long, env = "PUSHD_IDLE_TIMEOUT", default_value_t = 60)]
+    pub idle_timeout: u64,
+
+    /// Channel patterns (comma-separated globs) whose subscribers are tracked for presence.
+    #[arg(long, env = "PUSHD_PRESENCE", value_delimiter = ',', default_value = "*")]
+    pub presence: Vec<String>,
+
+    /// Channel patterns whose subscribers see join/leave events (a subset of --presence).
+    #[arg(long, env = "PUSHD_JOIN_LEAVE", value_delimiter = ',')]
+    pub join_leave: Vec<String>,
+
+    /// Seconds over which clients are closed with 1012 on SIGTERM, so they reconnect gradually.
+    #[arg(long, env = "PUSHD_DRAIN_WINDOW", default_value_t = 10)]
+    pub drain_window: u64,
+
+    /// Log format.
+    #[arg(long, env = "PUSHD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
+    pub log_format: LogFormat,
+
+    /// Log filter (tracing EnvFilter syntax, e.g. `info,pushd=debug`).
+    #[arg(long, env = "PUSHD_LOG", default_value = "info")]
+    pub log: String,
+}
+
+/// How log lines are written to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+/// Which browser origins may talk to the node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origins {
+    /// Any origin (`*`); the dev-mode default.
+    Any,
+    /// Only pages served from the same host as the node; the default with a token secret.
+    SameHost,
+    /// These exact origins, e.g. `https://app.example.com`.
+    List(Vec<String>),
+}
+
+/// Validated node configuration; built from `Args` or directly by tests.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Listen address (the caller binds it; kept for logs and the loopback check).
+    pub listen: SocketAddr,
+    /// Node id. Default: random.
+    pub node_id: String,
+    /// JWT secret; `None` = dev mode.
+    pub token_secret: Option<String>,
+    /// Server API key; `None` only in dev mode (API open to loopback callers).
+    pub api_key: Option<String>,
+    /// Allowed browser origins. Default: same host (`*` in dev mode).
+    pub allowed_origins: Origins,
+    /// Messages of history per channel. Default 1000.
+    pub history_size: usize,
+    /// History lifetime after the last publish. Default 600 s.
+    pub history_ttl: Duration,
+    /// Longest replay on resubscribe. Default 1000.
+    pub max_replay: usize,
+    /// Largest inbound frame in bytes. Default 72 KiB.
+    pub max_frame: usize,
+    /// Largest publish payload in bytes. Default 64 KiB.
+    pub max_payload: usize,
+    /// Channels per connection. Default 128.
+    pub max_channels: usize,
+    /// Connections per node. Default 100,000.
+    pub max_connections: usize,
+    /// Commands per second per connection. Default 50.
+    pub rate_limit: u32,
+    /// Command burst per connection. Default 100.
+    pub rate_burst: u32,
+    /// Send queue length per connection. Default 1024.
+    pub send_queue: usize,
+    /// Heartbeat interval. Default 25 s.
+    pub ping_interval: Duration,
+    /// Dead-peer timeout. Default 60 s.
+    pub idle_timeout: Duration,
+    /// Channels with presence. Default all.
+    pub presence: Vec<ChannelPattern>,
+    /// Channels with join/leave events. Default none.
+    pub join_leave: Vec<ChannelPattern>,
+    /// Drain window on shutdown. Default 10 s.
+    pub drain_window: Duration,
+}
+
+impl Config {
+    /// A dev-mode config with every default; what `pushd` with no flags runs.
+    pub fn dev() -> Self {
+        let args = Args::parse_from(["pushd"]);
+        Self::try_from(Args { node_id: Some("dev".into()), ..args }).expect("defaults are valid")
+    }
+
+    /// True without a token secret: anonymous clients, loopback only.
+    pub fn dev_mode(&self) -> bool {
+        self.token_secret.is_none()
+    }
+
+    /// Whether `channel` tracks presence (and so answers the presence op).
+    pub fn presence_on(&self, channel: &str) -> bool {
+        self.presence.iter().any(|p| p.matches(channel))
+    }
+
+    /// Whether `channel`'s subscribers get join/leave events.
+    pub fn join_leave_on(&self, channel: &str) -> bool {
+        self.presence_on(channel) && self.join_leave.iter().any(|p| p.matches(channel))
+    }
+}
+
+impl TryFrom<Args> for Config {
+    type Error = anyhow::Error;
+
+    fn try_from(a: Args) -> anyhow::Result<Self> {
+        let dev = a.token_secret.is_none();
+        if dev && !a.listen.ip().is_loopback() {
+            bail!(
+                "refusing to listen on {} in dev mode: set --token-secret (PUSHD_TOKEN_SECRET) \
+                 and --api-key (PUSHD_API_KEY), or listen on 127.0.0.1",
+                a.listen
+            );
+        }
+        if let Some(secret) = &a.token_secret
+            && secret.len() < 16
+        {
+            bail!("--token-secret is too short: use at least 16 random bytes (32+ recommended)");
+        }
+        if !dev && a.api_key.as_deref().is_none_or(str::is_empty) {
+            bail!("--api-key (PUSHD_API_KEY) is required when --token-secret is set");
+        }
+        let positive = [
+            ("--history-size", a.history_size),
+            ("--max-replay", a.max_replay),
+            ("--max-frame", a.max_frame),
+            ("--max-payload", a.max_payload),
+            ("--max-channels", a.max_channels),
+            ("--max-connections", a.max_connections),
+            ("--send-queue", a.send_queue),
+            ("--rate-limit", a.rate_limit as usize),
+            ("--rate-burst", a.rate_burst as usize),
+            ("--ping-interval", a.ping_interval as usize),
+            ("--history-ttl", a.history_ttl as usize),
+        ];
+        if let Some((flag, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            bail!("{flag} must be greater than 0");
+        }
+        if a.idle_timeout <= a.ping_interval {
+            bail!("--idle-timeout must be longer than --ping-interval");
+        }
+        let patterns = |list: &[String], flag: &str| -> anyhow::Result<Vec<ChannelPattern>> {
+            list.iter()
+                .filter(|s| !s.is_empty())
+                .map(|s| ChannelPattern::parse(s).with_context(|| format!("{flag}: bad pattern {s:?}")))
+                .collect()
+        };
+        let allowed_origins = match a.allowed_origins.as_slice() {
+            [] if dev => Origins::Any,
+            [] => Origins::SameHost,
+            list if list.iter().any(|o| o == "*") => Origins::Any,
+            list => Origins::List(list.iter().map(|o| o.trim_end_matches('/').to_owned()).collect()),
+        };
+        Ok(Config {
+            listen: a.listen,
+            node_id: a.node_id.unwrap_or_else(|| format!("node-{:06x}", rand::random::<u32>() >> 8)),
+            token_secret: a.token_secret,
+            api_key: a.api_key.filter(|k| !k.is_empty()),
+            allowed_origins,
+            history_size: a.history_size,
+            history_ttl: Duration::from_secs(a.history_ttl),
+            max_replay: a.max_replay,
+            max_frame: a.max_frame,
+            max_payload: a.max_payload,
+            max_channels: a.max_channels,
+            max_connections: a.max_connections,
+            rate_limit: a.rate_limit,
+            rate_burst: a.rate_burst,
+            send_queue: a.send_queue,
+            ping_interval: Duration::from_secs(a.ping_interval),
+            idle_timeout: Duration::from_secs(a.idle_timeout),
+            presence: patterns(&a.presence, "--presence")?,
+            join_leave: patterns(&a.join_leave, "--join-leave")?,
+            drain_window: Duration::from_secs(a.drain_window),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> anyhow::Result<Config> {
+        let mut all = vec!["pushd"];
+        all.extend_from_slice(args);
+        Config::try_from(Args::try_parse_from(all)?)
+    }
+
+    #[test]
+    fn defaults_are_dev_mode_on_loopback() {
+        let c = parse(&[]).unwrap();
+        assert!(c.dev_mode());
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.allowed_origins, Origins::Any);
+        assert!(c.presence_on("room:1"));
+        assert!(!c.join_leave_on("room:1"));
+    }
+
+    #[test]
+    fn dev_mode_refuses_public_bind() {
+        let err = parse(&["--listen", "0.0.0.0:8080"]).unwrap_err().to_string();
+        assert!(err.contains("dev mode"), "{err}");
+    }
+
+    #[test]
+    fn secret_requires_api_key() {
+        let err = parse(&["--token-secret", "0123456789abcdef0123"]).unwrap_err().to_string();
+        assert!(err.contains("--api-key"), "{err}");
+        let c = parse(&["--token-secret", "0123456789abcdef0123", "--api-key", "k", "--listen", "0.0.0.0:1"]);
+        assert_eq!(c.unwrap().allowed_origins, Origins::SameHost);
+    }
+
+    #[test]
+    fn zero_limits_are_refused_by_name() {
+        let err = parse(&["--send-queue", "0"]).unwrap_err().to_string();
+        assert!(err.contains("--send-queue"), "{err}");
+    }
+}

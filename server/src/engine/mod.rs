@@ -1,0 +1,258 @@
+//! The engine: the one seam between "this node" and "the cluster".
+//!
+//! An engine stores each channel's history, hands out positions (epoch, offset), fans published
+//! messages out to every node's hub, and keeps presence. It never sees sessions or sockets: it
+//! calls back into a [`Deliver`] (the hub) with shared, already serialised publications.
+//! `memory` is the single-node, in-process engine; other engines keep the same semantics.
+
+pub mod memory;
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use hyper_tungstenite::tungstenite::Utf8Bytes;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::channel::ChannelName;
+
+pub use memory::MemoryEngine;
+
+/// Position of a message within its channel: contiguous, starting at 1 in each epoch.
+pub type Offset = u64;
+
+/// Identifies one incarnation of a channel's history; a new epoch means old offsets are void.
+#[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Epoch(Arc<str>);
+
+impl Epoch {
+    /// A fresh random epoch (16 hex digits).
+    pub fn random() -> Self {
+        Self(format!("{:016x}", rand::random::<u64>()).into())
+    }
+
+    pub fn new(s: &str) -> Self {
+        Self(s.into())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Epoch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for Epoch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+/// A client's place in a channel: the last offset it has seen within `epoch`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Position {
+    pub epoch: Epoch,
+    pub offset: Offset,
+}
+
+/// A message as a publisher hands it in: optional event name and raw JSON data.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    pub event: Option<String>,
+    pub data: Box<RawValue>,
+}
+
+impl NewMessage {
+    /// Takes `data` as the publisher sent it, compacted if it spans lines: every frame is one
+    /// line of JSON, which SSE's `data:` framing relies on.
+    pub fn new(event: Option<String>, data: Box<RawValue>) -> Self {
+        let data = if data.get().contains(['\n', '\r']) {
+            let value: serde_json::Value = serde_json::from_str(data.get()).expect("RawValue is valid JSON");
+            serde_json::value::to_raw_value(&value).expect("a Value always serialises")
+        } else {
+            data
+        };
+        Self { event, data }
+    }
+}
+
+/// A stored message, serialised once into the wire frame every subscriber receives.
+#[derive(Debug)]
+pub struct Publication {
+    pub channel: ChannelName,
+    pub epoch: Epoch,
+    pub offset: Offset,
+    pub event: Option<String>,
+    pub data: Box<RawValue>,
+    /// Milliseconds since the Unix epoch when the message was stored.
+    pub time_ms: u64,
+    frame: Utf8Bytes,
+}
+
+#[derive(Serialize)]
+struct MessageFrame<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    channel: &'a ChannelName,
+    offset: Offset,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    event: Option<&'a str>,
+    data: &'a RawValue,
+}
+
+impl Publication {
+    /// Builds the publication and its `{"type":"message",...}` frame (the only serialisation).
+    pub fn new(channel: ChannelName, epoch: Epoch, offset: Offset, msg: NewMessage, time_ms: u64) -> Self {
+        let frame = serde_json::to_string(&MessageFrame {
+            kind: "message",
+            channel: &channel,
+            offset,
+            event: msg.event.as_deref(),
+            data: &msg.data,
+        })
+        .expect("message frames always serialise");
+        Self { channel, epoch, offset, event: msg.event, data: msg.data, time_ms, frame: frame.into() }
+    }
+
+    /// The serialised frame; cloning it shares the bytes.
+    pub fn frame(&self) -> &Utf8Bytes {
+        &self.frame
+    }
+}
+
+/// Milliseconds since the Unix epoch, for publication timestamps.
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// What a history read returns: the channel's current position and the stored messages asked for.
+#[derive(Debug, Clone)]
+pub struct HistoryPage {
+    pub epoch: Epoch,
+    /// The channel's last offset.
+    pub top: Offset,
+    /// Messages in offset order; may start later than asked if history was trimmed or expired.
+    pub publications: Vec<Arc<Publication>>,
+}
+
+impl HistoryPage {
+    pub fn position(&self) -> Position {
+        Position { epoch: self.epoch.clone(), offset: self.top }
+    }
+}
+
+/// Which part of history to read.
+#[derive(Debug, Clone, Copy)]
+pub enum HistoryQuery {
+    /// Messages with offset > `after`, oldest first, at most `limit`.
+    After { after: Offset, limit: usize },
+    /// The newest `limit` messages, oldest first.
+    Latest { limit: usize },
+}
+
+/// One subscriber as presence sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientInfo {
+    pub user: String,
+    pub conn: String,
+    pub node: String,
+}
+
+/// A join or leave of a channel subscriber, fanned out where join/leave events are on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PresenceChange {
+    Join,
+    Leave,
+}
+
+/// The engine's failures. `Unavailable` on publish means the message was NOT stored.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("history store unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Where an engine hands live traffic on this node: implemented by the hub.
+pub trait Deliver: Send + Sync + 'static {
+    /// A stored message for this node's subscribers of its channel, in offset order per channel.
+    fn deliver(&self, publication: Arc<Publication>);
+    /// A transient frame (join/leave) for this node's subscribers of `channel`; not stored.
+    fn deliver_event(&self, channel: &ChannelName, frame: Utf8Bytes);
+    /// `channel`'s history was lost under live subscribers: live delivery goes on after
+    /// `position` (a new epoch), and the subscribers must resync from their own store.
+    fn reset(&self, channel: &ChannelName, position: &Position);
+}
+
+/// The cluster as one node sees it. Every method is safe to call concurrently.
+#[async_trait]
+pub trait Engine: Send + Sync + 'static {
+    /// Stores `msg` in `channel`'s history and fans it out in one step; returns its position.
+    /// Offsets are contiguous within an epoch. `Err` means it was NOT stored: answer 503.
+    async fn publish(&self, channel: &ChannelName, msg: NewMessage) -> Result<Arc<Publication>, EngineError>;
+
+    /// Makes sure this node receives `channel`'s live messages from now on; counted, so every
+    /// `subscribe` is matched by one `unsubscribe`. Returns once live delivery is in place.
+    async fn subscribe(&self, channel: &ChannelName) -> Result<(), EngineError>;
+
+    /// Drops one reference taken by `subscribe`.
+    async fn unsubscribe(&self, channel: &ChannelName);
+
+    /// Reads history and the current position; creates the channel's epoch if it has none, so
+    /// a position handed to a client stays valid until the history is really lost.
+    async fn history(&self, channel: &ChannelName, query: HistoryQuery) -> Result<HistoryPage, EngineError>;
+
+    /// Records `client` as present in `channel`; announces it if `announce`.
+    async fn join(&self, channel: &ChannelName, client: &ClientInfo, announce: bool) -> Result<(), EngineError>;
+
+    /// Removes `client` from `channel`'s presence; announces it if `announce`.
+    async fn leave(&self, channel: &ChannelName, client: &ClientInfo, announce: bool);
+
+    /// Everyone present in `channel`, cluster-wide.
+    async fn presence(&self, channel: &ChannelName) -> Result<Vec<ClientInfo>, EngineError>;
+
+    /// Whether the engine can take traffic now (for /readyz).
+    fn ready(&self) -> bool;
+}
+
+/// Serialises a join/leave frame for `channel`.
+pub fn presence_frame(change: PresenceChange, channel: &ChannelName, client: &ClientInfo) -> Utf8Bytes {
+    #[derive(Serialize)]
+    struct Frame<'a> {
+        #[serde(rename = "type")]
+        kind: PresenceChange,
+        channel: &'a ChannelName,
+        user: &'a str,
+        conn: &'a str,
+    }
+    let frame = Frame { kind: change, channel, user: &client.user, conn: &client.conn };
+    serde_json::to_string(&frame).expect("presence frames always serialise").into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn multi_line_data_is_compacted() {
+        let data = RawValue::from_string("{\n \"a\": \"x\\ny\"\r\n}".into()).unwrap();
+        assert_eq!(NewMessage::new(None, data).data.get(), r#"{"a":"x\ny"}"#);
+    }
+
+    #[test]
+    fn publication_frame_is_serialised_once_with_raw_data() {
+        let ch = ChannelName::parse("room:1").unwrap();
+        let data = RawValue::from_string(r#"{"text":"hi"}"#.into()).unwrap();
+        let p = Publication::new(ch, Epoch::new("e"), 42, NewMessage { event: Some("chat".into()), data }, 0);
+        assert_eq!(
+            p.frame().as_str(),
+            r#"{"type":"message","channel":"room:1","offset":42,"event":"chat","data":{"text":"hi"}}"#
+        );
+    }
+}

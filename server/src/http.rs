@@ -1,0 +1,280 @@
+//! The HTTP front door: the accept loop, the route table, response helpers and the browser
+//! origin policy. Upgraded WebSockets and SSE streams leave hyper and are tracked by the node.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use tokio::net::TcpListener;
+
+use crate::config::Origins;
+use crate::node::Node;
+use crate::protocol::{CommandError, ErrorCode};
+use crate::{api, sse, ws};
+
+/// The body type of every response: buffered JSON or a streaming SSE body.
+pub type Body = BoxBody<Bytes, Infallible>;
+
+/// Accepts connections until `node.stopping` is cancelled.
+pub async fn accept_loop(listener: TcpListener, node: Arc<Node>) {
+    loop {
+        let (stream, remote) = tokio::select! {
+            _ = node.stopping.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let node = node.clone();
+        tokio::spawn(serve_connection(stream, remote, node));
+    }
+}
+
+async fn serve_connection(stream: tokio::net::TcpStream, remote: SocketAddr, node: Arc<Node>) {
+    let svc_node = node.clone();
+    let svc = service_fn(move |req| route(svc_node.clone(), remote, req));
+    let conn = http1::Builder::new().keep_alive(true).serve_connection(TokioIo::new(stream), svc).with_upgrades();
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = node.stopping.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(%remote, error = %e, "http connection ended with an error");
+    }
+}
+
+/// The route table.
+async fn route(node: Arc<Node>, remote: SocketAddr, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    let path = req.uri().path().to_owned();
+    let response = match (req.method(), path.as_str()) {
+        (&Method::GET, "/ws") => ws::upgrade(node, remote, req),
+        (&Method::GET, "/sse") => sse::open(node, remote, req).await,
+        (
+            &Method::OPTIONS,
+            "/sse" | "/api/publish" | "/api/broadcast" | "/api/history" | "/api/presence" | "/api/disconnect",
+        ) => preflight(&node, &req),
+        (_, p) if p.starts_with("/api/") => api::handle(node, req).await,
+        (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
+        (&Method::GET, "/readyz") => readyz(&node),
+        (&Method::GET, "/metrics") => text(StatusCode::OK, node.metrics.render()),
+        (&Method::GET, "/") => {
+            text(StatusCode::OK, "pushd: connect to /ws (WebSocket) or /sse; publish with POST /api/publish\n")
+        }
+        _ => error(StatusCode::NOT_FOUND, ErrorCode::NotFound, format!("no route for {} {path}", req.method())),
+    };
+    Ok(response)
+}
+
+fn readyz(node: &Node) -> Response<Body> {
+    if node.is_ready() {
+        json(StatusCode::OK, &serde_json::json!({"ready": true}))
+    } else {
+        let reason = if node.is_draining() { "draining" } else { "engine unavailable" };
+        json(StatusCode::SERVICE_UNAVAILABLE, &serde_json::json!({"ready": false, "reason": reason}))
+    }
+}
+
+/// Answers a CORS preflight for an allowed origin.
+fn preflight<B>(node: &Node, req: &Request<B>) -> Response<Body> {
+    match allowed_origin(node, req) {
+        Ok(Some(origin)) => {
+            let mut r = empty(StatusCode::NO_CONTENT);
+            let h = r.headers_mut();
+            h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+            h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("GET, POST, OPTIONS"));
+            h.insert(
+                header::ACCESS_CONTROL_ALLOW_HEADERS,
+                HeaderValue::from_static("authorization, content-type, last-event-id"),
+            );
+            h.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
+            h.insert(header::VARY, HeaderValue::from_static("origin"));
+            r
+        }
+        Ok(None) => empty(StatusCode::NO_CONTENT),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// A refused request: the status and the `{"error":{..}}` body.
+#[derive(Debug)]
+pub struct HttpError {
+    pub status: StatusCode,
+    pub error: CommandError,
+}
+
+impl HttpError {
+    pub fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Self {
+        Self { status, error: CommandError::new(code, message) }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, message)
+    }
+
+    pub fn into_response(self) -> Response<Body> {
+        json(self.status, &serde_json::json!({ "error": self.error }))
+    }
+}
+
+impl From<CommandError> for HttpError {
+    /// The HTTP status for each refusal a command can meet.
+    fn from(error: CommandError) -> Self {
+        let status = match error.code {
+            ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Forbidden => StatusCode::FORBIDDEN,
+            ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
+            ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::NotFound | ErrorCode::PresenceDisabled => StatusCode::NOT_FOUND,
+            ErrorCode::BadRequest
+            | ErrorCode::UnknownOp
+            | ErrorCode::BadChannel
+            | ErrorCode::AlreadySubscribed
+            | ErrorCode::NotSubscribed
+            | ErrorCode::TooManyChannels => StatusCode::BAD_REQUEST,
+        };
+        Self { status, error }
+    }
+}
+
+/// The origin policy (`--allowed-origins`): `Ok(None)` for requests without an Origin (not
+/// browsers), `Ok(Some(origin))` to echo in CORS headers, or 403.
+pub fn allowed_origin<B>(node: &Node, req: &Request<B>) -> Result<Option<HeaderValue>, HttpError> {
+    let Some(origin) = req.headers().get(header::ORIGIN) else { return Ok(None) };
+    let text = origin.to_str().unwrap_or("");
+    let ok = match &node.config.allowed_origins {
+        Origins::Any => true,
+        Origins::List(list) => list.iter().any(|o| o == text),
+        Origins::SameHost => {
+            let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok());
+            let origin_host = text.split_once("://").map(|(_, rest)| rest);
+            host.is_some() && host == origin_host
+        }
+    };
+    if ok {
+        Ok(Some(origin.clone()))
+    } else {
+        let text = format!("origin {text:?} is not allowed: add it to --allowed-origins (PUSHD_ALLOWED_ORIGINS)");
+        Err(HttpError::new(StatusCode::FORBIDDEN, ErrorCode::Forbidden, text))
+    }
+}
+
+/// Adds CORS headers for an allowed origin.
+pub fn with_cors(mut r: Response<Body>, origin: Option<HeaderValue>) -> Response<Body> {
+    if let Some(origin) = origin {
+        r.headers_mut().insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+        r.headers_mut().insert(header::VARY, HeaderValue::from_static("origin"));
+    }
+    r
+}
+
+/// A `Bearer` token from the Authorization header.
+pub fn bearer<B>(req: &Request<B>) -> Option<&str> {
+    req.headers().get(header::AUTHORIZATION)?.to_str().ok()?.strip_prefix("Bearer ").map(str::trim)
+}
+
+/// The values of query parameter `name`, percent-decoded.
+pub fn query_all<B>(req: &Request<B>, name: &str) -> Vec<String> {
+    let query = req.uri().query().unwrap_or("");
+    query
+        .split('&')
+        .filter_map(|kv| kv.split_once('=').or(Some((kv, ""))))
+        .filter(|(k, _)| percent_decode(k) == name)
+        .map(|(_, v)| percent_decode(v))
+        .collect()
+}
+
+/// The first value of query parameter `name`.
+pub fn query<B>(req: &Request<B>, name: &str) -> Option<String> {
+    query_all(req, name).into_iter().next()
+}
+
+/// Decodes `%XX` and `+`; invalid escapes are kept as they are, bad UTF-8 is replaced.
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                match u8::from_str_radix(std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("zz"), 16) {
+                    Ok(b) => {
+                        out.push(b);
+                        i += 3;
+                        continue;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into()).boxed()
+}
+
+pub fn empty(status: StatusCode) -> Response<Body> {
+    let mut r = Response::new(full(Bytes::new()));
+    *r.status_mut() = status;
+    r
+}
+
+pub fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    let mut r = Response::new(full(body));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    r
+}
+
+pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
+    let body = serde_json::to_vec(value).expect("responses always serialise");
+    let mut r = Response::new(full(body));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+/// `{"error":{"code":..,"message":..}}` with `status`.
+pub fn error(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Response<Body> {
+    HttpError::new(status, code, message).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_values_are_decoded_and_repeatable() {
+        let req = Request::get("/sse?channel=a&channel=room%3A1&token=x+y&bad=%zz&end=%4").body(()).unwrap();
+        assert_eq!(query_all(&req, "channel"), vec!["a", "room:1"]);
+        assert_eq!(query(&req, "token").as_deref(), Some("x y"));
+        assert_eq!(query(&req, "bad").as_deref(), Some("%zz"));
+        assert_eq!(query(&req, "end").as_deref(), Some("%4"));
+        assert_eq!(query(&req, "none"), None);
+    }
+}

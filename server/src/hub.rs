@@ -1,0 +1,152 @@
+//! This node's sockets, by channel and by connection id. The hub owns no socket and no history:
+//! the engine hands it publications already serialised, and it queues the same shared frame for
+//! every local subscriber with a non-blocking `try_send`. Channels are sharded and each has its
+//! own lock, so fan-out for one busy channel never waits on another's.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::{Arc, Mutex, RwLock};
+
+use hyper_tungstenite::tungstenite::Utf8Bytes;
+
+use crate::channel::ChannelName;
+use crate::engine::{Deliver, Position, Publication};
+use crate::metrics::Metrics;
+use crate::protocol::Close;
+use crate::session::{ConnId, Out, SessionHandle};
+
+const SHARDS: usize = 64;
+
+type Subscribers = RwLock<HashMap<ConnId, SessionHandle>>;
+
+/// Local subscribers and sessions of this node.
+pub struct Hub {
+    hasher: RandomState,
+    channels: Vec<RwLock<HashMap<ChannelName, Arc<Subscribers>>>>,
+    sessions: Vec<Mutex<HashMap<ConnId, SessionHandle>>>,
+    metrics: Metrics,
+}
+
+impl Hub {
+    pub fn new(metrics: Metrics) -> Self {
+        Self {
+            hasher: RandomState::new(),
+            channels: (0..SHARDS).map(|_| RwLock::default()).collect(),
+            sessions: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            metrics,
+        }
+    }
+
+    fn index<T: std::hash::Hash + ?Sized>(&self, key: &T) -> usize {
+        self.hasher.hash_one(key) as usize % SHARDS
+    }
+
+    fn subscribers(&self, channel: &ChannelName) -> Option<Arc<Subscribers>> {
+        read(&self.channels[self.index(channel)]).get(channel).cloned()
+    }
+
+    /// Adds a session to a channel's local subscribers.
+    pub fn add_subscriber(&self, channel: &ChannelName, handle: &SessionHandle) {
+        let mut shard = write(&self.channels[self.index(channel)]);
+        let subs = shard.entry(channel.clone()).or_insert_with(|| {
+            self.metrics.channels.inc();
+            Arc::default()
+        });
+        if write(subs).insert(handle.conn.clone(), handle.clone()).is_none() {
+            self.metrics.subscriptions.inc();
+        }
+    }
+
+    /// Removes a session from a channel; the channel goes when its last local subscriber does.
+    pub fn remove_subscriber(&self, channel: &ChannelName, conn: &ConnId) {
+        let mut shard = write(&self.channels[self.index(channel)]);
+        let Some(subs) = shard.get(channel) else { return };
+        let mut subs_w = write(subs);
+        if subs_w.remove(conn).is_some() {
+            self.metrics.subscriptions.dec();
+        }
+        if subs_w.is_empty() {
+            drop(subs_w);
+            shard.remove(channel);
+            self.metrics.channels.dec();
+        }
+    }
+
+    /// Local subscribers of `channel`.
+    pub fn channel_subscribers(&self, channel: &ChannelName) -> Vec<SessionHandle> {
+        self.subscribers(channel).map(|s| read(&s).values().cloned().collect()).unwrap_or_default()
+    }
+
+    /// Every channel with local subscribers, with their count.
+    pub fn channels(&self) -> Vec<(ChannelName, usize)> {
+        self.channels
+            .iter()
+            .flat_map(|s| read(s).iter().map(|(c, subs)| (c.clone(), read(subs).len())).collect::<Vec<_>>())
+            .collect()
+    }
+
+    pub fn register(&self, handle: SessionHandle) {
+        lock(&self.sessions[self.index(&*handle.conn)]).insert(handle.conn.clone(), handle);
+    }
+
+    pub fn unregister(&self, conn: &ConnId) {
+        lock(&self.sessions[self.index(&**conn)]).remove(conn);
+    }
+
+    /// Every session on this node.
+    pub fn sessions(&self) -> Vec<SessionHandle> {
+        self.sessions.iter().flat_map(|s| lock(s).values().cloned().collect::<Vec<_>>()).collect()
+    }
+
+    pub fn session(&self, conn: &str) -> Option<SessionHandle> {
+        lock(&self.sessions[self.index(conn)]).get(conn).cloned()
+    }
+
+    /// Closes the sessions of `user` (or the one with id `conn`); returns how many.
+    pub fn disconnect(&self, user: Option<&str>, conn: Option<&str>, close: Close) -> usize {
+        let targets: Vec<SessionHandle> = match (user, conn) {
+            (_, Some(conn)) => self.session(conn).into_iter().collect(),
+            (Some(user), None) => self.sessions().into_iter().filter(|h| h.info.user == user).collect(),
+            (None, None) => Vec::new(),
+        };
+        for handle in &targets {
+            handle.close(close.clone());
+        }
+        targets.len()
+    }
+
+    fn push_all(&self, channel: &ChannelName, out: impl Fn() -> Out) {
+        if let Some(subs) = self.subscribers(channel) {
+            for handle in read(&subs).values() {
+                handle.push(out());
+            }
+        }
+    }
+}
+
+impl Deliver for Hub {
+    fn deliver(&self, publication: Arc<Publication>) {
+        let channel = publication.channel.clone();
+        self.push_all(&channel, || Out::Message(publication.clone()));
+    }
+
+    fn deliver_event(&self, channel: &ChannelName, frame: Utf8Bytes) {
+        self.push_all(channel, || Out::Event(channel.clone(), frame.clone()));
+    }
+
+    fn reset(&self, channel: &ChannelName, position: &Position) {
+        self.push_all(channel, || Out::Reset(channel.clone(), position.clone()));
+    }
+}
+
+fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|e| e.into_inner())
+}
+
+fn lock<T>(l: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    l.lock().unwrap_or_else(|e| e.into_inner())
+}

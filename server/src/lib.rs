@@ -1,0 +1,54 @@
+//! pushd: a real-time push broker node.
+//!
+//! The doors open one way: transport -> session -> hub -> engine.
+//!
+//! - [`config`]: flags and `PUSHD_*` env vars, validated into `Config`.
+//! - [`http`]: accept loop, route table, origin policy, response helpers.
+//! - [`ws`] / [`sse`]: the two client transports; frames <-> protocol, nothing else.
+//! - [`session`]: one client: identity, limits, subscriptions, bounded send queue, replay merge.
+//! - [`hub`]: this node's sockets by channel; serialise once, share bytes.
+//! - [`engine`]: the seam to the cluster: history, positions, fan-out, presence.
+//! - [`api`]: `/api/*` for backends. [`auth`]: tokens and keys. [`protocol`]: the wire types.
+//! - [`node`]: state every handler shares. [`metrics`]: `/metrics`. [`shutdown`]: the drain.
+
+pub mod api;
+pub mod auth;
+pub mod channel;
+pub mod config;
+pub mod engine;
+pub mod http;
+pub mod hub;
+pub mod metrics;
+pub mod node;
+pub mod protocol;
+pub mod session;
+pub mod shutdown;
+pub mod sse;
+pub mod ws;
+
+use std::future::Future;
+
+use tokio::net::TcpListener;
+
+pub use config::{Args, Config};
+pub use node::Node;
+
+/// Serves clients on `listener` until `shutdown` resolves, then drains and returns.
+pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let addr = listener.local_addr()?;
+    if config.dev_mode() {
+        tracing::warn!(
+            %addr,
+            "DEV MODE: no --token-secret, so any client may connect as any user, subscribe and publish, \
+             and /api/* is open unless --api-key is set. Loopback only. Never run this in production."
+        );
+    }
+    let node = Node::new(config);
+    tracing::info!(%addr, node = %node.config.node_id, engine = "memory", "pushd listening");
+    let accept = tokio::spawn(http::accept_loop(listener, node.clone()));
+    shutdown.await;
+    shutdown::drain(&node).await;
+    accept.await?;
+    tracing::info!("pushd stopped");
+    Ok(())
+}

@@ -1,0 +1,137 @@
+//! `Node`: what every request handler and session shares — config, hub, engine, auth, metrics,
+//! readiness and the connection budget. Operations that more than one transport or API offers
+//! (publish, presence) live here once.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::Instant;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::Authenticator;
+use crate::channel::ChannelName;
+use crate::config::Config;
+use crate::engine::{ClientInfo, Deliver, Engine, MemoryEngine, NewMessage, Publication};
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use crate::protocol::{CommandError, ErrorCode};
+use crate::session::ConnId;
+
+/// Shared state of one pushd node.
+pub struct Node {
+    pub config: Config,
+    pub hub: Arc<Hub>,
+    pub engine: Arc<dyn Engine>,
+    pub auth: Authenticator,
+    pub metrics: Metrics,
+    /// Counts every session task, so shutdown can wait for them.
+    pub tracker: TaskTracker,
+    /// Cancelled when the node stops taking traffic.
+    pub stopping: CancellationToken,
+    pub started: Instant,
+    draining: AtomicBool,
+    connections: AtomicUsize,
+    next_conn: AtomicU64,
+}
+
+/// One reserved connection slot; dropping it frees the slot.
+pub struct ConnectionSlot(Arc<Node>);
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Node {
+    /// Builds the node on the memory engine.
+    pub fn new(config: Config) -> Arc<Self> {
+        let metrics = Metrics::new(&config.node_id);
+        let hub = Arc::new(Hub::new(metrics.clone()));
+        let deliver: Arc<dyn Deliver> = hub.clone();
+        let engine = MemoryEngine::start(config.history_size, config.history_ttl, Arc::downgrade(&deliver));
+        Arc::new(Self {
+            auth: Authenticator::new(config.token_secret.as_deref()),
+            config,
+            hub,
+            engine,
+            metrics,
+            tracker: TaskTracker::new(),
+            stopping: CancellationToken::new(),
+            started: Instant::now(),
+            draining: AtomicBool::new(false),
+            connections: AtomicUsize::new(0),
+            next_conn: AtomicU64::new(1),
+        })
+    }
+
+    /// A fresh cluster-unique connection id.
+    pub fn next_conn_id(&self) -> ConnId {
+        format!("{}.{}", self.config.node_id, self.next_conn.fetch_add(1, Ordering::Relaxed)).into()
+    }
+
+    /// Reserves a connection slot, or `None` at `--max-connections` or while draining.
+    pub fn reserve_connection(self: &Arc<Self>) -> Option<ConnectionSlot> {
+        if self.is_draining() {
+            return None;
+        }
+        let max = self.config.max_connections;
+        self.connections
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < max).then_some(n + 1))
+            .ok()
+            .map(|_| ConnectionSlot(self.clone()))
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Turns readiness off for good; called once shutdown begins.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+        self.stopping.cancel();
+    }
+
+    /// Whether /readyz says yes.
+    pub fn is_ready(&self) -> bool {
+        !self.is_draining() && self.engine.ready()
+    }
+
+    /// Checks the payload size, stores and fans out one message; counts it under `route`.
+    pub async fn publish(
+        &self,
+        channel: &ChannelName,
+        msg: NewMessage,
+        route: &str,
+    ) -> Result<Arc<Publication>, CommandError> {
+        let size = msg.data.get().len();
+        if size > self.config.max_payload {
+            self.metrics.publish_errors.with_label_values(&["payload_too_large"]).inc();
+            let text = format!("data is {size} bytes; the limit is {} (--max-payload)", self.config.max_payload);
+            return Err(CommandError::new(ErrorCode::PayloadTooLarge, text));
+        }
+        match self.engine.publish(channel, msg).await {
+            Ok(p) => {
+                self.metrics.published.with_label_values(&[route]).inc();
+                Ok(p)
+            }
+            Err(e) => {
+                self.metrics.publish_errors.with_label_values(&["unavailable"]).inc();
+                Err(CommandError::new(ErrorCode::Unavailable, format!("message not stored: {e}; retry")))
+            }
+        }
+    }
+
+    /// Who is present in `channel`, where presence is on.
+    pub async fn presence(&self, channel: &ChannelName) -> Result<Vec<ClientInfo>, CommandError> {
+        if !self.config.presence_on(channel.as_str()) {
+            let text = format!("presence is off for {channel} (--presence)");
+            return Err(CommandError::new(ErrorCode::PresenceDisabled, text));
+        }
+        self.engine
+            .presence(channel)
+            .await
+            .map_err(|e| CommandError::new(ErrorCode::Unavailable, format!("{e}: retry shortly")))
+    }
+}

@@ -1,0 +1,265 @@
+//! The client protocol: commands clients send, frames the server sends, error codes and the
+//! close-code table. Shared by the WebSocket and SSE transports; docs/PROTOCOL.md explains it.
+
+use std::borrow::Cow;
+
+use hyper_tungstenite::tungstenite::Utf8Bytes;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use serde_json::value::RawValue;
+
+use crate::channel::ChannelName;
+use crate::engine::{ClientInfo, Epoch, Offset, Position};
+
+/// A parsed client command with the id its reply must echo.
+#[derive(Debug)]
+pub struct Command {
+    pub id: Option<Value>,
+    pub op: Op,
+}
+
+/// What a client asks for.
+#[derive(Debug)]
+pub enum Op {
+    Subscribe { channel: String, since: Option<Position> },
+    Unsubscribe { channel: String },
+    Publish { channel: String, event: Option<String>, data: Box<RawValue> },
+    Ping,
+    Presence { channel: String },
+}
+
+/// The wire shape of every command; unknown fields are ignored.
+#[derive(Deserialize)]
+struct Envelope {
+    id: Option<Value>,
+    op: Option<String>,
+    channel: Option<String>,
+    since: Option<Position>,
+    event: Option<String>,
+    data: Option<Box<RawValue>>,
+}
+
+/// Only the id, to echo it when the rest of a command is malformed.
+#[derive(Deserialize)]
+struct IdOnly {
+    id: Option<Value>,
+}
+
+/// A command that could not be parsed; the reply echoes `id` when it was readable.
+#[derive(Debug)]
+pub struct BadCommand {
+    pub id: Option<Value>,
+    pub error: CommandError,
+}
+
+impl Command {
+    /// Parses one text frame. Ids must be numbers or strings.
+    pub fn parse(text: &str) -> Result<Command, BadCommand> {
+        let env: Envelope = serde_json::from_str(text).map_err(|e| BadCommand {
+            id: serde_json::from_str::<IdOnly>(text).ok().and_then(|i| i.id).filter(valid_id),
+            error: CommandError::new(ErrorCode::BadRequest, format!("malformed command: {e}")),
+        })?;
+        let id = env.id.filter(valid_id);
+        let bad = |error| BadCommand { id: id.clone(), error };
+        let channel = || env.channel.clone().ok_or_else(|| bad(CommandError::missing("channel")));
+        let op = match env.op.as_deref() {
+            Some("subscribe") => Op::Subscribe { channel: channel()?, since: env.since },
+            Some("unsubscribe") => Op::Unsubscribe { channel: channel()? },
+            Some("publish") => Op::Publish {
+                channel: channel()?,
+                event: env.event,
+                data: env.data.ok_or_else(|| bad(CommandError::missing("data")))?,
+            },
+            Some("ping") => Op::Ping,
+            Some("presence") => Op::Presence { channel: channel()? },
+            Some(other) => {
+                let msg = format!("unknown op {other:?}: use subscribe, unsubscribe, publish, ping or presence");
+                return Err(bad(CommandError::new(ErrorCode::UnknownOp, msg)));
+            }
+            None => return Err(bad(CommandError::missing("op"))),
+        };
+        Ok(Command { id, op })
+    }
+}
+
+fn valid_id(v: &Value) -> bool {
+    v.is_u64() || v.is_string()
+}
+
+/// Error codes in replies and API bodies; stable strings clients can branch on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    BadRequest,
+    UnknownOp,
+    BadChannel,
+    Forbidden,
+    Unauthorized,
+    AlreadySubscribed,
+    NotSubscribed,
+    TooManyChannels,
+    PayloadTooLarge,
+    PresenceDisabled,
+    RateLimited,
+    Unavailable,
+    NotFound,
+}
+
+/// A refused command or API request: a code and a sentence saying what to do.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, thiserror::Error)]
+#[error("{code:?}: {message}")]
+pub struct CommandError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl CommandError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self { code, message: message.into() }
+    }
+
+    fn missing(field: &str) -> Self {
+        Self::new(ErrorCode::BadRequest, format!("missing field {field:?}"))
+    }
+}
+
+/// WebSocket close codes: what the client should do next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u16)]
+pub enum CloseCode {
+    /// Normal close (client asked).
+    Normal = 1000,
+    /// Going away: idle timeout. Reconnect and replay.
+    GoingAway = 1001,
+    /// Binary or otherwise unsupported data. Fix the client.
+    Unsupported = 1003,
+    /// Frame larger than the limit. Fix the client.
+    TooBig = 1009,
+    /// Server restarting (drain). Reconnect and replay.
+    Restart = 1012,
+    /// Missing or bad token. Stop.
+    Unauthorized = 4001,
+    /// Not allowed. Stop.
+    Forbidden = 4003,
+    /// Too many commands. Back off, then reconnect.
+    RateLimited = 4008,
+    /// Kicked by an operator or the backend. Stop.
+    Kicked = 4009,
+    /// Could not keep up. Reconnect and replay.
+    SlowConsumer = 4010,
+    /// Token expired. Get a new token, then reconnect.
+    TokenExpired = 4011,
+}
+
+/// Why a session ends: the close code and a short human reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Close {
+    pub code: CloseCode,
+    pub reason: Cow<'static, str>,
+}
+
+impl Close {
+    pub fn new(code: CloseCode, reason: impl Into<Cow<'static, str>>) -> Self {
+        Self { code, reason: reason.into() }
+    }
+}
+
+/// Serialises a server frame; frames are plain data, so this cannot fail.
+pub fn to_frame<T: Serialize>(frame: &T) -> Utf8Bytes {
+    serde_json::to_string(frame).expect("server frames always serialise").into()
+}
+
+/// `{"type":"welcome",...}`: the first frame of every connection.
+#[derive(Debug, Serialize)]
+pub struct Welcome<'a> {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub conn: &'a str,
+    pub node: &'a str,
+    pub user: &'a str,
+    pub ping_interval: u64,
+}
+
+/// `{"type":"reply",...}`: the answer to one command, carrying its id.
+#[derive(Debug, Default, Serialize)]
+pub struct Reply {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub id: Option<Value>,
+    pub ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub channel: Option<ChannelName>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<Epoch>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub offset: Option<Offset>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recovered: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replayed: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clients: Option<Vec<ClientInfo>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<CommandError>,
+}
+
+impl Reply {
+    pub fn ok(id: Option<Value>) -> Self {
+        Self { kind: "reply", id, ok: true, ..Self::default() }
+    }
+
+    pub fn error(id: Option<Value>, error: CommandError) -> Self {
+        Self { kind: "reply", id, ok: false, error: Some(error), ..Self::default() }
+    }
+}
+
+/// `{"type":"reset",...}`: the channel's history was lost under a live subscription; live
+/// delivery goes on from `offset` in the new `epoch`, and the app must resync from its own store.
+#[derive(Debug, Serialize)]
+pub struct Reset<'a> {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub channel: &'a ChannelName,
+    pub epoch: &'a Epoch,
+    pub offset: Offset,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_op() {
+        let c = Command::parse(r#"{"id":1,"op":"subscribe","channel":"a","since":{"epoch":"e","offset":4}}"#).unwrap();
+        assert_eq!(c.id, Some(1.into()));
+        assert!(matches!(c.op, Op::Subscribe { since: Some(Position { offset: 4, .. }), .. }));
+        let c = Command::parse(r#"{"id":"x","op":"publish","channel":"a","data":{"k":[1,2]}}"#).unwrap();
+        match c.op {
+            Op::Publish { data, event, .. } => assert_eq!((data.get(), event), (r#"{"k":[1,2]}"#, None)),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(Command::parse(r#"{"op":"ping"}"#).unwrap().op, Op::Ping));
+    }
+
+    #[test]
+    fn malformed_commands_keep_their_id_when_readable() {
+        let e = Command::parse("{not json").unwrap_err();
+        assert_eq!((e.id, e.error.code), (None, ErrorCode::BadRequest));
+        let e = Command::parse(r#"{"id":7,"op":"dance"}"#).unwrap_err();
+        assert_eq!((e.id, e.error.code), (Some(7.into()), ErrorCode::UnknownOp));
+        let e = Command::parse(r#"{"id":8,"op":"subscribe"}"#).unwrap_err();
+        assert_eq!((e.id, e.error.code), (Some(8.into()), ErrorCode::BadRequest));
+        let e = Command::parse(r#"{"id":9,"op":"subscribe","channel":5}"#).unwrap_err();
+        assert_eq!((e.id, e.error.code), (Some(9.into()), ErrorCode::BadRequest));
+        let e = Command::parse(r#"[1,2]"#).unwrap_err();
+        assert_eq!(e.error.code, ErrorCode::BadRequest);
+    }
+
+    #[test]
+    fn replies_omit_what_they_do_not_carry() {
+        let r = to_frame(&Reply::ok(Some(4.into())));
+        assert_eq!(r.as_str(), r#"{"type":"reply","id":4,"ok":true}"#);
+        let r = to_frame(&Reply::error(None, CommandError::new(ErrorCode::Forbidden, "no")));
+        assert_eq!(r.as_str(), r#"{"type":"reply","id":null,"ok":false,"error":{"code":"forbidden","message":"no"}}"#);
+    }
+}

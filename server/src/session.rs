@@ -1,0 +1,485 @@
+//! One client connection, whatever its transport: identity, limits, subscriptions and the
+//! bounded send queue the hub fills.
+//!
+//! The hub pushes shared frames into the queue with `try_send` and never waits; a full queue
+//! closes the session with 4010 (the client reconnects and replays). The transport task owns the
+//! `Session`, runs commands through it, and passes every queued item through [`Session::accept`],
+//! which drops anything at or below the subscriber's last offset: replay and live traffic merge
+//! without duplicates. Sessions never touch sockets; `ws.rs` and `sse.rs` do.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime};
+
+use hyper_tungstenite::tungstenite::Utf8Bytes;
+use serde_json::value::RawValue;
+use tokio::sync::{Notify, mpsc};
+
+use crate::auth::Identity;
+use crate::channel::ChannelName;
+use crate::engine::{ClientInfo, Epoch, HistoryQuery, NewMessage, Offset, Position, Publication};
+use crate::node::Node;
+use crate::protocol::{Close, CloseCode, CommandError, ErrorCode, Reply, Reset, to_frame};
+
+/// A connection's id, unique in the cluster: `<node>.<sequence>`.
+pub type ConnId = Arc<str>;
+
+/// Which transport a session uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    Ws,
+    Sse,
+}
+
+impl Transport {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Ws => "ws",
+            Transport::Sse => "sse",
+        }
+    }
+}
+
+/// What the hub queues for a session.
+#[derive(Debug)]
+pub enum Out {
+    /// A stored message of a channel the session subscribes to.
+    Message(Arc<Publication>),
+    /// A transient frame (join/leave) for a channel.
+    Event(ChannelName, Utf8Bytes),
+    /// History lost: live delivery continues after `Position` in a new epoch.
+    Reset(ChannelName, Position),
+}
+
+/// The part of a session the hub holds: enough to queue frames and to close it.
+#[derive(Clone)]
+pub struct SessionHandle {
+    pub conn: ConnId,
+    pub info: Arc<SessionInfo>,
+    tx: mpsc::Sender<Out>,
+}
+
+/// Facts about a session for operators, plus its close signal.
+pub struct SessionInfo {
+    pub user: String,
+    pub transport: Transport,
+    pub remote: Option<SocketAddr>,
+    pub connected_at: SystemTime,
+    pub messages_out: AtomicU64,
+    close: Mutex<Option<Close>>,
+    closed: Notify,
+}
+
+impl SessionHandle {
+    /// Queues `out` without waiting. A full queue closes the session as a slow consumer.
+    pub fn push(&self, out: Out) -> bool {
+        match self.tx.try_send(out) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.close(Close::new(CloseCode::SlowConsumer, "send queue full: reconnect and replay"));
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    /// Asks the session to close with `close`; the first request wins.
+    pub fn close(&self, close: Close) {
+        let mut slot = self.info.close.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.is_none() {
+            *slot = Some(close);
+            self.info.closed.notify_one();
+        }
+    }
+
+    /// Messages waiting in the send queue.
+    pub fn queue_depth(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
+}
+
+impl SessionInfo {
+    /// Resolves when someone asked this session to close, with the reason.
+    pub async fn closed(&self) -> Close {
+        loop {
+            if let Some(close) = self.close.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+                return close;
+            }
+            self.closed.notified().await;
+        }
+    }
+}
+
+/// Where a subscriber is in one channel.
+#[derive(Debug, Clone)]
+struct Subscription {
+    epoch: Epoch,
+    last: Offset,
+}
+
+/// A successful subscribe: the reply to send first, then the replayed messages in order.
+pub struct Subscribed {
+    pub reply: Reply,
+    pub replay: Vec<Arc<Publication>>,
+}
+
+/// A token bucket for inbound commands.
+struct RateLimiter {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl RateLimiter {
+    fn new(rate: u32, burst: u32) -> Self {
+        Self { rate: rate as f64, burst: burst as f64, tokens: burst as f64, at: Instant::now() }
+    }
+
+    fn allow(&mut self, now: Instant) -> bool {
+        self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * self.rate).min(self.burst);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// One client connection's state, owned by its transport task.
+pub struct Session {
+    node: Arc<Node>,
+    handle: SessionHandle,
+    pub identity: Identity,
+    rx: mpsc::Receiver<Out>,
+    subs: HashMap<ChannelName, Subscription>,
+    rate: RateLimiter,
+}
+
+impl Session {
+    /// Registers a new session with the hub.
+    pub fn open(node: Arc<Node>, identity: Identity, transport: Transport, remote: Option<SocketAddr>) -> Session {
+        let (tx, rx) = mpsc::channel(node.config.send_queue);
+        let info = Arc::new(SessionInfo {
+            user: identity.user.clone(),
+            transport,
+            remote,
+            connected_at: SystemTime::now(),
+            messages_out: AtomicU64::new(0),
+            close: Mutex::new(None),
+            closed: Notify::new(),
+        });
+        let handle = SessionHandle { conn: node.next_conn_id(), info, tx };
+        node.hub.register(handle.clone());
+        node.metrics.connections.with_label_values(&[transport.as_str()]).inc();
+        let rate = RateLimiter::new(node.config.rate_limit, node.config.rate_burst);
+        Session { node, handle, identity, rx, subs: HashMap::new(), rate }
+    }
+
+    pub fn conn(&self) -> &ConnId {
+        &self.handle.conn
+    }
+
+    /// The operator-visible facts and close signal, shareable with the transport loop.
+    pub fn info_arc(&self) -> Arc<SessionInfo> {
+        self.handle.info.clone()
+    }
+
+    pub fn node(&self) -> &Arc<Node> {
+        &self.node
+    }
+
+    /// Takes one token for an inbound command; `Err` means close with 4008.
+    pub fn rate_check(&mut self) -> Result<(), Close> {
+        if self.rate.allow(Instant::now()) {
+            Ok(())
+        } else {
+            Err(Close::new(CloseCode::RateLimited, "too many commands: back off before reconnecting"))
+        }
+    }
+
+    /// Waits for queued items, taking up to `limit` at once; 0 means the hub dropped us.
+    pub async fn recv_many(&mut self, buf: &mut Vec<Out>, limit: usize) -> usize {
+        self.rx.recv_many(buf, limit).await
+    }
+
+    /// Subscribes to `channel`, replaying from `since` when given (DESIGN "Positions, replay").
+    /// The hub registration comes before the history read, so nothing falls between them; what
+    /// arrives live meanwhile waits in the queue and `accept` drops what the replay covered.
+    pub async fn subscribe(&mut self, channel: &str, since: Option<Position>) -> Result<Subscribed, CommandError> {
+        let channel = parse_channel(channel)?;
+        self.identity.can_subscribe(&channel).map_err(|e| e.command_error())?;
+        if self.subs.contains_key(&channel) {
+            return Err(CommandError::new(ErrorCode::AlreadySubscribed, format!("already subscribed to {channel}")));
+        }
+        if self.subs.len() >= self.node.config.max_channels {
+            let msg = format!("at most {} channels per connection", self.node.config.max_channels);
+            return Err(CommandError::new(ErrorCode::TooManyChannels, msg));
+        }
+        self.node.hub.add_subscriber(&channel, &self.handle);
+        let replayed = self.position_and_replay(&channel, since.as_ref()).await;
+        let (position, replay) = match replayed {
+            Ok(r) => r,
+            Err(e) => {
+                self.node.hub.remove_subscriber(&channel, &self.handle.conn);
+                return Err(e);
+            }
+        };
+        let recovered = since.as_ref().map(|_| replay.is_some());
+        if let Some(ok) = recovered {
+            self.node.metrics.replays.with_label_values(&[if ok { "recovered" } else { "not_recovered" }]).inc();
+        }
+        let replay = replay.unwrap_or_default();
+        self.subs.insert(channel.clone(), Subscription { epoch: position.epoch.clone(), last: position.offset });
+        self.join_presence(&channel).await;
+        let reply = Reply {
+            channel: Some(channel),
+            epoch: Some(position.epoch),
+            offset: Some(position.offset),
+            recovered,
+            replayed: since.map(|_| replay.len()),
+            ..Reply::ok(None)
+        };
+        Ok(Subscribed { reply, replay })
+    }
+
+    /// Makes sure live delivery is in place, then reads the current position and, given `since`,
+    /// the messages after it. `Some(replay)` only when they are all there (recovered).
+    async fn position_and_replay(
+        &self,
+        channel: &ChannelName,
+        since: Option<&Position>,
+    ) -> Result<(Position, Option<Vec<Arc<Publication>>>), CommandError> {
+        let engine = &self.node.engine;
+        engine.subscribe(channel).await.map_err(unavailable)?;
+        let max = self.node.config.max_replay;
+        let query = match since {
+            Some(p) => HistoryQuery::After { after: p.offset, limit: max },
+            None => HistoryQuery::Latest { limit: 0 },
+        };
+        let page = match engine.history(channel, query).await {
+            Ok(page) => page,
+            Err(e) => {
+                engine.unsubscribe(channel).await;
+                return Err(unavailable(e));
+            }
+        };
+        let replay = since.and_then(|p| complete_replay(p, &page.epoch, page.top, page.publications.clone(), max));
+        Ok((page.position(), replay))
+    }
+
+    async fn join_presence(&self, channel: &ChannelName) {
+        let config = &self.node.config;
+        if config.presence_on(channel.as_str()) {
+            let announce = config.join_leave_on(channel.as_str());
+            if let Err(e) = self.node.engine.join(channel, &self.client_info(), announce).await {
+                tracing::warn!(conn = %self.handle.conn, %channel, error = %e, "presence join failed");
+            }
+        }
+    }
+
+    fn client_info(&self) -> ClientInfo {
+        ClientInfo {
+            user: self.identity.user.clone(),
+            conn: self.handle.conn.to_string(),
+            node: self.node.config.node_id.clone(),
+        }
+    }
+
+    /// Leaves `channel`; queued messages of it are dropped by `accept` from now on.
+    pub async fn unsubscribe(&mut self, channel: &str) -> Result<Reply, CommandError> {
+        let channel = parse_channel(channel)?;
+        if self.subs.remove(&channel).is_none() {
+            return Err(CommandError::new(ErrorCode::NotSubscribed, format!("not subscribed to {channel}")));
+        }
+        self.node.hub.remove_subscriber(&channel, &self.handle.conn);
+        leave(&self.node, &channel, &self.client_info()).await;
+        Ok(Reply { channel: Some(channel), ..Reply::ok(None) })
+    }
+
+    /// Publishes from the socket, if the token's `pubs` allow it.
+    pub async fn publish(
+        &self,
+        channel: &str,
+        event: Option<String>,
+        data: Box<RawValue>,
+    ) -> Result<Reply, CommandError> {
+        let channel = parse_channel(channel)?;
+        self.identity.can_publish(&channel).map_err(|e| e.command_error())?;
+        let publication = self.node.publish(&channel, NewMessage::new(event, data), "ws").await?;
+        Ok(Reply {
+            channel: Some(channel),
+            epoch: Some(publication.epoch.clone()),
+            offset: Some(publication.offset),
+            ..Reply::ok(None)
+        })
+    }
+
+    /// Who is in `channel` (the client must be allowed to subscribe to it).
+    pub async fn presence(&self, channel: &str) -> Result<Reply, CommandError> {
+        let channel = parse_channel(channel)?;
+        self.identity.can_subscribe(&channel).map_err(|e| e.command_error())?;
+        let clients = self.node.presence(&channel).await?;
+        Ok(Reply { channel: Some(channel), clients: Some(clients), ..Reply::ok(None) })
+    }
+
+    /// Filters one queued item into the frames to send: drops what is not subscribed or already
+    /// seen, turns an epoch change into a `reset`. A gap the engine did not fill closes the
+    /// session so the client replays instead of silently missing messages.
+    pub fn accept(&mut self, out: Out, frames: &mut Vec<Utf8Bytes>) -> Result<(), Close> {
+        match out {
+            Out::Message(p) => {
+                let Some(sub) = self.subs.get_mut(&p.channel) else { return Ok(()) };
+                if p.epoch != sub.epoch {
+                    *sub = Subscription { epoch: p.epoch.clone(), last: p.offset - 1 };
+                    frames.push(reset_frame(&p.channel, &p.epoch, p.offset - 1));
+                }
+                if p.offset <= sub.last {
+                    return Ok(());
+                }
+                if p.offset > sub.last + 1 {
+                    tracing::warn!(conn = %self.handle.conn, channel = %p.channel, last = sub.last, got = p.offset, "gap in live delivery");
+                    return Err(Close::new(CloseCode::SlowConsumer, "missed messages: reconnect and replay"));
+                }
+                sub.last = p.offset;
+                frames.push(p.frame().clone());
+            }
+            Out::Event(channel, frame) => {
+                if self.subs.contains_key(&channel) {
+                    frames.push(frame);
+                }
+            }
+            Out::Reset(channel, position) => {
+                if let Some(sub) = self.subs.get_mut(&channel) {
+                    frames.push(reset_frame(&channel, &position.epoch, position.offset));
+                    *sub = Subscription { epoch: position.epoch, last: position.offset };
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Records that `replay` was sent, so live duplicates of it are dropped.
+    pub fn replayed(&mut self, channel: &ChannelName, last: Offset) {
+        if let Some(sub) = self.subs.get_mut(channel) {
+            sub.last = sub.last.max(last);
+        }
+    }
+
+    /// The subscriber's position in `channel`, if subscribed.
+    pub fn position(&self, channel: &ChannelName) -> Option<Position> {
+        self.subs.get(channel).map(|s| Position { epoch: s.epoch.clone(), offset: s.last })
+    }
+
+    /// Counts frames written to the client.
+    pub fn sent(&self, n: usize) {
+        self.handle.info.messages_out.fetch_add(n as u64, Ordering::Relaxed);
+        self.node.metrics.delivered.inc_by(n as u64);
+    }
+}
+
+impl Drop for Session {
+    /// Leaves the hub at once and releases engine state in the background: a peer that vanished
+    /// mid-frame must not leak subscriptions (this runs however the transport task ended).
+    fn drop(&mut self) {
+        let node = self.node.clone();
+        node.hub.unregister(&self.handle.conn);
+        node.metrics.connections.with_label_values(&[self.handle.info.transport.as_str()]).dec();
+        let channels: Vec<ChannelName> = self.subs.drain().map(|(c, _)| c).collect();
+        for channel in &channels {
+            node.hub.remove_subscriber(channel, &self.handle.conn);
+        }
+        if channels.is_empty() {
+            return;
+        }
+        let client = self.client_info();
+        tokio::spawn(async move {
+            for channel in channels {
+                leave(&node, &channel, &client).await;
+            }
+        });
+    }
+}
+
+/// Releases the engine's subscription and presence for one channel.
+async fn leave(node: &Node, channel: &ChannelName, client: &ClientInfo) {
+    node.engine.unsubscribe(channel).await;
+    if node.config.presence_on(channel.as_str()) {
+        node.engine.leave(channel, client, node.config.join_leave_on(channel.as_str())).await;
+    }
+}
+
+/// The messages after `since` if they are all there; `None` means `recovered: false`.
+fn complete_replay(
+    since: &Position,
+    epoch: &Epoch,
+    top: Offset,
+    publications: Vec<Arc<Publication>>,
+    max: usize,
+) -> Option<Vec<Arc<Publication>>> {
+    let missing = top.checked_sub(since.offset)?;
+    let contiguous = publications.iter().zip(since.offset + 1..).all(|(p, want)| p.offset == want);
+    (since.epoch == *epoch && missing <= max as u64 && publications.len() as u64 == missing && contiguous)
+        .then_some(publications)
+}
+
+fn reset_frame(channel: &ChannelName, epoch: &Epoch, offset: Offset) -> Utf8Bytes {
+    to_frame(&Reset { kind: "reset", channel, epoch, offset })
+}
+
+fn parse_channel(name: &str) -> Result<ChannelName, CommandError> {
+    ChannelName::parse(name).map_err(|e| CommandError::new(ErrorCode::BadChannel, e.to_string()))
+}
+
+fn unavailable(e: crate::engine::EngineError) -> CommandError {
+    CommandError::new(ErrorCode::Unavailable, format!("{e}: retry shortly"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::NewMessage;
+    use std::time::Duration;
+
+    fn publications(epoch: &Epoch, offsets: std::ops::RangeInclusive<u64>) -> Vec<Arc<Publication>> {
+        let ch = ChannelName::parse("c").unwrap();
+        offsets
+            .map(|o| {
+                let msg = NewMessage { event: None, data: RawValue::from_string("1".into()).unwrap() };
+                Arc::new(Publication::new(ch.clone(), epoch.clone(), o, msg, 0))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn replay_is_complete_only_when_every_offset_is_there() {
+        let e = Epoch::new("e");
+        let since = Position { epoch: e.clone(), offset: 3 };
+        assert_eq!(complete_replay(&since, &e, 6, publications(&e, 4..=6), 10).map(|v| v.len()), Some(3));
+        assert_eq!(complete_replay(&since, &e, 3, vec![], 10).map(|v| v.len()), Some(0));
+        // trimmed: history starts at 5
+        assert!(complete_replay(&since, &e, 6, publications(&e, 5..=6), 10).is_none());
+        // too long
+        assert!(complete_replay(&since, &e, 6, publications(&e, 4..=6), 2).is_none());
+        // wrong epoch
+        let other = Epoch::new("f");
+        assert!(complete_replay(&since, &other, 6, publications(&other, 4..=6), 10).is_none());
+        // position from the future
+        assert!(complete_replay(&Position { epoch: e.clone(), offset: 9 }, &e, 6, vec![], 10).is_none());
+    }
+
+    #[test]
+    fn the_rate_limiter_allows_the_burst_then_the_rate() {
+        let mut r = RateLimiter::new(10, 3);
+        let t0 = r.at;
+        assert!((0..3).all(|_| r.allow(t0)));
+        assert!(!r.allow(t0));
+        assert!(r.allow(t0 + Duration::from_millis(100)));
+        assert!(!r.allow(t0 + Duration::from_millis(100)));
+    }
+}

@@ -1,0 +1,54 @@
+//! Graceful drain: readiness goes false and accepts stop, then every session is closed with
+//! 1012 (reconnect elsewhere and replay), spread over the drain window so the clients do not all
+//! reconnect at once, and finally the node waits for its session tasks under a deadline.
+
+use std::time::Duration;
+
+use crate::node::Node;
+use crate::protocol::{Close, CloseCode};
+
+/// How often a drain closes its next batch of sessions.
+const DRAIN_TICK: Duration = Duration::from_millis(50);
+
+/// Drains `node`; returns when every session task ended or the deadline passed.
+pub async fn drain(node: &Node) {
+    node.start_draining();
+    let window = node.config.drain_window;
+    let sessions = node.hub.sessions();
+    tracing::info!(sessions = sessions.len(), window_s = window.as_secs_f64(), "draining");
+    let per_tick = batch_size(sessions.len(), window.mul_f64(0.8), DRAIN_TICK);
+    let close = Close::new(CloseCode::Restart, "server restarting: reconnect");
+    for (i, chunk) in sessions.chunks(per_tick).enumerate() {
+        if i > 0 {
+            tokio::time::sleep(DRAIN_TICK).await;
+        }
+        chunk.iter().for_each(|s| s.close(close.clone()));
+    }
+    // Sessions whose upgrade was already under way when the drain began.
+    node.hub.sessions().iter().for_each(|s| s.close(close.clone()));
+    node.tracker.close();
+    let grace = window.mul_f64(0.2).max(Duration::from_secs(1));
+    if tokio::time::timeout(grace, node.tracker.wait()).await.is_err() {
+        tracing::warn!(remaining = node.tracker.len(), "drain window overran; dropping the remaining sessions");
+    }
+}
+
+/// Sessions to close per tick so that `n` of them are spread evenly over `spread`.
+fn batch_size(n: usize, spread: Duration, tick: Duration) -> usize {
+    let ticks = (spread.as_millis() / tick.as_millis().max(1)).max(1) as usize;
+    n.div_ceil(ticks).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sessions_are_spread_over_the_window() {
+        let tick = Duration::from_millis(50);
+        assert_eq!(batch_size(10_000, Duration::from_secs(8), tick), 63);
+        assert_eq!(batch_size(3, Duration::from_secs(8), tick), 1);
+        assert_eq!(batch_size(0, Duration::from_secs(8), tick), 1);
+        assert_eq!(batch_size(100, Duration::ZERO, tick), 100);
+    }
+}

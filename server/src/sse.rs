@@ -1,0 +1,317 @@
+//! SSE transport: `GET /sse?channel=a&channel=b` as a `text/event-stream`.
+//!
+//! Every event's `id:` is a cursor over all of the stream's channels (`epoch:offset` per
+//! channel, in the order of the query), so the browser's own reconnect, which sends the last id
+//! as `Last-Event-ID`, resumes every channel with no gap. `?since=<cursor>` does the same for
+//! clients that keep the cursor themselves. Comment lines are the heartbeat.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use http_body::Frame;
+use http_body_util::BodyExt;
+use hyper::header::{self, HeaderValue};
+use hyper::{Request, Response, StatusCode};
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use crate::auth::AuthError;
+use crate::channel::ChannelName;
+use crate::engine::{Epoch, Position};
+use crate::http::{self, Body, HttpError};
+use crate::node::{ConnectionSlot, Node};
+use crate::protocol::{Close, CloseCode, ErrorCode, Reply, to_frame};
+use crate::session::{Out, Session, SessionInfo, Subscribed, Transport};
+use hyper_tungstenite::tungstenite::Utf8Bytes;
+
+/// Events buffered between the session task and hyper; small, so a stalled client backs up
+/// into the session's queue, where the slow-consumer rule applies.
+const BODY_BUFFER: usize = 4;
+/// Most queued items taken per wake-up.
+const BATCH: usize = 1024;
+
+/// Answers `GET /sse`.
+pub async fn open<B>(node: Arc<Node>, remote: SocketAddr, req: Request<B>) -> Response<Body> {
+    let origin = match http::allowed_origin(&node, &req) {
+        Ok(origin) => origin,
+        Err(refused) => return refused.into_response(),
+    };
+    let response = start(node, remote, &req).await.unwrap_or_else(HttpError::into_response);
+    http::with_cors(response, origin)
+}
+
+async fn start<B>(node: Arc<Node>, remote: SocketAddr, req: &Request<B>) -> Result<Response<Body>, HttpError> {
+    let channels = channels(&node, req)?;
+    let token = http::query(req, "token").or_else(|| http::bearer(req).map(str::to_owned));
+    let identity = node
+        .auth
+        .authenticate(token.as_deref(), http::query(req, "user").as_deref())
+        .map_err(|e| HttpError { status: auth_status(&e), error: e.command_error() })?;
+    let Some(slot) = node.reserve_connection() else {
+        let msg = "node is full or draining: retry another node (--max-connections)";
+        return Err(HttpError::new(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, msg));
+    };
+    let last_id = req.headers().get("last-event-id").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let since = parse_cursor(last_id.or_else(|| http::query(req, "since")).as_deref(), channels.len());
+    let mut session = Session::open(node.clone(), identity, Transport::Sse, Some(remote));
+    let mut stream = SseStream { cursor: Vec::new(), channels, out: BytesMut::new() };
+    stream.subscribe_all(&mut session, since).await?;
+    let (tx, rx) = mpsc::channel(BODY_BUFFER);
+    let first = stream.out.split().freeze();
+    tx.try_send(first).expect("a new channel has room");
+    node.tracker.spawn(stream.run(session, tx, slot));
+    let mut response = Response::new(SseBody { rx }.boxed());
+    let h = response.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    Ok(response)
+}
+
+fn auth_status(e: &AuthError) -> StatusCode {
+    match e {
+        AuthError::Missing | AuthError::Invalid(_) | AuthError::Expired => StatusCode::UNAUTHORIZED,
+        AuthError::Forbidden { .. } => StatusCode::FORBIDDEN,
+    }
+}
+
+/// The `channel` parameters, checked: at least one, within the limit, valid, no repeats.
+fn channels<B>(node: &Node, req: &Request<B>) -> Result<Vec<ChannelName>, HttpError> {
+    let bad = |code, msg: String| HttpError::new(StatusCode::BAD_REQUEST, code, msg);
+    let names = http::query_all(req, "channel");
+    if names.is_empty() {
+        return Err(bad(ErrorCode::BadRequest, "name at least one channel: /sse?channel=a&channel=b".into()));
+    }
+    if names.len() > node.config.max_channels {
+        return Err(bad(
+            ErrorCode::TooManyChannels,
+            format!("at most {} channels per connection", node.config.max_channels),
+        ));
+    }
+    let mut out: Vec<ChannelName> = Vec::with_capacity(names.len());
+    for name in &names {
+        let channel = ChannelName::parse(name).map_err(|e| bad(ErrorCode::BadChannel, format!("{name:?}: {e}")))?;
+        if out.contains(&channel) {
+            return Err(bad(ErrorCode::BadRequest, format!("channel {channel} is named twice")));
+        }
+        out.push(channel);
+    }
+    Ok(out)
+}
+
+/// Parses `epoch:offset,epoch:offset,...`; anything that does not fit `n` channels is ignored
+/// (the stream then starts live, with `recovered: false` where a position was expected).
+fn parse_cursor(cursor: Option<&str>, n: usize) -> Vec<Option<Position>> {
+    let parsed: Option<Vec<Position>> = cursor.and_then(|c| {
+        c.split(',')
+            .map(|part| {
+                let (epoch, offset) = part.rsplit_once(':')?;
+                Some(Position { epoch: Epoch::new(epoch), offset: offset.parse().ok()? })
+            })
+            .collect()
+    });
+    match parsed {
+        Some(list) if list.len() == n && list.iter().all(|p| !p.epoch.as_str().is_empty()) => {
+            list.into_iter().map(Some).collect()
+        }
+        _ => vec![None; n],
+    }
+}
+
+fn format_cursor(cursor: &[Position]) -> String {
+    let parts: Vec<String> = cursor.iter().map(|p| format!("{}:{}", p.epoch, p.offset)).collect();
+    parts.join(",")
+}
+
+/// The event name of a server frame: its `type`.
+fn event_name(frame: &str) -> &str {
+    frame.strip_prefix(r#"{"type":""#).and_then(|rest| rest.split('"').next()).unwrap_or("message")
+}
+
+#[derive(Serialize)]
+struct SseWelcome<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    conn: &'a str,
+    node: &'a str,
+    user: &'a str,
+    channels: &'a [Reply],
+}
+
+/// One SSE stream's state: its channels, their positions, and the bytes to send next.
+struct SseStream {
+    channels: Vec<ChannelName>,
+    cursor: Vec<Position>,
+    out: BytesMut,
+}
+
+impl SseStream {
+    /// Subscribes every channel (replaying from `since`), then writes the welcome and replays.
+    async fn subscribe_all(&mut self, session: &mut Session, since: Vec<Option<Position>>) -> Result<(), HttpError> {
+        let mut replies = Vec::with_capacity(self.channels.len());
+        let mut replays = Vec::new();
+        for (channel, since) in self.channels.iter().zip(since) {
+            let Subscribed { reply, replay } = session.subscribe(channel.as_str(), since.clone()).await?;
+            let current = Position {
+                epoch: reply.epoch.clone().expect("subscribe replies carry a position"),
+                offset: reply.offset.unwrap_or(0),
+            };
+            self.cursor.push(match (reply.recovered, since) {
+                (Some(true), Some(since)) => since,
+                _ => current,
+            });
+            replies.push(reply);
+            replays.push(replay);
+        }
+        self.out.put_slice(b"retry: 1000\n\n");
+        let node = session.node().config.node_id.clone();
+        let welcome = to_frame(&SseWelcome {
+            kind: "welcome",
+            conn: session.conn(),
+            node: &node,
+            user: &session.identity.user,
+            channels: &replies,
+        });
+        self.event(&welcome);
+        for (i, replay) in replays.into_iter().enumerate() {
+            for p in replay {
+                self.cursor[i].offset = p.offset;
+                self.event(p.frame());
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends one event with the current cursor as its id. Frames are compact JSON (no
+    /// newlines), so one `data:` line carries each.
+    fn event(&mut self, frame: &str) {
+        self.out.put_slice(b"id: ");
+        self.out.put_slice(format_cursor(&self.cursor).as_bytes());
+        self.out.put_slice(b"\nevent: ");
+        self.out.put_slice(event_name(frame).as_bytes());
+        self.out.put_slice(b"\ndata: ");
+        self.out.put_slice(frame.as_bytes());
+        self.out.put_slice(b"\n\n");
+    }
+
+    fn sync_cursor(&mut self, session: &Session) {
+        for (slot, channel) in self.cursor.iter_mut().zip(&self.channels) {
+            if let Some(p) = session.position(channel) {
+                *slot = p;
+            }
+        }
+    }
+
+    /// Streams queued messages until the client leaves or the session is closed.
+    async fn run(mut self, mut session: Session, tx: mpsc::Sender<Bytes>, _slot: ConnectionSlot) {
+        let info = session.info_arc();
+        let ping_every = session.node().config.ping_interval;
+        let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
+        let (mut batch, mut frames) = (Vec::new(), Vec::new());
+        let close = loop {
+            tokio::select! {
+                close = info.closed() => break Some(close),
+                _ = tx.closed() => break None,
+                _ = heartbeat.tick() => self.out.put_slice(b": ping\n\n"),
+                n = session.recv_many(&mut batch, BATCH) => {
+                    if n == 0 {
+                        break None;
+                    }
+                    if let Err(close) = self.encode(&mut session, &mut batch, &mut frames) {
+                        break Some(close);
+                    }
+                }
+            }
+            if let Err(close) = self.send(&tx, &info).await {
+                break close;
+            }
+        };
+        if let Some(close) = close {
+            if close.code == CloseCode::SlowConsumer {
+                session.node().metrics.slow_consumers.inc();
+            }
+            self.close_event(&close);
+            let _ = tx.try_send(self.out.split().freeze());
+        }
+    }
+
+    /// Turns queued items into events, each with the cursor as it stands after it.
+    fn encode(
+        &mut self,
+        session: &mut Session,
+        batch: &mut Vec<Out>,
+        frames: &mut Vec<Utf8Bytes>,
+    ) -> Result<(), Close> {
+        let mut sent = 0;
+        for out in batch.drain(..) {
+            session.accept(out, frames)?;
+            self.sync_cursor(session);
+            sent += frames.len();
+            for frame in frames.drain(..) {
+                self.event(&frame);
+            }
+        }
+        session.sent(sent);
+        Ok(())
+    }
+
+    /// Hands the pending bytes to hyper, unless the session is closed first.
+    async fn send(&mut self, tx: &mpsc::Sender<Bytes>, info: &SessionInfo) -> Result<(), Option<Close>> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let bytes = self.out.split().freeze();
+        tokio::select! {
+            sent = tx.send(bytes) => sent.map_err(|_| None),
+            close = info.closed() => Err(Some(close)),
+        }
+    }
+
+    /// A last `close` event, so the client knows whether to reconnect (same codes as WebSocket).
+    fn close_event(&mut self, close: &Close) {
+        let frame = serde_json::json!({"type": "close", "code": close.code as u16, "reason": close.reason});
+        self.event(&frame.to_string());
+    }
+}
+
+/// The streaming response body: whatever the session task sends, as it comes.
+struct SseBody {
+    rx: mpsc::Receiver<Bytes>,
+}
+
+impl http_body::Body for SseBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.rx.poll_recv(cx).map(|b| b.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip_and_mismatches_start_fresh() {
+        let c = vec![Position { epoch: Epoch::new("ab"), offset: 4 }, Position { epoch: Epoch::new("cd"), offset: 0 }];
+        let text = format_cursor(&c);
+        assert_eq!(text, "ab:4,cd:0");
+        assert_eq!(parse_cursor(Some(&text), 2), c.into_iter().map(Some).collect::<Vec<_>>());
+        assert_eq!(parse_cursor(Some(&text), 3), vec![None; 3]);
+        assert_eq!(parse_cursor(Some("garbage"), 1), vec![None]);
+        assert_eq!(parse_cursor(Some("ab:x"), 1), vec![None]);
+        assert_eq!(parse_cursor(None, 1), vec![None]);
+    }
+
+    #[test]
+    fn event_names_come_from_the_frame_type() {
+        assert_eq!(event_name(r#"{"type":"message","channel":"a"}"#), "message");
+        assert_eq!(event_name(r#"{"type":"reset"}"#), "reset");
+        assert_eq!(event_name("{}"), "message");
+    }
+}

@@ -1,0 +1,286 @@
+//! WebSocket transport: frames <-> protocol types, nothing else.
+//!
+//! One task per connection reads commands, drains the session's send queue and writes every
+//! queued frame in one flush (one syscall for many messages). Writes race the close signal, so a
+//! peer that stopped reading cannot pin the task: the hub's 4010 still gets through.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures_util::{SinkExt, StreamExt};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use hyper_tungstenite::HyperWebsocketStream;
+use hyper_tungstenite::tungstenite::protocol::frame::CloseFrame;
+use hyper_tungstenite::tungstenite::protocol::{WebSocketConfig, frame::coding::CloseCode as WsCloseCode};
+use hyper_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes, error::CapacityError};
+use tracing::Instrument;
+
+use crate::auth::{AuthError, Identity};
+use crate::http::{self, Body};
+use crate::node::Node;
+use crate::protocol::{Close, CloseCode, Command, CommandError, ErrorCode, Op, Reply, Welcome, to_frame};
+use crate::session::{Out, Session, SessionInfo, Subscribed, Transport};
+
+/// Bytes tungstenite reads per syscall; small, because every idle connection holds one buffer.
+const READ_BUFFER: usize = 1024;
+/// Bytes of frames batched before tungstenite writes mid-batch; the flush writes the rest.
+const WRITE_BUFFER: usize = 32 * 1024;
+/// Most queued items taken per wake-up.
+const BATCH: usize = 1024;
+/// How long a close handshake may take before the socket is just dropped.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Answers `GET /ws`: checks origin and capacity, authenticates, and hands the upgraded socket
+/// to a tracked session task. Auth failures are reported after the upgrade, as close codes a
+/// browser can read (4001, 4011), not as HTTP statuses it cannot.
+pub fn upgrade(node: Arc<Node>, remote: SocketAddr, mut req: Request<Incoming>) -> Response<Body> {
+    if !hyper_tungstenite::is_upgrade_request(&req) {
+        return http::error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, "expected a WebSocket upgrade request");
+    }
+    if let Err(refused) = http::allowed_origin(&node, &req) {
+        node.metrics.refused.with_label_values(&["origin"]).inc();
+        return refused.into_response();
+    }
+    let Some(slot) = node.reserve_connection() else {
+        node.metrics.refused.with_label_values(&["capacity"]).inc();
+        let msg = "node is full or draining: retry another node (--max-connections)";
+        return http::error(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, msg);
+    };
+    let token = http::query(&req, "token").or_else(|| http::bearer(&req).map(str::to_owned));
+    let identity = node.auth.authenticate(token.as_deref(), http::query(&req, "user").as_deref());
+    let config = WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(WRITE_BUFFER)
+        .max_message_size(Some(node.config.max_frame))
+        .max_frame_size(Some(node.config.max_frame));
+    let (response, websocket) = match hyper_tungstenite::upgrade(&mut req, Some(config)) {
+        Ok(pair) => pair,
+        Err(e) => {
+            return http::error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, format!("bad WebSocket upgrade: {e}"));
+        }
+    };
+    let task_node = node.clone();
+    node.tracker.spawn(async move {
+        let _slot = slot;
+        match websocket.await {
+            Ok(ws) => run(task_node, ws, identity, remote).await,
+            Err(e) => tracing::debug!(%remote, error = %e, "websocket upgrade failed"),
+        }
+    });
+    response.map(|b| b.boxed())
+}
+
+async fn run(node: Arc<Node>, mut ws: HyperWebsocketStream, identity: Result<Identity, AuthError>, remote: SocketAddr) {
+    let identity = match identity {
+        Ok(identity) => identity,
+        Err(e) => {
+            node.metrics.refused.with_label_values(&["auth"]).inc();
+            tracing::debug!(%remote, error = %e, "websocket refused");
+            return send_close(&mut ws, Close::new(e.close_code(), e.to_string())).await;
+        }
+    };
+    let session = Session::open(node, identity, Transport::Ws, Some(remote));
+    let span = tracing::debug_span!("ws", conn = %session.conn(), user = %session.identity.user);
+    async move {
+        tracing::debug!(%remote, "connected");
+        let info = session.info_arc();
+        let mut conn = WsConn { ws, session, frames: Vec::new(), last_seen: Instant::now() };
+        let ended = conn.serve(&info).await;
+        if let Some(close) = ended {
+            tracing::debug!(code = close.code as u16, reason = %close.reason, "closing");
+            if close.code == CloseCode::SlowConsumer {
+                conn.session.node().metrics.slow_consumers.inc();
+            }
+            send_close(&mut conn.ws, close).await;
+        }
+        tracing::debug!("disconnected");
+    }
+    .instrument(span)
+    .await
+}
+
+/// One live WebSocket session.
+struct WsConn {
+    ws: HyperWebsocketStream,
+    session: Session,
+    frames: Vec<Utf8Bytes>,
+    last_seen: Instant,
+}
+
+/// What woke the session loop.
+enum Wake {
+    Queued(usize),
+    Inbound(Option<Result<Message, WsError>>),
+    Heartbeat,
+}
+
+impl WsConn {
+    /// Runs until the peer leaves (`None`) or the session must be closed with a code.
+    async fn serve(&mut self, info: &SessionInfo) -> Option<Close> {
+        let config = &self.session.node().config;
+        let (ping_every, idle_timeout) = (config.ping_interval, config.idle_timeout);
+        let node_id = config.node_id.clone();
+        let welcome = to_frame(&Welcome {
+            kind: "welcome",
+            conn: self.session.conn(),
+            node: &node_id,
+            user: &self.session.identity.user,
+            ping_interval: ping_every.as_secs(),
+        });
+        self.frames.push(welcome);
+        if let Err(close) = self.flush(info, false).await {
+            return close;
+        }
+        let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
+        let expiry = token_expiry(self.session.identity.expires_at);
+        tokio::pin!(expiry);
+        let mut batch = Vec::with_capacity(0);
+        loop {
+            let wake = tokio::select! {
+                close = info.closed() => return Some(close),
+                _ = &mut expiry => return Some(Close::new(CloseCode::TokenExpired, "token expired: get a new token")),
+                n = self.session.recv_many(&mut batch, BATCH) => Wake::Queued(n),
+                msg = self.ws.next() => Wake::Inbound(msg),
+                _ = heartbeat.tick() => Wake::Heartbeat,
+            };
+            let step = match wake {
+                Wake::Queued(0) => return None,
+                Wake::Queued(_) => self.drain_queue(&mut batch),
+                Wake::Inbound(msg) => self.on_inbound(msg).await,
+                Wake::Heartbeat if self.last_seen.elapsed() > idle_timeout => {
+                    return Some(Close::new(CloseCode::GoingAway, "idle timeout: no frames from the client"));
+                }
+                Wake::Heartbeat => Ok(true),
+            };
+            let flushed = match step {
+                Ok(ping) => self.flush(info, ping).await,
+                Err(close) => Err(close),
+            };
+            if let Err(close) = flushed {
+                return close;
+            }
+            if batch.capacity() > BATCH {
+                batch = Vec::new();
+            }
+        }
+    }
+
+    /// Turns queued items into frames; `Ok(false)`: nothing else to send.
+    fn drain_queue(&mut self, batch: &mut Vec<Out>) -> Result<bool, Option<Close>> {
+        if let Some(Out::Message(p)) = batch.first() {
+            let age_ms = crate::engine::now_ms().saturating_sub(p.time_ms);
+            self.session.node().metrics.delivery_latency.observe(age_ms as f64 / 1000.0);
+        }
+        for out in batch.drain(..) {
+            self.session.accept(out, &mut self.frames).map_err(Some)?;
+        }
+        Ok(false)
+    }
+
+    /// Handles one inbound frame; `Err(None)` means the peer is gone.
+    async fn on_inbound(&mut self, msg: Option<Result<Message, WsError>>) -> Result<bool, Option<Close>> {
+        self.last_seen = Instant::now();
+        match msg {
+            None | Some(Ok(Message::Close(_))) => Err(None),
+            Some(Ok(Message::Text(text))) => {
+                self.session.rate_check().map_err(Some)?;
+                self.on_command(&text).await;
+                Ok(false)
+            }
+            Some(Ok(Message::Binary(_))) => {
+                Err(Some(Close::new(CloseCode::Unsupported, "binary frames are not supported: send JSON text frames")))
+            }
+            Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => Ok(false),
+            Some(Err(WsError::Capacity(e))) => {
+                let reason = match e {
+                    CapacityError::MessageTooLong { .. } => "frame too large (--max-frame)",
+                    CapacityError::TooManyHeaders => "too many headers",
+                };
+                Err(Some(Close::new(CloseCode::TooBig, reason)))
+            }
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "websocket read failed");
+                Err(None)
+            }
+        }
+    }
+
+    /// Runs one command and queues its reply (and, for subscribe, the replay after it).
+    async fn on_command(&mut self, text: &str) {
+        let cmd = match Command::parse(text) {
+            Ok(cmd) => cmd,
+            Err(bad) => return self.frames.push(to_frame(&Reply::error(bad.id, bad.error))),
+        };
+        let result: Result<Reply, CommandError> = match cmd.op {
+            Op::Subscribe { channel, since } => match self.session.subscribe(&channel, since).await {
+                Ok(Subscribed { reply, replay }) => {
+                    self.frames.push(to_frame(&Reply { id: cmd.id, ..reply }));
+                    self.frames.extend(replay.iter().map(|p| p.frame().clone()));
+                    return;
+                }
+                Err(e) => Err(e),
+            },
+            Op::Unsubscribe { channel } => self.session.unsubscribe(&channel).await,
+            Op::Publish { channel, event, data } => self.session.publish(&channel, event, data).await,
+            Op::Presence { channel } => self.session.presence(&channel).await,
+            Op::Ping => Ok(Reply::ok(None)),
+        };
+        let reply = match result {
+            Ok(reply) => Reply { id: cmd.id, ..reply },
+            Err(e) => Reply::error(cmd.id, e),
+        };
+        self.frames.push(to_frame(&reply));
+    }
+
+    /// Writes every pending frame (and a ping) with one flush, unless the session is closed
+    /// meanwhile. `Err(None)`: the peer is gone.
+    async fn flush(&mut self, info: &SessionInfo, ping: bool) -> Result<(), Option<Close>> {
+        if self.frames.is_empty() && !ping {
+            return Ok(());
+        }
+        let n = self.frames.len();
+        let write = async {
+            for frame in self.frames.drain(..) {
+                self.ws.feed(Message::Text(frame)).await?;
+            }
+            if ping {
+                self.ws.feed(Message::Ping(Default::default())).await?;
+            }
+            self.ws.flush().await
+        };
+        tokio::select! {
+            written = write => written.map_err(|e| {
+                tracing::debug!(error = %e, "websocket write failed");
+                None
+            })?,
+            close = info.closed() => return Err(Some(close)),
+        }
+        self.session.sent(n);
+        Ok(())
+    }
+}
+
+/// Resolves when the token expires; never in dev mode.
+async fn token_expiry(expires_at: Option<u64>) {
+    match expires_at {
+        Some(at) => {
+            let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+            tokio::time::sleep(Duration::from_secs(at.saturating_sub(now))).await
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Sends a close frame with `close`'s code and reason, giving up after `CLOSE_TIMEOUT`.
+async fn send_close(ws: &mut HyperWebsocketStream, close: Close) {
+    let mut reason = close.reason.into_owned();
+    // A close frame's reason is at most 123 bytes.
+    while reason.len() > 123 {
+        reason.pop();
+    }
+    let frame = CloseFrame { code: WsCloseCode::from(close.code as u16), reason: reason.into() };
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, ws.close(Some(frame))).await;
+}
