@@ -1,1 +1,430 @@
+//! Test harness for pushd: in-process nodes on ephemeral ports, the real `pushd` binary for
+//! signal tests, WebSocket/SSE/HTTP clients that await the frames they mean.
+//!
+//! ```ignore
+//! let node = TestNode::start(secure_config()).await;
+//! let mut alice = node.ws(&token("alice")).await;
+//! let reply = alice.subscribe("room:1", None).await;
+//! ```
 
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use jsonwebtoken::{EncodingKey, Header, encode};
+use pushd::Config;
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// The token secret test nodes use.
+pub const SECRET: &str = "pushd-test-secret-0123456789";
+/// The API key test nodes use.
+pub const API_KEY: &str = "test-api-key";
+/// The guard on every awaited event: generous, because it only fires when the test fails.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// A config with auth on (token secret + API key), everything else at its default.
+pub fn secure_config() -> Config {
+    Config {
+        node_id: "test".into(),
+        token_secret: Some(SECRET.into()),
+        api_key: Some(API_KEY.into()),
+        allowed_origins: pushd::config::Origins::SameHost,
+        ..Config::dev()
+    }
+}
+
+/// Unix seconds now.
+pub fn now_s() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+}
+
+/// A token for `user` valid for an hour, allowed to subscribe anywhere and publish nowhere.
+pub fn token(user: &str) -> String {
+    token_with(json!({ "sub": user, "exp": now_s() + 3600 }))
+}
+
+/// A token with these exact claims, signed with `SECRET`.
+pub fn token_with(claims: Value) -> String {
+    sign(claims, SECRET)
+}
+
+/// A token signed with `secret`.
+pub fn sign(claims: Value, secret: &str) -> String {
+    encode(&Header::default(), &claims, &EncodingKey::from_secret(secret.as_bytes())).unwrap()
+}
+
+/// Awaits `fut` under the test guard, panicking with `what` if it does not finish.
+pub async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
+    tokio::time::timeout(WAIT, fut).await.unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+}
+
+/// A node running in this process on 127.0.0.1 with an ephemeral port.
+pub struct TestNode {
+    pub addr: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+    http: reqwest::Client,
+}
+
+impl TestNode {
+    pub async fn start(config: Config) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(pushd::run(listener, config, async {
+            let _ = rx.await;
+        }));
+        Self { addr, shutdown: Some(tx), task: Some(task), http: reqwest::Client::new() }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Opens `/ws?token=<token>`, waits for the welcome frame.
+    pub async fn ws(&self, token: &str) -> WsClient {
+        let mut c = self.ws_raw(&format!("token={token}")).await;
+        let welcome = c.next().await;
+        assert_eq!(welcome["type"], "welcome", "{welcome}");
+        c.welcome = welcome;
+        c
+    }
+
+    /// Opens `/ws?<query>` without waiting for anything.
+    pub async fn ws_raw(&self, query: &str) -> WsClient {
+        let url = format!("ws://{}/ws?{query}", self.addr);
+        let (stream, _) = within("websocket connect", tokio_tungstenite::connect_async(url)).await.unwrap();
+        WsClient { stream, next_id: 1, pending: Vec::new(), welcome: Value::Null }
+    }
+
+    /// `POST /api/<path>` with the test API key; returns status and JSON body.
+    pub async fn api_post(&self, path: &str, body: Value) -> (u16, Value) {
+        let req = self.http.post(self.url(path)).bearer_auth(API_KEY).json(&body);
+        response(req).await
+    }
+
+    /// `GET /api/<path>` with the test API key.
+    pub async fn api_get(&self, path: &str) -> (u16, Value) {
+        response(self.http.get(self.url(path)).bearer_auth(API_KEY)).await
+    }
+
+    /// Publishes through `/api/publish`, asserting success; returns the offset.
+    pub async fn publish(&self, channel: &str, data: Value) -> u64 {
+        let (status, body) = self.api_post("/api/publish", json!({ "channel": channel, "data": data })).await;
+        assert_eq!(status, 200, "{body}");
+        body["offset"].as_u64().unwrap()
+    }
+
+    /// Opens a raw HTTP/1.1 SSE stream.
+    pub async fn sse(&self, path_and_query: &str, last_event_id: Option<&str>) -> SseClient {
+        SseClient::open(self.addr, path_and_query, last_event_id).await
+    }
+
+    /// Stops the node (as SIGTERM would) and fails the test if it errored or panicked.
+    pub async fn stop(mut self) {
+        self.shutdown.take().unwrap().send(()).ok();
+        let task = self.task.take().unwrap();
+        within("node shutdown", task).await.expect("node task panicked").expect("node failed");
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+async fn response(req: reqwest::RequestBuilder) -> (u16, Value) {
+    let resp = within("HTTP response", req.send()).await.unwrap();
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap();
+    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+}
+
+/// A WebSocket client that keeps frames it was not waiting for.
+pub struct WsClient {
+    stream: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    next_id: u64,
+    pending: Vec<Value>,
+    pub welcome: Value,
+}
+
+/// How a WebSocket ended.
+#[derive(Debug, PartialEq)]
+pub struct Closed {
+    pub code: u16,
+    pub reason: String,
+}
+
+impl WsClient {
+    /// Sends a text frame as is.
+    pub async fn send_text(&mut self, text: &str) {
+        self.stream.send(Message::Text(text.into())).await.unwrap();
+    }
+
+    pub async fn send_message(&mut self, msg: Message) {
+        self.stream.send(msg).await.unwrap();
+    }
+
+    /// Sends `cmd` with a fresh id and returns its reply; other frames stay queued.
+    pub async fn command(&mut self, mut cmd: Value) -> Value {
+        let id = self.next_id;
+        self.next_id += 1;
+        cmd["id"] = id.into();
+        self.send_text(&cmd.to_string()).await;
+        within(&format!("reply to {cmd}"), async {
+            loop {
+                let frame = self.read().await.unwrap_or_else(|c| panic!("closed {c:?} before reply to {cmd}"));
+                if frame["type"] == "reply" && frame["id"] == id {
+                    return frame;
+                }
+                self.pending.push(frame);
+            }
+        })
+        .await
+    }
+
+    /// Subscribes; `since` is (epoch, offset).
+    pub async fn subscribe(&mut self, channel: &str, since: Option<(&str, u64)>) -> Value {
+        let mut cmd = json!({ "op": "subscribe", "channel": channel });
+        if let Some((epoch, offset)) = since {
+            cmd["since"] = json!({ "epoch": epoch, "offset": offset });
+        }
+        self.command(cmd).await
+    }
+
+    /// Whether no frame is waiting that the test has not looked at.
+    pub fn pending_is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    /// The next server frame (queued ones first).
+    pub async fn next(&mut self) -> Value {
+        if !self.pending.is_empty() {
+            return self.pending.remove(0);
+        }
+        within("next frame", self.read()).await.unwrap_or_else(|c| panic!("closed {c:?} while waiting for a frame"))
+    }
+
+    /// The next `n` frames of type `message`, skipping nothing else silently: any other frame
+    /// type in between fails the test.
+    pub async fn messages(&mut self, n: usize) -> Vec<Value> {
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            let frame = self.next().await;
+            assert_eq!(frame["type"], "message", "expected a message, got {frame}");
+            out.push(frame);
+        }
+        out
+    }
+
+    /// Reads until the server closes; returns the close code and reason.
+    pub async fn closed(&mut self) -> Closed {
+        within("close", async {
+            loop {
+                if let Err(closed) = self.read().await {
+                    return closed;
+                }
+            }
+        })
+        .await
+    }
+
+    /// One frame, or how the socket ended.
+    async fn read(&mut self) -> Result<Value, Closed> {
+        loop {
+            match self.stream.next().await {
+                Some(Ok(Message::Text(t))) => return Ok(serde_json::from_str(&t).unwrap()),
+                Some(Ok(Message::Close(frame))) => return Err(close_of(frame)),
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Err(Closed { code: 1006, reason: e.to_string() }),
+                None => return Err(Closed { code: 1006, reason: "stream ended".into() }),
+            }
+        }
+    }
+}
+
+fn close_of(frame: Option<CloseFrame>) -> Closed {
+    frame.map_or(Closed { code: 1005, reason: String::new() }, |f| Closed {
+        code: u16::from(f.code),
+        reason: f.reason.to_string(),
+    })
+}
+
+/// One parsed server-sent event.
+#[derive(Debug, Clone, Default)]
+pub struct SseEvent {
+    pub id: Option<String>,
+    pub event: String,
+    pub data: Value,
+}
+
+/// A raw HTTP/1.1 SSE reader over a plain TCP socket, as a non-browser client would use.
+pub struct SseClient {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    reader: BufReader<TcpStream>,
+    chunk_left: usize,
+    buf: String,
+}
+
+impl SseClient {
+    pub async fn open(addr: SocketAddr, path_and_query: &str, last_event_id: Option<&str>) -> SseClient {
+        let mut stream = within("SSE connect", TcpStream::connect(addr)).await.unwrap();
+        let mut req = format!("GET {path_and_query} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n");
+        if let Some(id) = last_event_id {
+            req.push_str(&format!("Last-Event-ID: {id}\r\n"));
+        }
+        req.push_str("\r\n");
+        stream.write_all(req.as_bytes()).await.unwrap();
+        let mut reader = BufReader::new(stream);
+        let mut status_line = String::new();
+        within("SSE status", reader.read_line(&mut status_line)).await.unwrap();
+        let status = status_line.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        let mut headers = Vec::new();
+        loop {
+            let mut line = String::new();
+            within("SSE headers", reader.read_line(&mut line)).await.unwrap();
+            let line = line.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = line.split_once(':') {
+                headers.push((k.trim().to_ascii_lowercase(), v.trim().to_owned()));
+            }
+        }
+        SseClient { status, headers, reader, chunk_left: 0, buf: String::new() }
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+
+    /// The whole body of a non-streaming (error) response, as JSON.
+    pub async fn body_json(&mut self) -> Value {
+        let len: usize = self.header("content-length").and_then(|l| l.parse().ok()).unwrap_or(0);
+        let mut body = vec![0; len];
+        within("body", self.reader.read_exact(&mut body)).await.unwrap();
+        serde_json::from_slice(&body).unwrap()
+    }
+
+    /// The next event (comments and `retry:` lines skipped); `None` when the stream ends.
+    pub async fn next_event(&mut self) -> Option<SseEvent> {
+        within("SSE event", async {
+            loop {
+                if let Some(end) = self.buf.find("\n\n") {
+                    let block: String = self.buf.drain(..end + 2).collect();
+                    if let Some(event) = parse_event(&block) {
+                        return Some(event);
+                    }
+                    continue;
+                }
+                let chunk = self.read_chunk().await?;
+                self.buf.push_str(&chunk);
+            }
+        })
+        .await
+    }
+
+    /// The next event of type `message`; others are skipped only if they are heartbeats.
+    pub async fn next_message(&mut self) -> SseEvent {
+        let event = self.next_event().await.expect("stream ended before a message");
+        assert_eq!(event.event, "message", "expected a message, got {event:?}");
+        event
+    }
+
+    /// Reads the next piece of the chunked body.
+    async fn read_chunk(&mut self) -> Option<String> {
+        if self.chunk_left == 0 {
+            let mut size_line = String::new();
+            if self.reader.read_line(&mut size_line).await.ok()? == 0 {
+                return None;
+            }
+            let size_line = size_line.trim();
+            if size_line.is_empty() {
+                return Some(String::new());
+            }
+            self.chunk_left = usize::from_str_radix(size_line, 16).ok()?;
+            if self.chunk_left == 0 {
+                return None;
+            }
+        }
+        let mut data = vec![0; self.chunk_left];
+        self.reader.read_exact(&mut data).await.ok()?;
+        self.chunk_left = 0;
+        let mut crlf = [0; 2];
+        self.reader.read_exact(&mut crlf).await.ok()?;
+        Some(String::from_utf8(data).unwrap())
+    }
+}
+
+fn parse_event(block: &str) -> Option<SseEvent> {
+    let mut event = SseEvent { event: "message".into(), ..SseEvent::default() };
+    let mut data = None;
+    for line in block.lines() {
+        if let Some(v) = line.strip_prefix("id: ") {
+            event.id = Some(v.to_owned());
+        } else if let Some(v) = line.strip_prefix("event: ") {
+            event.event = v.to_owned();
+        } else if let Some(v) = line.strip_prefix("data: ") {
+            data = Some(serde_json::from_str(v).unwrap());
+        }
+    }
+    data.map(|d| SseEvent { data: d, ..event })
+}
+
+/// The `pushd` binary next to this test binary (built by the test command before the tests).
+pub fn pushd_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap();
+    let bin = dir.join("pushd");
+    assert!(bin.exists(), "{} is missing: run `cargo build -p pushd` first (the test script does)", bin.display());
+    bin
+}
+
+/// The real `pushd` binary as a child process, killed on drop.
+pub struct PushdProcess {
+    pub child: tokio::process::Child,
+    pub addr: SocketAddr,
+}
+
+impl PushdProcess {
+    /// Starts `pushd` with `args` on an ephemeral loopback port and waits for the log line that
+    /// says where it listens (an event, not a sleep).
+    pub async fn start(args: &[&str]) -> Self {
+        let mut child = tokio::process::Command::new(pushd_bin())
+            .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+            .args(args)
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let mut lines = BufReader::new(stderr).lines();
+        let addr = within("pushd to listen", async {
+            while let Some(line) = lines.next_line().await.unwrap() {
+                let Ok(log) = serde_json::from_str::<Value>(&line) else { continue };
+                if log["message"] == "pushd listening" {
+                    return log["addr"].as_str().unwrap().parse::<SocketAddr>().unwrap();
+                }
+            }
+            panic!("pushd exited before listening");
+        })
+        .await;
+        // Keep draining stderr so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Self { child, addr }
+    }
+}
