@@ -73,6 +73,20 @@ impl Identity {
         if own && listed { Ok(()) } else { Err(forbidden("subscribe to", channel)) }
     }
 
+    /// Resolves when the token expires (the session then closes with 4011); never in dev mode.
+    pub fn expired(&self) -> impl Future<Output = ()> + Send + 'static {
+        let expires_at = self.expires_at;
+        async move {
+            match expires_at {
+                Some(at) => {
+                    let now = crate::engine::now_ms() / 1000;
+                    tokio::time::sleep(std::time::Duration::from_secs(at.saturating_sub(now))).await
+                }
+                None => std::future::pending().await,
+            }
+        }
+    }
+
     /// Publishing from a socket needs a matching `pubs` glob.
     pub fn can_publish(&self, channel: &ChannelName) -> Result<(), AuthError> {
         if self.pubs.iter().any(|p| p.matches(channel.as_str())) {

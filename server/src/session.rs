@@ -376,6 +376,15 @@ impl Session {
         self.subs.get(channel).map(|s| Position { epoch: s.epoch.clone(), offset: s.last })
     }
 
+    /// Records store-to-send latency once per batch (its first message): a per-message
+    /// observation would cost more than the measurement is worth.
+    pub fn observe_latency(&self, batch: &[Out]) {
+        if let Some(Out::Message(p)) = batch.first() {
+            let age_ms = crate::engine::now_ms().saturating_sub(p.time_ms);
+            self.node.metrics.delivery_latency.observe(age_ms as f64 / 1000.0);
+        }
+    }
+
     /// Counts frames written to the client.
     pub fn sent(&self, n: usize) {
         self.handle.info.messages_out.fetch_add(n as u64, Ordering::Relaxed);

@@ -212,9 +212,12 @@ impl SseStream {
         let ping_every = session.node().config.ping_interval;
         let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
         let (mut batch, mut frames) = (Vec::new(), Vec::new());
+        let expiry = session.identity.expired();
+        tokio::pin!(expiry);
         let close = loop {
             tokio::select! {
                 close = info.closed() => break Some(close),
+                _ = &mut expiry => break Some(Close::new(CloseCode::TokenExpired, "token expired: get a new token")),
                 _ = tx.closed() => break None,
                 _ = heartbeat.tick() => self.out.put_slice(b": ping\n\n"),
                 n = session.recv_many(&mut batch, BATCH) => {
@@ -247,6 +250,7 @@ impl SseStream {
         frames: &mut Vec<Utf8Bytes>,
     ) -> Result<(), Close> {
         let mut sent = 0;
+        session.observe_latency(batch);
         for out in batch.drain(..) {
             session.accept(out, frames)?;
             self.sync_cursor(session);

@@ -6,7 +6,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use http_body_util::BodyExt;
@@ -135,7 +135,7 @@ impl WsConn {
             return close;
         }
         let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
-        let expiry = token_expiry(self.session.identity.expires_at);
+        let expiry = self.session.identity.expired();
         tokio::pin!(expiry);
         let mut batch = Vec::with_capacity(0);
         loop {
@@ -170,10 +170,7 @@ impl WsConn {
 
     /// Turns queued items into frames; `Ok(false)`: nothing else to send.
     fn drain_queue(&mut self, batch: &mut Vec<Out>) -> Result<bool, Option<Close>> {
-        if let Some(Out::Message(p)) = batch.first() {
-            let age_ms = crate::engine::now_ms().saturating_sub(p.time_ms);
-            self.session.node().metrics.delivery_latency.observe(age_ms as f64 / 1000.0);
-        }
+        self.session.observe_latency(batch);
         for out in batch.drain(..) {
             self.session.accept(out, &mut self.frames).map_err(Some)?;
         }
@@ -260,17 +257,6 @@ impl WsConn {
         }
         self.session.sent(n);
         Ok(())
-    }
-}
-
-/// Resolves when the token expires; never in dev mode.
-async fn token_expiry(expires_at: Option<u64>) {
-    match expires_at {
-        Some(at) => {
-            let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
-            tokio::time::sleep(Duration::from_secs(at.saturating_sub(now))).await
-        }
-        None => std::future::pending().await,
     }
 }
 
