@@ -27,7 +27,7 @@ pub struct Node {
     pub metrics: Metrics,
     /// Counts every session task, so shutdown can wait for them.
     pub tracker: TaskTracker,
-    /// Cancelled when the node stops taking traffic.
+    /// Cancelled when the drain is over: the listener closes and idle HTTP connections end.
     pub stopping: CancellationToken,
     pub started: Instant,
     draining: AtomicBool,
@@ -87,10 +87,10 @@ impl Node {
         self.draining.load(Ordering::Relaxed)
     }
 
-    /// Turns readiness off for good; called once shutdown begins.
+    /// Turns readiness off for good and refuses new client connections; the listener stays
+    /// open during the drain so load balancers can read the 503 from /readyz.
     pub fn start_draining(&self) {
         self.draining.store(true, Ordering::Relaxed);
-        self.stopping.cancel();
     }
 
     /// Whether /readyz says yes.

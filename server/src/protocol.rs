@@ -133,6 +133,8 @@ pub enum CloseCode {
     GoingAway = 1001,
     /// Binary or otherwise unsupported data. Fix the client.
     Unsupported = 1003,
+    /// A text frame that is not UTF-8. Fix the client.
+    InvalidData = 1007,
     /// Frame larger than the limit. Fix the client.
     TooBig = 1009,
     /// Server restarting (drain). Reconnect and replay.

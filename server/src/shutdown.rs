@@ -1,6 +1,8 @@
-//! Graceful drain: readiness goes false and accepts stop, then every session is closed with
-//! 1012 (reconnect elsewhere and replay), spread over the drain window so the clients do not all
-//! reconnect at once, and finally the node waits for its session tasks under a deadline.
+//! Graceful drain: readiness goes false and new client connections are refused (the listener
+//! stays up so health checks see the 503), then every session is closed with 1012 (reconnect
+//! elsewhere and replay), spread over 60% of the drain window so the clients do not all
+//! reconnect at once; the node waits for its session tasks until the window ends, then stops
+//! listening.
 
 use std::time::Duration;
 
@@ -14,9 +16,10 @@ const DRAIN_TICK: Duration = Duration::from_millis(50);
 pub async fn drain(node: &Node) {
     node.start_draining();
     let window = node.config.drain_window;
+    let deadline = tokio::time::Instant::now() + window.max(Duration::from_millis(500));
     let sessions = node.hub.sessions();
     tracing::info!(sessions = sessions.len(), window_s = window.as_secs_f64(), "draining");
-    let per_tick = batch_size(sessions.len(), window.mul_f64(0.8), DRAIN_TICK);
+    let per_tick = batch_size(sessions.len(), window.mul_f64(0.6), DRAIN_TICK);
     let close = Close::new(CloseCode::Restart, "server restarting: reconnect");
     for (i, chunk) in sessions.chunks(per_tick).enumerate() {
         if i > 0 {
@@ -27,10 +30,10 @@ pub async fn drain(node: &Node) {
     // Sessions whose upgrade was already under way when the drain began.
     node.hub.sessions().iter().for_each(|s| s.close(close.clone()));
     node.tracker.close();
-    let grace = window.mul_f64(0.2).max(Duration::from_secs(1));
-    if tokio::time::timeout(grace, node.tracker.wait()).await.is_err() {
+    if tokio::time::timeout_at(deadline, node.tracker.wait()).await.is_err() {
         tracing::warn!(remaining = node.tracker.len(), "drain window overran; dropping the remaining sessions");
     }
+    node.stopping.cancel();
 }
 
 /// Sessions to close per tick so that `n` of them are spread evenly over `spread`.

@@ -103,22 +103,24 @@ fn channels<B>(node: &Node, req: &Request<B>) -> Result<Vec<ChannelName>, HttpEr
     Ok(out)
 }
 
-/// Parses `epoch:offset,epoch:offset,...`; anything that does not fit `n` channels is ignored
-/// (the stream then starts live, with `recovered: false` where a position was expected).
+/// Parses `epoch:offset,epoch:offset,...` into one position per channel. A cursor that does not
+/// fit the `n` channels cannot be honoured, but the client did expect a replay: every channel
+/// then gets a position no history matches, so each reply says `recovered: false`.
 fn parse_cursor(cursor: Option<&str>, n: usize) -> Vec<Option<Position>> {
-    let parsed: Option<Vec<Position>> = cursor.and_then(|c| {
-        c.split(',')
-            .map(|part| {
-                let (epoch, offset) = part.rsplit_once(':')?;
-                Some(Position { epoch: Epoch::new(epoch), offset: offset.parse().ok()? })
-            })
-            .collect()
-    });
+    let Some(cursor) = cursor.filter(|c| !c.is_empty()) else { return vec![None; n] };
+    let parsed: Option<Vec<Position>> = cursor
+        .split(',')
+        .map(|part| {
+            let (epoch, offset) = part.rsplit_once(':')?;
+            Some(Position { epoch: Epoch::new(epoch), offset: offset.parse().ok()? })
+        })
+        .collect();
     match parsed {
         Some(list) if list.len() == n && list.iter().all(|p| !p.epoch.as_str().is_empty()) => {
             list.into_iter().map(Some).collect()
         }
-        _ => vec![None; n],
+        // Epochs are hex, so "-" matches no channel's history.
+        _ => vec![Some(Position { epoch: Epoch::new("-"), offset: 0 }); n],
     }
 }
 
@@ -186,13 +188,17 @@ impl SseStream {
         Ok(())
     }
 
-    /// Appends one event with the current cursor as its id. Frames are compact JSON (no
-    /// newlines), so one `data:` line carries each.
+    /// Appends one event, named for the frame's `type`, with the current cursor as its id.
     fn event(&mut self, frame: &str) {
+        self.named_event(event_name(frame), frame);
+    }
+
+    /// Appends one event. Frames are compact JSON (no newlines), so one `data:` line carries it.
+    fn named_event(&mut self, name: &str, frame: &str) {
         self.out.put_slice(b"id: ");
         self.out.put_slice(format_cursor(&self.cursor).as_bytes());
         self.out.put_slice(b"\nevent: ");
-        self.out.put_slice(event_name(frame).as_bytes());
+        self.out.put_slice(name.as_bytes());
         self.out.put_slice(b"\ndata: ");
         self.out.put_slice(frame.as_bytes());
         self.out.put_slice(b"\n\n");
@@ -278,7 +284,7 @@ impl SseStream {
     /// A last `close` event, so the client knows whether to reconnect (same codes as WebSocket).
     fn close_event(&mut self, close: &Close) {
         let frame = serde_json::json!({"type": "close", "code": close.code as u16, "reason": close.reason});
-        self.event(&frame.to_string());
+        self.named_event("close", &frame.to_string());
     }
 }
 
@@ -306,9 +312,10 @@ mod tests {
         let text = format_cursor(&c);
         assert_eq!(text, "ab:4,cd:0");
         assert_eq!(parse_cursor(Some(&text), 2), c.into_iter().map(Some).collect::<Vec<_>>());
-        assert_eq!(parse_cursor(Some(&text), 3), vec![None; 3]);
-        assert_eq!(parse_cursor(Some("garbage"), 1), vec![None]);
-        assert_eq!(parse_cursor(Some("ab:x"), 1), vec![None]);
+        let unusable = Some(Position { epoch: Epoch::new("-"), offset: 0 });
+        assert_eq!(parse_cursor(Some(&text), 3), vec![unusable.clone(); 3]);
+        assert_eq!(parse_cursor(Some("garbage"), 1), vec![unusable.clone()]);
+        assert_eq!(parse_cursor(Some("ab:x"), 1), vec![unusable]);
         assert_eq!(parse_cursor(None, 1), vec![None]);
     }
 

@@ -162,8 +162,12 @@ impl WsConn {
             if let Err(close) = flushed {
                 return close;
             }
+            // Give back what a burst grew: an idle connection should cost almost nothing.
             if batch.capacity() > BATCH {
                 batch = Vec::new();
+            }
+            if self.frames.capacity() > BATCH {
+                self.frames = Vec::new();
             }
         }
     }
@@ -198,6 +202,7 @@ impl WsConn {
                 };
                 Err(Some(Close::new(CloseCode::TooBig, reason)))
             }
+            Some(Err(WsError::Utf8(_))) => Err(Some(Close::new(CloseCode::InvalidData, "text frames must be UTF-8"))),
             Some(Err(e)) => {
                 tracing::debug!(error = %e, "websocket read failed");
                 Err(None)
@@ -260,7 +265,8 @@ impl WsConn {
     }
 }
 
-/// Sends a close frame with `close`'s code and reason, giving up after `CLOSE_TIMEOUT`.
+/// Sends a close frame with `close`'s code and reason and waits for the peer's close, so data
+/// the peer still sends does not turn into a TCP reset; gives up after `CLOSE_TIMEOUT`.
 async fn send_close(ws: &mut HyperWebsocketStream, close: Close) {
     let mut reason = close.reason.into_owned();
     // A close frame's reason is at most 123 bytes.
@@ -268,5 +274,10 @@ async fn send_close(ws: &mut HyperWebsocketStream, close: Close) {
         reason.pop();
     }
     let frame = CloseFrame { code: WsCloseCode::from(close.code as u16), reason: reason.into() };
-    let _ = tokio::time::timeout(CLOSE_TIMEOUT, ws.close(Some(frame))).await;
+    let handshake = async {
+        ws.close(Some(frame)).await?;
+        while ws.next().await.is_some_and(|m| m.is_ok()) {}
+        Ok::<_, WsError>(())
+    };
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, handshake).await;
 }

@@ -101,9 +101,7 @@ impl TestNode {
 
     /// Opens `/ws?<query>` without waiting for anything.
     pub async fn ws_raw(&self, query: &str) -> WsClient {
-        let url = format!("ws://{}/ws?{query}", self.addr);
-        let (stream, _) = within("websocket connect", tokio_tungstenite::connect_async(url)).await.unwrap();
-        WsClient { stream, next_id: 1, pending: Vec::new(), welcome: Value::Null }
+        WsClient::connect(self.addr, query).await
     }
 
     /// `POST /api/<path>` with the test API key; returns status and JSON body.
@@ -117,6 +115,31 @@ impl TestNode {
         response(self.http.get(self.url(path)).bearer_auth(API_KEY)).await
     }
 
+    /// Sends `method path` with `body` exactly as given, and `Authorization: Bearer <key>` only
+    /// when `key` is given: for requests `api_post` never sends (no key, a wrong key, a body
+    /// that is not JSON). Returns status and JSON body.
+    pub async fn api_raw(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        key: Option<&str>,
+        body: impl Into<reqwest::Body>,
+    ) -> (u16, Value) {
+        let mut req = self.http.request(method, self.url(path)).body(body);
+        if let Some(key) = key {
+            req = req.bearer_auth(key);
+        }
+        response(req).await
+    }
+
+    /// Tries `/ws?<query>` without waiting for anything; `Err` carries what the server answered
+    /// instead of upgrading (`tungstenite::Error::Http` holds the response).
+    pub async fn try_ws(&self, query: &str) -> Result<WsClient, tokio_tungstenite::tungstenite::Error> {
+        let url = format!("ws://{}/ws?{query}", self.addr);
+        let (stream, _) = within("websocket connect", tokio_tungstenite::connect_async(url)).await?;
+        Ok(WsClient { stream, next_id: 1, pending: Vec::new(), welcome: Value::Null })
+    }
+
     /// Publishes through `/api/publish`, asserting success; returns the offset.
     pub async fn publish(&self, channel: &str, data: Value) -> u64 {
         let (status, body) = self.api_post("/api/publish", json!({ "channel": channel, "data": data })).await;
@@ -124,14 +147,28 @@ impl TestNode {
         body["offset"].as_u64().unwrap()
     }
 
+    /// `GET /metrics` as text.
+    pub async fn metrics(&self) -> String {
+        let resp = within("metrics", self.http.get(self.url("/metrics")).send()).await.unwrap();
+        assert_eq!(resp.status().as_u16(), 200);
+        resp.text().await.unwrap()
+    }
+
     /// Opens a raw HTTP/1.1 SSE stream.
     pub async fn sse(&self, path_and_query: &str, last_event_id: Option<&str>) -> SseClient {
         SseClient::open(self.addr, path_and_query, last_event_id).await
     }
 
+    /// Starts the drain (as SIGTERM would) without waiting for it.
+    pub fn begin_stop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            tx.send(()).ok();
+        }
+    }
+
     /// Stops the node (as SIGTERM would) and fails the test if it errored or panicked.
     pub async fn stop(mut self) {
-        self.shutdown.take().unwrap().send(()).ok();
+        self.begin_stop();
         let task = self.task.take().unwrap();
         within("node shutdown", task).await.expect("node task panicked").expect("node failed");
     }
@@ -168,6 +205,13 @@ pub struct Closed {
 }
 
 impl WsClient {
+    /// Opens `ws://<addr>/ws?<query>` without waiting for anything.
+    pub async fn connect(addr: SocketAddr, query: &str) -> WsClient {
+        let url = format!("ws://{addr}/ws?{query}");
+        let (stream, _) = within("websocket connect", tokio_tungstenite::connect_async(url)).await.unwrap();
+        WsClient { stream, next_id: 1, pending: Vec::new(), welcome: Value::Null }
+    }
+
     /// Sends a text frame as is.
     pub async fn send_text(&mut self, text: &str) {
         self.stream.send(Message::Text(text.into())).await.unwrap();
@@ -227,6 +271,15 @@ impl WsClient {
             out.push(frame);
         }
         out
+    }
+
+    /// The next server frame (queued ones first), or how the socket ended: for reading what
+    /// was buffered before a close and then the close itself.
+    pub async fn next_or_closed(&mut self) -> Result<Value, Closed> {
+        if !self.pending.is_empty() {
+            return Ok(self.pending.remove(0));
+        }
+        within("next frame or close", self.read()).await
     }
 
     /// Reads until the server closes; returns the close code and reason.
@@ -337,6 +390,22 @@ impl SseClient {
         .await
     }
 
+    /// The next raw block up to its blank line (an event, a `retry:` line or a `: comment`
+    /// heartbeat), without its trailing blank line; `None` when the stream ends.
+    pub async fn next_block(&mut self) -> Option<String> {
+        within("SSE block", async {
+            loop {
+                if let Some(end) = self.buf.find("\n\n") {
+                    let block: String = self.buf.drain(..end + 2).collect();
+                    return Some(block[..end].to_owned());
+                }
+                let chunk = self.read_chunk().await?;
+                self.buf.push_str(&chunk);
+            }
+        })
+        .await
+    }
+
     /// The next event of type `message`; others are skipped only if they are heartbeats.
     pub async fn next_message(&mut self) -> SseEvent {
         let event = self.next_event().await.expect("stream ended before a message");
@@ -426,5 +495,14 @@ impl PushdProcess {
         // Keep draining stderr so the child never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         Self { child, addr }
+    }
+
+    /// Opens `/ws?<query>` on the process and waits for the welcome frame.
+    pub async fn ws(&self, query: &str) -> WsClient {
+        let mut c = WsClient::connect(self.addr, query).await;
+        let welcome = c.next().await;
+        assert_eq!(welcome["type"], "welcome", "{welcome}");
+        c.welcome = welcome;
+        c
     }
 }
