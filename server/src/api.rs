@@ -38,12 +38,20 @@ pub async fn handle(node: Arc<Node>, req: Request<Incoming>) -> Response<Body> {
             (&Method::GET, "/api/history") => history(&node, &req).await,
             (&Method::GET, "/api/presence") => presence(&node, &req).await,
             (&Method::POST, "/api/disconnect") => disconnect(&node, req).await,
+            (method, path @ ("/api/publish" | "/api/broadcast" | "/api/disconnect")) => {
+                Err(wrong_method(method, path, "POST"))
+            }
+            (method, path @ ("/api/history" | "/api/presence")) => Err(wrong_method(method, path, "GET")),
             (method, path) => {
                 Err(HttpError::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, format!("no API route {method} {path}")))
             }
         },
     };
     http::with_cors(result.unwrap_or_else(HttpError::into_response), origin)
+}
+
+fn wrong_method(method: &Method, path: &str, allowed: &str) -> HttpError {
+    HttpError::new(StatusCode::METHOD_NOT_ALLOWED, ErrorCode::BadRequest, format!("{method} {path}: use {allowed}"))
 }
 
 fn check_key<B>(node: &Node, req: &Request<B>) -> Result<(), HttpError> {
@@ -126,6 +134,9 @@ async fn broadcast(node: &Node, req: Request<Incoming>) -> ApiResult {
         return Err(HttpError::bad_request("name at least one channel in \"channels\""));
     }
     let channels = body.channels.iter().map(|c| channel(c)).collect::<Result<Vec<_>, _>>()?;
+    if let Some(twice) = channels.iter().enumerate().find_map(|(i, c)| channels[..i].contains(c).then_some(c)) {
+        return Err(HttpError::bad_request(format!("channel {twice} is named twice")));
+    }
     let msg = NewMessage::new(body.event, body.data);
     let mut results = Vec::with_capacity(channels.len());
     let mut all_stored = true;
@@ -153,6 +164,15 @@ struct HistoryEntry<'a> {
     time_ms: u64,
 }
 
+/// Serialised as a struct, not a `json!` tree, so `data` goes out byte for byte as stored.
+#[derive(Serialize)]
+struct HistoryBody<'a> {
+    channel: ChannelName,
+    epoch: Epoch,
+    top: Offset,
+    publications: Vec<HistoryEntry<'a>>,
+}
+
 async fn history(node: &Node, req: &Request<Incoming>) -> ApiResult {
     let name = http::query(req, "channel").ok_or_else(|| HttpError::bad_request("missing ?channel="))?;
     let channel = channel(&name)?;
@@ -174,9 +194,9 @@ async fn history(node: &Node, req: &Request<Incoming>) -> ApiResult {
     let entries: Vec<HistoryEntry> = page
         .publications
         .iter()
-        .map(|p| HistoryEntry { offset: p.offset, event: p.event.as_deref(), data: &p.data, time_ms: p.time_ms })
+        .map(|p| HistoryEntry { offset: p.offset, event: p.event.as_deref(), data: &p.data, time_ms: p.time_us / 1000 })
         .collect();
-    let body = serde_json::json!({ "channel": channel, "epoch": page.epoch, "top": page.top, "publications": entries });
+    let body = HistoryBody { channel, epoch: page.epoch, top: page.top, publications: entries };
     Ok(http::json(StatusCode::OK, &body))
 }
 

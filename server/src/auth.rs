@@ -38,7 +38,8 @@ impl AuthError {
     /// The reply error for a command refused with this error.
     pub fn command_error(&self) -> CommandError {
         let code = match self {
-            AuthError::Missing | AuthError::Invalid(_) | AuthError::Expired => ErrorCode::Unauthorized,
+            AuthError::Missing | AuthError::Invalid(_) => ErrorCode::Unauthorized,
+            AuthError::Expired => ErrorCode::TokenExpired,
             AuthError::Forbidden { .. } => ErrorCode::Forbidden,
         };
         CommandError::new(code, self.to_string())
@@ -111,7 +112,11 @@ impl Authenticator {
     pub fn new(secret: Option<&str>) -> Self {
         let key = secret.map(|s| {
             let mut v = Validation::new(Algorithm::HS256);
-            v.leeway = 5;
+            // No leeway: a token is refused exactly when the open session would be closed (4011).
+            v.leeway = 0;
+            v.validate_nbf = true;
+            // pushd names no audience; tokens from identity providers often carry one.
+            v.validate_aud = false;
             v.set_required_spec_claims(&["exp", "sub"]);
             (DecodingKey::from_secret(s.as_bytes()), v)
         });

@@ -47,6 +47,11 @@ pub struct Args {
     #[arg(long, env = "PUSHD_HISTORY_TTL", default_value_t = 600)]
     pub history_ttl: u64,
 
+    /// How long a channel's epoch and last offset are kept after it was last used, in seconds.
+    /// Clients returning later get `recovered: false` because of the new epoch.
+    #[arg(long, env = "PUSHD_HISTORY_META_TTL", default_value_t = 3600)]
+    pub history_meta_ttl: u64,
+
     /// Most messages one resubscribe may replay; a longer gap answers `recovered: false`.
     #[arg(long, env = "PUSHD_MAX_REPLAY", default_value_t = 1000)]
     pub max_replay: usize,
@@ -143,6 +148,8 @@ pub struct Config {
     pub history_size: usize,
     /// History lifetime after the last publish. Default 600 s.
     pub history_ttl: Duration,
+    /// Epoch and top lifetime after the last use. Default 3600 s.
+    pub history_meta_ttl: Duration,
     /// Longest replay on resubscribe. Default 1000.
     pub max_replay: usize,
     /// Largest inbound frame in bytes. Default 72 KiB.
@@ -230,6 +237,9 @@ impl TryFrom<Args> for Config {
         if let Some((flag, _)) = positive.iter().find(|(_, v)| *v == 0) {
             bail!("{flag} must be greater than 0");
         }
+        if a.history_meta_ttl < a.history_ttl {
+            bail!("--history-meta-ttl must be at least --history-ttl");
+        }
         if a.idle_timeout <= a.ping_interval {
             bail!("--idle-timeout must be longer than --ping-interval");
         }
@@ -253,6 +263,7 @@ impl TryFrom<Args> for Config {
             allowed_origins,
             history_size: a.history_size,
             history_ttl: Duration::from_secs(a.history_ttl),
+            history_meta_ttl: Duration::from_secs(a.history_meta_ttl),
             max_replay: a.max_replay,
             max_frame: a.max_frame,
             max_payload: a.max_payload,

@@ -143,7 +143,7 @@ impl From<CommandError> for HttpError {
             ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::Forbidden => StatusCode::FORBIDDEN,
-            ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
+            ErrorCode::Unauthorized | ErrorCode::TokenExpired => StatusCode::UNAUTHORIZED,
             ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             ErrorCode::NotFound | ErrorCode::PresenceDisabled => StatusCode::NOT_FOUND,
             ErrorCode::BadRequest
@@ -190,7 +190,9 @@ pub fn with_cors(mut r: Response<Body>, origin: Option<HeaderValue>) -> Response
 
 /// A `Bearer` token from the Authorization header.
 pub fn bearer<B>(req: &Request<B>) -> Option<&str> {
-    req.headers().get(header::AUTHORIZATION)?.to_str().ok()?.strip_prefix("Bearer ").map(str::trim)
+    let value = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
 /// The values of query parameter `name`, percent-decoded.

@@ -50,7 +50,12 @@ impl Node {
         let metrics = Metrics::new(&config.node_id);
         let hub = Arc::new(Hub::new(metrics.clone()));
         let deliver: Arc<dyn Deliver> = hub.clone();
-        let engine = MemoryEngine::start(config.history_size, config.history_ttl, Arc::downgrade(&deliver));
+        let engine = MemoryEngine::start(
+            config.history_size,
+            config.history_ttl,
+            config.history_meta_ttl,
+            Arc::downgrade(&deliver),
+        );
         Arc::new(Self {
             auth: Authenticator::new(config.token_secret.as_deref()),
             config,

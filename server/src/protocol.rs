@@ -59,8 +59,12 @@ impl Command {
             id: serde_json::from_str::<IdOnly>(text).ok().and_then(|i| i.id).filter(valid_id),
             error: CommandError::new(ErrorCode::BadRequest, format!("malformed command: {e}")),
         })?;
+        let bad_id = env.id.as_ref().is_some_and(|id| !valid_id(id));
         let id = env.id.filter(valid_id);
         let bad = |error| BadCommand { id: id.clone(), error };
+        if bad_id {
+            return Err(bad(CommandError::new(ErrorCode::BadRequest, "id must be a non-negative integer or a string")));
+        }
         let channel = || env.channel.clone().ok_or_else(|| bad(CommandError::missing("channel")));
         let op = match env.op.as_deref() {
             Some("subscribe") => Op::Subscribe { channel: channel()?, since: env.since },
@@ -95,6 +99,7 @@ pub enum ErrorCode {
     BadChannel,
     Forbidden,
     Unauthorized,
+    TokenExpired,
     AlreadySubscribed,
     NotSubscribed,
     TooManyChannels,
@@ -253,6 +258,8 @@ mod tests {
         assert_eq!((e.id, e.error.code), (Some(8.into()), ErrorCode::BadRequest));
         let e = Command::parse(r#"{"id":9,"op":"subscribe","channel":5}"#).unwrap_err();
         assert_eq!((e.id, e.error.code), (Some(9.into()), ErrorCode::BadRequest));
+        let e = Command::parse(r#"{"id":-1,"op":"ping"}"#).unwrap_err();
+        assert_eq!((e.id, e.error.code), (None, ErrorCode::BadRequest));
         let e = Command::parse(r#"[1,2]"#).unwrap_err();
         assert_eq!(e.error.code, ErrorCode::BadRequest);
     }

@@ -380,8 +380,8 @@ impl Session {
     /// observation would cost more than the measurement is worth.
     pub fn observe_latency(&self, batch: &[Out]) {
         if let Some(Out::Message(p)) = batch.first() {
-            let age_ms = crate::engine::now_ms().saturating_sub(p.time_ms);
-            self.node.metrics.delivery_latency.observe(age_ms as f64 / 1000.0);
+            let age_us = crate::engine::now_us().saturating_sub(p.time_us);
+            self.node.metrics.delivery_latency.observe(age_us as f64 / 1e6);
         }
     }
 

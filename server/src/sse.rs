@@ -40,7 +40,16 @@ pub async fn open<B>(node: Arc<Node>, remote: SocketAddr, req: Request<B>) -> Re
         Ok(origin) => origin,
         Err(refused) => return refused.into_response(),
     };
-    let response = start(node, remote, &req).await.unwrap_or_else(HttpError::into_response);
+    let metrics = node.metrics.clone();
+    let response = start(node, remote, &req).await.unwrap_or_else(|e| {
+        let reason = match e.status {
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => "auth",
+            StatusCode::SERVICE_UNAVAILABLE => "capacity",
+            _ => "bad_request",
+        };
+        metrics.refused.with_label_values(&[reason]).inc();
+        e.into_response()
+    });
     http::with_cors(response, origin)
 }
 
@@ -58,9 +67,10 @@ async fn start<B>(node: Arc<Node>, remote: SocketAddr, req: &Request<B>) -> Resu
     let last_id = req.headers().get("last-event-id").and_then(|v| v.to_str().ok()).map(str::to_owned);
     let since = parse_cursor(last_id.or_else(|| http::query(req, "since")).as_deref(), channels.len());
     let mut session = Session::open(node.clone(), identity, Transport::Sse, Some(remote));
-    let mut stream = SseStream { cursor: Vec::new(), channels, out: BytesMut::new() };
+    let mut stream = SseStream { cursor: Vec::new(), channels, out: BytesMut::new(), events: 0 };
     stream.subscribe_all(&mut session, since).await?;
     let (tx, rx) = mpsc::channel(BODY_BUFFER);
+    session.sent(stream.events);
     let first = stream.out.split().freeze();
     tx.try_send(first).expect("a new channel has room");
     node.tracker.spawn(stream.run(session, tx, slot));
@@ -73,6 +83,7 @@ async fn start<B>(node: Arc<Node>, remote: SocketAddr, req: &Request<B>) -> Resu
 }
 
 fn auth_status(e: &AuthError) -> StatusCode {
+    // `command_error` says whether the token was bad or expired; both are 401.
     match e {
         AuthError::Missing | AuthError::Invalid(_) | AuthError::Expired => StatusCode::UNAUTHORIZED,
         AuthError::Forbidden { .. } => StatusCode::FORBIDDEN,
@@ -149,6 +160,8 @@ struct SseStream {
     channels: Vec<ChannelName>,
     cursor: Vec<Position>,
     out: BytesMut,
+    /// Events written so far (for the delivered-frames metric).
+    events: usize,
 }
 
 impl SseStream {
@@ -195,6 +208,7 @@ impl SseStream {
 
     /// Appends one event. Frames are compact JSON (no newlines), so one `data:` line carries it.
     fn named_event(&mut self, name: &str, frame: &str) {
+        self.events += 1;
         self.out.put_slice(b"id: ");
         self.out.put_slice(format_cursor(&self.cursor).as_bytes());
         self.out.put_slice(b"\nevent: ");
@@ -260,8 +274,8 @@ impl SseStream {
         for out in batch.drain(..) {
             session.accept(out, frames)?;
             self.sync_cursor(session);
-            sent += frames.len();
             for frame in frames.drain(..) {
+                sent += 1;
                 self.event(&frame);
             }
         }

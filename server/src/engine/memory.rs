@@ -4,8 +4,11 @@
 //! when the channel is first touched, and a `top` offset. Publishing assigns the next offset and
 //! delivers to the hub while holding that channel's lock, so delivery order is offset order and
 //! a concurrent history read sees either the message or the subscriber, never neither. Channels
-//! are sharded, so one channel's storm never blocks another's. A sweeper drops expired history
-//! and forgets idle channels (their epoch goes with them, as with Redis' meta key).
+//! are sharded, so one channel's storm never blocks another's.
+//!
+//! Expiry mirrors the Redis layout: the whole history goes `history_ttl` after the last publish
+//! (the stream key's TTL), and a channel nobody subscribes to or touches for `meta_ttl` is
+//! forgotten with its epoch and top (the meta key's TTL).
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, RandomState};
@@ -16,7 +19,7 @@ use async_trait::async_trait;
 
 use super::{
     ClientInfo, Deliver, Engine, EngineError, Epoch, HistoryPage, HistoryQuery, NewMessage, Offset, PresenceChange,
-    Publication, now_ms, presence_frame,
+    Publication, now_ms, now_us, presence_frame,
 };
 use crate::channel::ChannelName;
 
@@ -28,6 +31,7 @@ type Shard<T> = Mutex<HashMap<ChannelName, T>>;
 pub struct MemoryEngine {
     history_size: usize,
     history_ttl: Duration,
+    meta_ttl: Duration,
     deliver: Weak<dyn Deliver>,
     hasher: RandomState,
     channels: Vec<Shard<Arc<Mutex<ChannelLog>>>>,
@@ -39,20 +43,38 @@ struct ChannelLog {
     epoch: Epoch,
     top: Offset,
     ring: VecDeque<Arc<Publication>>,
-    /// When the channel was last published to or read, for forgetting idle channels.
+    /// When the channel was last published to (history expiry).
+    published_ms: u64,
+    /// When the channel was last published to, read or left (forgetting idle channels).
     touched_ms: u64,
+    /// Live subscriptions of this node: a subscribed channel is never forgotten.
+    subscribers: usize,
 }
 
 impl ChannelLog {
     fn new() -> Self {
-        Self { epoch: Epoch::random(), top: 0, ring: VecDeque::new(), touched_ms: now_ms() }
+        let now = now_ms();
+        Self {
+            epoch: Epoch::random(),
+            top: 0,
+            ring: VecDeque::new(),
+            published_ms: now,
+            touched_ms: now,
+            subscribers: 0,
+        }
     }
 
-    /// Drops publications older than `ttl_ms`; they are gone for replay like trimmed ones.
+    /// Drops the whole history once `ttl_ms` passed since the last publish; it is then gone for
+    /// replay like trimmed messages, while epoch and top stay.
     fn expire(&mut self, now: u64, ttl_ms: u64) {
-        while self.ring.front().is_some_and(|p| now.saturating_sub(p.time_ms) > ttl_ms) {
-            self.ring.pop_front();
+        if now.saturating_sub(self.published_ms) > ttl_ms {
+            self.ring.clear();
         }
+    }
+
+    /// Whether the sweeper may forget this channel.
+    fn forgettable(&self, now: u64, meta_ttl_ms: u64) -> bool {
+        self.subscribers == 0 && self.ring.is_empty() && now.saturating_sub(self.touched_ms) > meta_ttl_ms
     }
 
     fn read(&self, query: HistoryQuery) -> Vec<Arc<Publication>> {
@@ -69,10 +91,16 @@ impl ChannelLog {
 
 impl MemoryEngine {
     /// Starts the engine and its sweeper; `deliver` is the hub (held weakly: the hub owns us).
-    pub fn start(history_size: usize, history_ttl: Duration, deliver: Weak<dyn Deliver>) -> Arc<Self> {
+    pub fn start(
+        history_size: usize,
+        history_ttl: Duration,
+        meta_ttl: Duration,
+        deliver: Weak<dyn Deliver>,
+    ) -> Arc<Self> {
         let engine = Arc::new(Self {
             history_size,
             history_ttl,
+            meta_ttl,
             deliver,
             hasher: RandomState::new(),
             channels: shards(),
@@ -95,14 +123,14 @@ impl MemoryEngine {
         self.history_ttl.as_millis() as u64
     }
 
-    /// Expires old history and forgets channels idle for twice the TTL with nothing left.
+    /// Expires old history and forgets idle channels nobody subscribes to.
     fn sweep_once(&self) {
-        let (now, ttl) = (now_ms(), self.ttl_ms());
+        let (now, ttl, meta_ttl) = (now_ms(), self.ttl_ms(), self.meta_ttl.as_millis() as u64);
         for shard in &self.channels {
             lock(shard).retain(|_, log| {
                 let mut log = lock(log);
                 log.expire(now, ttl);
-                !(log.ring.is_empty() && now.saturating_sub(log.touched_ms) > 2 * ttl)
+                !log.forgettable(now, meta_ttl)
             });
         }
     }
@@ -140,8 +168,10 @@ impl Engine for MemoryEngine {
         let log = self.log(channel);
         let mut log = lock(&log);
         log.top += 1;
-        log.touched_ms = now_ms();
-        let publication = Arc::new(Publication::new(channel.clone(), log.epoch.clone(), log.top, msg, log.touched_ms));
+        let now_us = now_us();
+        log.touched_ms = now_us / 1000;
+        log.published_ms = log.touched_ms;
+        let publication = Arc::new(Publication::new(channel.clone(), log.epoch.clone(), log.top, msg, now_us));
         if log.ring.len() == self.history_size {
             log.ring.pop_front();
         }
@@ -153,11 +183,17 @@ impl Engine for MemoryEngine {
         Ok(publication)
     }
 
-    async fn subscribe(&self, _channel: &ChannelName) -> Result<(), EngineError> {
+    async fn subscribe(&self, channel: &ChannelName) -> Result<(), EngineError> {
+        lock(&self.log(channel)).subscribers += 1;
         Ok(())
     }
 
-    async fn unsubscribe(&self, _channel: &ChannelName) {}
+    async fn unsubscribe(&self, channel: &ChannelName) {
+        let log = self.log(channel);
+        let mut log = lock(&log);
+        log.subscribers = log.subscribers.saturating_sub(1);
+        log.touched_ms = now_ms();
+    }
 
     async fn history(&self, channel: &ChannelName, query: HistoryQuery) -> Result<HistoryPage, EngineError> {
         let log = self.log(channel);
@@ -217,7 +253,7 @@ mod tests {
 
     fn engine(size: usize) -> Arc<MemoryEngine> {
         let none: Weak<dyn Deliver> = Weak::<NoHub>::new();
-        MemoryEngine::start(size, Duration::from_secs(60), none)
+        MemoryEngine::start(size, Duration::from_secs(60), Duration::from_secs(600), none)
     }
 
     struct NoHub;
@@ -260,16 +296,30 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn expired_history_is_gone_but_the_position_stays() {
+    async fn history_expires_whole_after_the_last_publish_but_the_position_stays() {
         let mut log = ChannelLog::new();
         let ch = ChannelName::parse("c").unwrap();
-        for (offset, t) in [(1, 1_000), (2, 5_000)] {
-            log.ring.push_back(Arc::new(Publication::new(ch.clone(), log.epoch.clone(), offset, msg(offset), t)));
+        for offset in [1, 2] {
+            log.ring.push_back(Arc::new(Publication::new(ch.clone(), log.epoch.clone(), offset, msg(offset), 0)));
             log.top = offset;
         }
+        log.published_ms = 5_000;
         log.expire(6_000, 2_000);
-        assert_eq!(log.ring.iter().map(|p| p.offset).collect::<Vec<_>>(), vec![2]);
+        assert_eq!(log.ring.len(), 2, "within the TTL of the last publish");
+        log.expire(7_001, 2_000);
+        assert!(log.ring.is_empty());
         assert_eq!(log.top, 2);
+    }
+
+    #[tokio::test]
+    async fn only_idle_unsubscribed_channels_are_forgotten() {
+        let mut log = ChannelLog::new();
+        log.touched_ms = 0;
+        assert!(log.forgettable(10_000, 5_000));
+        log.subscribers = 1;
+        assert!(!log.forgettable(10_000, 5_000), "a subscribed channel keeps its epoch");
+        log.subscribers = 0;
+        assert!(!log.forgettable(4_000, 5_000));
     }
 
     #[tokio::test]

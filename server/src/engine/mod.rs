@@ -90,8 +90,8 @@ pub struct Publication {
     pub offset: Offset,
     pub event: Option<String>,
     pub data: Box<RawValue>,
-    /// Milliseconds since the Unix epoch when the message was stored.
-    pub time_ms: u64,
+    /// Microseconds since the Unix epoch when the message was stored.
+    pub time_us: u64,
     frame: Utf8Bytes,
 }
 
@@ -108,7 +108,7 @@ struct MessageFrame<'a> {
 
 impl Publication {
     /// Builds the publication and its `{"type":"message",...}` frame (the only serialisation).
-    pub fn new(channel: ChannelName, epoch: Epoch, offset: Offset, msg: NewMessage, time_ms: u64) -> Self {
+    pub fn new(channel: ChannelName, epoch: Epoch, offset: Offset, msg: NewMessage, time_us: u64) -> Self {
         let frame = serde_json::to_string(&MessageFrame {
             kind: "message",
             channel: &channel,
@@ -117,7 +117,7 @@ impl Publication {
             data: &msg.data,
         })
         .expect("message frames always serialise");
-        Self { channel, epoch, offset, event: msg.event, data: msg.data, time_ms, frame: frame.into() }
+        Self { channel, epoch, offset, event: msg.event, data: msg.data, time_us, frame: frame.into() }
     }
 
     /// The serialised frame; cloning it shares the bytes.
@@ -126,9 +126,14 @@ impl Publication {
     }
 }
 
-/// Milliseconds since the Unix epoch, for publication timestamps.
+/// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    now_us() / 1000
+}
+
+/// Microseconds since the Unix epoch, for publication timestamps and latency.
+pub fn now_us() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
 }
 
 /// What a history read returns: the channel's current position and the stored messages asked for.
