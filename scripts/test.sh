@@ -4,6 +4,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# The Redis engine's tests start their own redis-server processes.
+if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1; then
+  echo "redis-server not found: installing Debian's redis-server" >&2
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq redis-server >/dev/null
+fi
+
 if ! cargo nextest --version >/dev/null 2>&1; then
   echo "cargo-nextest not found: installing it (once)" >&2
   cargo install --locked cargo-nextest

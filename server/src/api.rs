@@ -91,6 +91,18 @@ struct PublishBody {
     channel: String,
     data: Box<RawValue>,
     event: Option<String>,
+    idempotency_key: Option<String>,
+}
+
+/// Checks an idempotency key: 1–128 characters of letters, digits and `_ . : -`.
+fn idempotency_key(key: Option<String>) -> Result<Option<String>, HttpError> {
+    let Some(key) = key else { return Ok(None) };
+    let ok = (1..=128).contains(&key.len()) && key.chars().all(|c| c.is_ascii_alphanumeric() || "_.:-".contains(c));
+    if ok {
+        Ok(Some(key))
+    } else {
+        Err(HttpError::bad_request("idempotency_key must be 1-128 letters, digits, '_', '.', ':' or '-'"))
+    }
 }
 
 #[derive(Serialize)]
@@ -103,7 +115,10 @@ struct Published {
 async fn publish(node: &Node, req: Request<Incoming>) -> ApiResult {
     let body: PublishBody = read_json(node, req).await?;
     let channel = channel(&body.channel)?;
-    let msg = NewMessage::new(body.event, body.data);
+    let msg = NewMessage {
+        idempotency_key: idempotency_key(body.idempotency_key)?,
+        ..NewMessage::new(body.event, body.data)
+    };
     let p = node.publish(&channel, msg, "api").await.map_err(HttpError::from)?;
     Ok(http::json(StatusCode::OK, &Published { channel, epoch: p.epoch.clone(), offset: p.offset }))
 }

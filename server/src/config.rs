@@ -26,6 +26,32 @@ pub struct Args {
     #[arg(long, env = "PUSHD_NODE_ID")]
     pub node_id: Option<String>,
 
+    /// Redis URL (`redis://[user:pass@]host:port[/db]`). Unset = the in-memory single-node engine.
+    #[arg(long, env = "PUSHD_REDIS_URL")]
+    pub redis_url: Option<String>,
+
+    /// Prefix of every Redis key and pub/sub channel, so several clusters can share one Redis.
+    #[arg(long, env = "PUSHD_REDIS_PREFIX", default_value = "pushd:")]
+    pub redis_prefix: String,
+
+    /// Redis command connections per node (pub/sub uses one more).
+    #[arg(long, env = "PUSHD_REDIS_POOL", default_value_t = 4)]
+    pub redis_pool: usize,
+
+    /// Seconds a presence entry outlives its node's last refresh (how fast a dead node's
+    /// clients leave presence).
+    #[arg(long, env = "PUSHD_PRESENCE_TTL", default_value_t = 30)]
+    pub presence_ttl: u64,
+
+    /// Seconds a node stays in the registry (`pushd:nodes`) after its last heartbeat; heartbeats
+    /// go out every second.
+    #[arg(long, env = "PUSHD_NODE_TTL", default_value_t = 5)]
+    pub node_ttl: u64,
+
+    /// Seconds an idempotency key remembers its publish.
+    #[arg(long, env = "PUSHD_IDEMPOTENCY_TTL", default_value_t = 300)]
+    pub idempotency_ttl: u64,
+
     /// HS256 secret that client tokens (JWT) are signed with. Unset = dev mode (loopback only).
     #[arg(long, env = "PUSHD_TOKEN_SECRET", hide_env_values = true)]
     pub token_secret: Option<String>,
@@ -138,6 +164,18 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Node id. Default: random.
     pub node_id: String,
+    /// Redis URL; `None` = memory engine.
+    pub redis_url: Option<String>,
+    /// Redis key prefix. Default `pushd:`.
+    pub redis_prefix: String,
+    /// Redis command connections. Default 4.
+    pub redis_pool: usize,
+    /// Presence entry lifetime without refresh. Default 30 s.
+    pub presence_ttl: Duration,
+    /// Registry lifetime without a heartbeat. Default 5 s.
+    pub node_ttl: Duration,
+    /// Idempotency key lifetime. Default 300 s.
+    pub idempotency_ttl: Duration,
     /// JWT secret; `None` = dev mode.
     pub token_secret: Option<String>,
     /// Server API key; `None` only in dev mode (API open to loopback callers).
@@ -233,12 +271,19 @@ impl TryFrom<Args> for Config {
             ("--rate-burst", a.rate_burst as usize),
             ("--ping-interval", a.ping_interval as usize),
             ("--history-ttl", a.history_ttl as usize),
+            ("--redis-pool", a.redis_pool),
+            ("--presence-ttl", a.presence_ttl as usize),
+            ("--idempotency-ttl", a.idempotency_ttl as usize),
+            ("--node-ttl", a.node_ttl as usize),
         ];
         if let Some((flag, _)) = positive.iter().find(|(_, v)| *v == 0) {
             bail!("{flag} must be greater than 0");
         }
         if a.history_meta_ttl < a.history_ttl {
             bail!("--history-meta-ttl must be at least --history-ttl");
+        }
+        if a.redis_prefix.contains(['{', '}', ' ']) {
+            bail!("--redis-prefix must not contain braces or spaces");
         }
         if a.idle_timeout <= a.ping_interval {
             bail!("--idle-timeout must be longer than --ping-interval");
@@ -258,6 +303,12 @@ impl TryFrom<Args> for Config {
         Ok(Config {
             listen: a.listen,
             node_id: a.node_id.unwrap_or_else(|| format!("node-{:06x}", rand::random::<u32>() >> 8)),
+            redis_url: a.redis_url.filter(|u| !u.is_empty()),
+            redis_prefix: a.redis_prefix,
+            redis_pool: a.redis_pool,
+            presence_ttl: Duration::from_secs(a.presence_ttl),
+            idempotency_ttl: Duration::from_secs(a.idempotency_ttl),
+            node_ttl: Duration::from_secs(a.node_ttl),
             token_secret: a.token_secret,
             api_key: a.api_key.filter(|k| !k.is_empty()),
             allowed_origins,

@@ -43,12 +43,16 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Ou
              and /api/* is open unless --api-key is set. Loopback only. Never run this in production."
         );
     }
-    let node = Node::new(config);
-    tracing::info!(%addr, node = %node.config.node_id, engine = "memory", "pushd listening");
+    let engine = if config.redis_url.is_some() { "redis" } else { "memory" };
+    let node = Node::start(config).await?;
+    tracing::info!(%addr, node = %node.config.node_id, engine, "pushd listening");
     let accept = tokio::spawn(http::accept_loop(listener, node.clone()));
+    let heartbeat = tokio::spawn(node.clone().heartbeat(addr.to_string()));
     shutdown.await;
     shutdown::drain(&node).await;
     accept.await?;
+    heartbeat.await?;
+    node.engine.close().await;
     tracing::info!("pushd stopped");
     Ok(())
 }

@@ -2,6 +2,7 @@
 //! readiness and the connection budget. Operations that more than one transport or API offers
 //! (publish, presence) live here once.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
@@ -12,11 +13,15 @@ use tokio_util::task::TaskTracker;
 use crate::auth::Authenticator;
 use crate::channel::ChannelName;
 use crate::config::Config;
-use crate::engine::{ClientInfo, Deliver, Engine, MemoryEngine, NewMessage, Publication};
+use crate::engine::memory::MemorySettings;
+use crate::engine::{
+    ClientInfo, Deliver, Engine, MemoryEngine, NewMessage, NodeInfo, Publication, RedisEngine, RedisSettings,
+};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::protocol::{CommandError, ErrorCode};
 use crate::session::ConnId;
+use prometheus::core::Collector;
 
 /// Shared state of one pushd node.
 pub struct Node {
@@ -30,6 +35,8 @@ pub struct Node {
     /// Cancelled when the drain is over: the listener closes and idle HTTP connections end.
     pub stopping: CancellationToken,
     pub started: Instant,
+    /// Unix ms when the node started, for the registry.
+    pub started_ms: u64,
     draining: AtomicBool,
     connections: AtomicUsize,
     next_conn: AtomicU64,
@@ -45,18 +52,37 @@ impl Drop for ConnectionSlot {
 }
 
 impl Node {
-    /// Builds the node on the memory engine.
-    pub fn new(config: Config) -> Arc<Self> {
+    /// Builds the node on the engine the config names: Redis with `--redis-url`, else memory.
+    pub async fn start(config: Config) -> anyhow::Result<Arc<Self>> {
         let metrics = Metrics::new(&config.node_id);
         let hub = Arc::new(Hub::new(metrics.clone()));
         let deliver: Arc<dyn Deliver> = hub.clone();
-        let engine = MemoryEngine::start(
-            config.history_size,
-            config.history_ttl,
-            config.history_meta_ttl,
-            Arc::downgrade(&deliver),
-        );
-        Arc::new(Self {
+        let engine: Arc<dyn Engine> = match &config.redis_url {
+            Some(url) => {
+                let settings = RedisSettings {
+                    url: url.clone(),
+                    prefix: config.redis_prefix.clone(),
+                    pool_size: config.redis_pool,
+                    history_size: config.history_size,
+                    history_ttl: config.history_ttl,
+                    meta_ttl: config.history_meta_ttl,
+                    presence_ttl: config.presence_ttl,
+                    idempotency_ttl: config.idempotency_ttl,
+                    node_ttl: config.node_ttl,
+                };
+                RedisEngine::connect(settings, Arc::downgrade(&deliver)).await?
+            }
+            None => {
+                let settings = MemorySettings {
+                    history_size: config.history_size,
+                    history_ttl: config.history_ttl,
+                    meta_ttl: config.history_meta_ttl,
+                    idempotency_ttl: config.idempotency_ttl,
+                };
+                MemoryEngine::start(settings, Arc::downgrade(&deliver))
+            }
+        };
+        Ok(Arc::new(Self {
             auth: Authenticator::new(config.token_secret.as_deref()),
             config,
             hub,
@@ -65,10 +91,11 @@ impl Node {
             tracker: TaskTracker::new(),
             stopping: CancellationToken::new(),
             started: Instant::now(),
+            started_ms: crate::engine::now_ms(),
             draining: AtomicBool::new(false),
             connections: AtomicUsize::new(0),
             next_conn: AtomicU64::new(1),
-        })
+        }))
     }
 
     /// A fresh cluster-unique connection id.
@@ -101,6 +128,47 @@ impl Node {
     /// Whether /readyz says yes.
     pub fn is_ready(&self) -> bool {
         !self.is_draining() && self.engine.ready()
+    }
+
+    /// This node's registry entry: identity and current stats.
+    pub fn info(&self, addr: &str) -> NodeInfo {
+        let m = &self.metrics;
+        let sessions = self.hub.sessions();
+        let users: HashSet<&str> = sessions.iter().map(|s| s.info.user.as_str()).collect();
+        let sum = |c: &prometheus::IntCounterVec| {
+            c.collect().iter().flat_map(|f| f.get_metric()).map(|m| m.get_counter().get_value()).sum::<f64>() as u64
+        };
+        NodeInfo {
+            id: self.config.node_id.clone(),
+            addr: addr.to_owned(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            started_ms: self.started_ms,
+            updated_ms: crate::engine::now_ms(),
+            connections: sessions.len() as u64,
+            users: users.len() as u64,
+            subscriptions: m.subscriptions.get().max(0) as u64,
+            channels: m.channels.get().max(0) as u64,
+            messages_in: sum(&m.published),
+            messages_out: m.delivered.get(),
+            replays: sum(&m.replays),
+            slow_consumers: m.slow_consumers.get(),
+            draining: self.is_draining(),
+        }
+    }
+
+    /// Refreshes this node's registry entry every second until the drain ends.
+    pub async fn heartbeat(self: Arc<Self>, addr: String) {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = self.stopping.cancelled() => break,
+            }
+            if let Err(e) = self.engine.heartbeat(&self.info(&addr)).await {
+                tracing::debug!(error = %e, "heartbeat not stored");
+            }
+        }
+        self.engine.deregister(&self.config.node_id).await;
     }
 
     /// Checks the payload size, stores and fans out one message; counts it under `route`.

@@ -459,7 +459,8 @@ mod tests {
         let ch = ChannelName::parse("c").unwrap();
         offsets
             .map(|o| {
-                let msg = NewMessage { event: None, data: RawValue::from_string("1".into()).unwrap() };
+                let msg =
+                    NewMessage { event: None, data: RawValue::from_string("1".into()).unwrap(), idempotency_key: None };
                 Arc::new(Publication::new(ch.clone(), epoch.clone(), o, msg, 0))
             })
             .collect()

@@ -506,3 +506,136 @@ impl PushdProcess {
         c
     }
 }
+
+/// A real `redis-server` on a free loopback port, killed on drop. `restart()` keeps the port.
+pub struct RedisServer {
+    pub port: u16,
+    dir: PathBuf,
+    aof: bool,
+    child: Option<tokio::process::Child>,
+}
+
+impl RedisServer {
+    /// A throwaway Redis without persistence.
+    pub async fn start() -> Self {
+        Self::launch(false).await
+    }
+
+    /// A Redis that writes every command to its AOF before answering (`appendfsync always`), so a
+    /// restart keeps everything it acknowledged.
+    pub async fn start_with_aof() -> Self {
+        Self::launch(true).await
+    }
+
+    async fn launch(aof: bool) -> Self {
+        let dir = std::env::temp_dir().join(format!("pushd-redis-{}-{}", std::process::id(), unique()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for _ in 0..5 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            let mut server = Self { port, dir: dir.clone(), aof, child: None };
+            if server.spawn().await {
+                return server;
+            }
+        }
+        panic!("could not start redis-server on a free port (is redis-server installed? the test script installs it)");
+    }
+
+    /// Starts the process on `self.port`; false if the port was taken meanwhile.
+    async fn spawn(&mut self) -> bool {
+        let mut cmd = tokio::process::Command::new("redis-server");
+        cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+            .arg("--dir")
+            .arg(&self.dir)
+            .args(["--appendonly", if self.aof { "yes" } else { "no" }, "--appendfsync", "always"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().expect("redis-server not found: install it (apt-get install redis-server)");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let ready = within("redis-server to start", async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if line.contains("Ready to accept connections") {
+                    return true;
+                }
+                if line.contains("Address already in use") {
+                    return false;
+                }
+            }
+            false
+        })
+        .await;
+        if ready {
+            tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+            self.child = Some(child);
+        }
+        ready
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server (SIGKILL: no goodbye, like a crash) and waits until it is gone.
+    pub async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().await.unwrap();
+        }
+    }
+
+    /// Starts it again on the same port, with whatever its AOF kept (nothing without AOF).
+    pub async fn restart(&mut self) {
+        self.kill().await;
+        for _ in 0..50 {
+            if self.spawn().await {
+                return;
+            }
+            // The old socket may linger for a moment; this retry is bounded by the guard.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("redis-server did not come back on port {}", self.port);
+    }
+
+    /// Runs one command with `redis-cli` and returns its raw output.
+    pub async fn cli(&self, args: &[&str]) -> String {
+        let out = within(
+            "redis-cli",
+            tokio::process::Command::new("redis-cli").args(["-p", &self.port.to_string()]).args(args).output(),
+        )
+        .await
+        .expect("redis-cli not found: install redis-tools");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.start_kill();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn unique() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+/// `secure_config()` on the Redis engine at `redis`, named `node_id`.
+pub fn redis_config(redis: &RedisServer, node_id: &str) -> Config {
+    Config { node_id: node_id.into(), redis_url: Some(redis.url()), ..secure_config() }
+}
+
+/// `n` in-process nodes sharing `redis`, named n0, n1, ...
+pub async fn cluster(n: usize, redis: &RedisServer) -> Vec<TestNode> {
+    cluster_with(n, redis, |c| c).await
+}
+
+/// `n` nodes sharing `redis`, each config passed through `tweak`.
+pub async fn cluster_with(n: usize, redis: &RedisServer, tweak: impl Fn(Config) -> Config) -> Vec<TestNode> {
+    let mut nodes = Vec::with_capacity(n);
+    for i in 0..n {
+        nodes.push(TestNode::start(tweak(redis_config(redis, &format!("n{i}")))).await);
+    }
+    nodes
+}

@@ -18,8 +18,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::{
-    ClientInfo, Deliver, Engine, EngineError, Epoch, HistoryPage, HistoryQuery, NewMessage, Offset, PresenceChange,
-    Publication, now_ms, now_us, presence_frame,
+    ClientInfo, Deliver, Engine, EngineError, Epoch, HistoryPage, HistoryQuery, NewMessage, NodeInfo, Offset,
+    PresenceChange, Publication, now_ms, now_us, presence_frame,
 };
 use crate::channel::ChannelName;
 
@@ -27,14 +27,26 @@ const SHARDS: usize = 64;
 
 type Shard<T> = Mutex<HashMap<ChannelName, T>>;
 
+/// History sizes and lifetimes, filled from `Config`.
+#[derive(Debug, Clone, Copy)]
+pub struct MemorySettings {
+    pub history_size: usize,
+    pub history_ttl: Duration,
+    pub meta_ttl: Duration,
+    pub idempotency_ttl: Duration,
+}
+
 /// The single-node engine.
 pub struct MemoryEngine {
     history_size: usize,
     history_ttl: Duration,
     meta_ttl: Duration,
+    idempotency_ttl: Duration,
     deliver: Weak<dyn Deliver>,
     hasher: RandomState,
     channels: Vec<Shard<Arc<Mutex<ChannelLog>>>>,
+    /// The one node of a memory-engine cluster.
+    node: Mutex<Option<NodeInfo>>,
     presence: Vec<Shard<HashMap<String, ClientInfo>>>,
 }
 
@@ -49,6 +61,8 @@ struct ChannelLog {
     touched_ms: u64,
     /// Live subscriptions of this node: a subscribed channel is never forgotten.
     subscribers: usize,
+    /// Idempotency key -> (offset, epoch, lapse time in ms).
+    idempotent: HashMap<String, (Offset, Epoch, u64)>,
 }
 
 impl ChannelLog {
@@ -61,6 +75,7 @@ impl ChannelLog {
             published_ms: now,
             touched_ms: now,
             subscribers: 0,
+            idempotent: HashMap::new(),
         }
     }
 
@@ -70,6 +85,7 @@ impl ChannelLog {
         if now.saturating_sub(self.published_ms) > ttl_ms {
             self.ring.clear();
         }
+        self.idempotent.retain(|_, (_, _, lapse)| *lapse > now);
     }
 
     /// Whether the sweeper may forget this channel.
@@ -91,19 +107,17 @@ impl ChannelLog {
 
 impl MemoryEngine {
     /// Starts the engine and its sweeper; `deliver` is the hub (held weakly: the hub owns us).
-    pub fn start(
-        history_size: usize,
-        history_ttl: Duration,
-        meta_ttl: Duration,
-        deliver: Weak<dyn Deliver>,
-    ) -> Arc<Self> {
+    pub fn start(settings: MemorySettings, deliver: Weak<dyn Deliver>) -> Arc<Self> {
+        let MemorySettings { history_size, history_ttl, meta_ttl, idempotency_ttl } = settings;
         let engine = Arc::new(Self {
             history_size,
             history_ttl,
             meta_ttl,
+            idempotency_ttl,
             deliver,
             hasher: RandomState::new(),
             channels: shards(),
+            node: Mutex::new(None),
             presence: shards(),
         });
         tokio::spawn(sweep(Arc::downgrade(&engine), history_ttl));
@@ -167,8 +181,12 @@ impl Engine for MemoryEngine {
     async fn publish(&self, channel: &ChannelName, msg: NewMessage) -> Result<Arc<Publication>, EngineError> {
         let log = self.log(channel);
         let mut log = lock(&log);
-        log.top += 1;
         let now_us = now_us();
+        if let Some((offset, epoch, _)) = msg.idempotency_key.as_ref().and_then(|k| log.idempotent.get(k)) {
+            return Ok(Arc::new(Publication::new(channel.clone(), epoch.clone(), *offset, msg, now_us)));
+        }
+        let key = msg.idempotency_key.clone();
+        log.top += 1;
         log.touched_ms = now_us / 1000;
         log.published_ms = log.touched_ms;
         let publication = Arc::new(Publication::new(channel.clone(), log.epoch.clone(), log.top, msg, now_us));
@@ -176,6 +194,10 @@ impl Engine for MemoryEngine {
             log.ring.pop_front();
         }
         log.ring.push_back(publication.clone());
+        if let Some(key) = key {
+            let lapse = log.touched_ms + self.idempotency_ttl.as_millis() as u64;
+            log.idempotent.insert(key, (publication.offset, publication.epoch.clone(), lapse));
+        }
         // Delivered under the channel lock: per-channel delivery order is offset order.
         if let Some(hub) = self.deliver.upgrade() {
             hub.deliver(publication.clone());
@@ -240,6 +262,15 @@ impl Engine for MemoryEngine {
     fn ready(&self) -> bool {
         true
     }
+
+    async fn heartbeat(&self, info: &NodeInfo) -> Result<(), EngineError> {
+        *lock(&self.node) = Some(info.clone());
+        Ok(())
+    }
+
+    async fn nodes(&self) -> Result<Vec<NodeInfo>, EngineError> {
+        Ok(lock(&self.node).iter().cloned().collect())
+    }
 }
 
 #[cfg(test)]
@@ -248,12 +279,15 @@ mod tests {
     use serde_json::value::RawValue;
 
     fn msg(n: u64) -> NewMessage {
-        NewMessage { event: None, data: RawValue::from_string(n.to_string()).unwrap() }
+        NewMessage { event: None, data: RawValue::from_string(n.to_string()).unwrap(), idempotency_key: None }
     }
 
     fn engine(size: usize) -> Arc<MemoryEngine> {
         let none: Weak<dyn Deliver> = Weak::<NoHub>::new();
-        MemoryEngine::start(size, Duration::from_secs(60), Duration::from_secs(600), none)
+        let s = Duration::from_secs;
+        let settings =
+            MemorySettings { history_size: size, history_ttl: s(60), meta_ttl: s(600), idempotency_ttl: s(60) };
+        MemoryEngine::start(settings, none)
     }
 
     struct NoHub;
@@ -284,6 +318,18 @@ mod tests {
         assert!(page.publications.is_empty());
         let page = e.history(&ch, HistoryQuery::Latest { limit: 2 }).await.unwrap();
         assert_eq!(offsets(&page), vec![4, 5]);
+    }
+
+    #[tokio::test]
+    async fn a_retried_publish_with_the_same_key_is_stored_once() {
+        let e = engine(10);
+        let ch = ChannelName::parse("c").unwrap();
+        let keyed = |n| NewMessage { idempotency_key: Some("k1".into()), ..msg(n) };
+        let first = e.publish(&ch, keyed(1)).await.unwrap();
+        let again = e.publish(&ch, keyed(2)).await.unwrap();
+        assert_eq!((first.offset, again.offset, &again.epoch), (1, 1, &first.epoch));
+        let page = e.history(&ch, HistoryQuery::After { after: 0, limit: 10 }).await.unwrap();
+        assert_eq!(offsets(&page), vec![1]);
     }
 
     #[tokio::test]

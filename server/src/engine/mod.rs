@@ -6,6 +6,7 @@
 //! `memory` is the single-node, in-process engine; other engines keep the same semantics.
 
 pub mod memory;
+pub mod redis;
 
 use std::fmt;
 use std::sync::Arc;
@@ -19,6 +20,7 @@ use serde_json::value::RawValue;
 use crate::channel::ChannelName;
 
 pub use memory::MemoryEngine;
+pub use redis::{RedisEngine, RedisSettings};
 
 /// Position of a message within its channel: contiguous, starting at 1 in each epoch.
 pub type Offset = u64;
@@ -66,6 +68,8 @@ pub struct Position {
 pub struct NewMessage {
     pub event: Option<String>,
     pub data: Box<RawValue>,
+    /// A retried publish with the same key returns the first result instead of storing twice.
+    pub idempotency_key: Option<String>,
 }
 
 impl NewMessage {
@@ -78,7 +82,7 @@ impl NewMessage {
         } else {
             data
         };
-        Self { event, data }
+        Self { event, data, idempotency_key: None }
     }
 }
 
@@ -169,6 +173,28 @@ pub struct ClientInfo {
     pub node: String,
 }
 
+/// One node as the registry knows it: who it is and its latest stats, refreshed every second.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub id: String,
+    /// Address the node listens on.
+    pub addr: String,
+    pub version: String,
+    /// Unix ms when the node started.
+    pub started_ms: u64,
+    /// Unix ms of this report.
+    pub updated_ms: u64,
+    pub connections: u64,
+    pub users: u64,
+    pub subscriptions: u64,
+    pub channels: u64,
+    pub messages_in: u64,
+    pub messages_out: u64,
+    pub replays: u64,
+    pub slow_consumers: u64,
+    pub draining: bool,
+}
+
 /// A join or leave of a channel subscriber, fanned out where join/leave events are on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -224,6 +250,18 @@ pub trait Engine: Send + Sync + 'static {
 
     /// Whether the engine can take traffic now (for /readyz).
     fn ready(&self) -> bool;
+
+    /// Publishes this node's info to the registry; it lapses unless refreshed within the TTL.
+    async fn heartbeat(&self, info: &NodeInfo) -> Result<(), EngineError>;
+
+    /// Every node whose heartbeat has not lapsed.
+    async fn nodes(&self) -> Result<Vec<NodeInfo>, EngineError>;
+
+    /// Takes this node out of the registry at once (clean shutdown).
+    async fn deregister(&self, _node: &str) {}
+
+    /// Releases connections at shutdown.
+    async fn close(&self) {}
 }
 
 /// Serialises a join/leave frame for `channel`.
@@ -254,7 +292,13 @@ mod tests {
     fn publication_frame_is_serialised_once_with_raw_data() {
         let ch = ChannelName::parse("room:1").unwrap();
         let data = RawValue::from_string(r#"{"text":"hi"}"#.into()).unwrap();
-        let p = Publication::new(ch, Epoch::new("e"), 42, NewMessage { event: Some("chat".into()), data }, 0);
+        let p = Publication::new(
+            ch,
+            Epoch::new("e"),
+            42,
+            NewMessage { event: Some("chat".into()), data, idempotency_key: None },
+            0,
+        );
         assert_eq!(
             p.frame().as_str(),
             r#"{"type":"message","channel":"room:1","offset":42,"event":"chat","data":{"text":"hi"}}"#

@@ -1,0 +1,26 @@
+-- Reads a channel's position and a slice of its history in one snapshot. Makes the epoch if the
+-- channel has none, so a position handed to a client stays valid until history is really lost.
+-- KEYS: 1 stream, 2 meta
+-- ARGV: 1 'after' | 'latest', 2 offset (for 'after'), 3 limit, 4 epoch to use if none,
+--       5 meta ttl (s)
+-- Returns {epoch, top, entries} with entries as XRANGE returns them, oldest first.
+local epoch = redis.call('HGET', KEYS[2], 'epoch')
+if not epoch then
+  epoch = ARGV[4]
+  redis.call('HSET', KEYS[2], 'epoch', epoch)
+end
+redis.call('EXPIRE', KEYS[2], ARGV[5])
+local top = tonumber(redis.call('HGET', KEYS[2], 'top') or '0')
+local limit = tonumber(ARGV[3])
+local entries = {}
+if limit > 0 then
+  if ARGV[1] == 'after' then
+    entries = redis.call('XRANGE', KEYS[1], '(' .. ARGV[2] .. '-0', '+', 'COUNT', limit)
+  else
+    local newest = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', limit)
+    for i = #newest, 1, -1 do
+      entries[#entries + 1] = newest[i]
+    end
+  end
+end
+return {epoch, top, entries}

@@ -1,0 +1,361 @@
+//! The Redis engine: stateless nodes sharing history, positions, fan-out and presence in Redis.
+//!
+//! - Publishing is one Lua script (`publish.lua`): epoch, `HINCRBY top`, `XADD <offset>-0`,
+//!   expiry, `PUBLISH` — so pub/sub order is offset order and offsets are contiguous.
+//! - History reads are one script too (`history.lua`): epoch, top and `XRANGE` in one snapshot.
+//! - Live fan-out: one node-level pub/sub subscription per channel, counted by local subscribers,
+//!   on a dedicated subscriber connection; commands go through a pool (`pubsub.rs`).
+//! - Presence: a hash of clients plus a sorted set of lapse times per channel; each node refreshes
+//!   its own entries, so a dead node's clients lapse on their own.
+//!
+//! A command that Redis did not acknowledge is an `EngineError`: a publish is then answered 503.
+
+mod keys;
+mod pubsub;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use anyhow::Context;
+use async_trait::async_trait;
+use fred::clients::SubscriberClient;
+use fred::prelude::*;
+use fred::types::scripts::Script;
+use serde_json::value::RawValue;
+
+pub use keys::Keys;
+use pubsub::LiveChannels;
+
+use super::{
+    ClientInfo, Deliver, Engine, EngineError, Epoch, HistoryPage, HistoryQuery, NewMessage, NodeInfo, Offset,
+    PresenceChange, Publication, now_ms, now_us, presence_frame,
+};
+use crate::channel::ChannelName;
+
+/// How long one Redis command may take before it counts as failed.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long the node waits for Redis at start before giving up.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the Redis engine needs to know; filled from `Config`.
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    /// `redis://[user:pass@]host:port[/db]`.
+    pub url: String,
+    /// Prefix of every key. Default `pushd:`.
+    pub prefix: String,
+    /// Command connections. Default 4.
+    pub pool_size: usize,
+    pub history_size: usize,
+    pub history_ttl: Duration,
+    pub meta_ttl: Duration,
+    /// How long a presence entry lives without a refresh from its node.
+    pub presence_ttl: Duration,
+    /// How long an idempotency key remembers its publish.
+    pub idempotency_ttl: Duration,
+    /// How long a node stays in the registry without a heartbeat.
+    pub node_ttl: Duration,
+}
+
+/// The Redis-backed engine.
+pub struct RedisEngine {
+    settings: RedisSettings,
+    keys: Keys,
+    pool: Pool,
+    subscriber: SubscriberClient,
+    publish_script: Script,
+    history_script: Script,
+    presence_script: Script,
+    deliver: Weak<dyn Deliver>,
+    live: LiveChannels,
+    /// This node's presence entries, refreshed every third of `presence_ttl`.
+    present: Mutex<HashMap<(ChannelName, String), ClientInfo>>,
+}
+
+impl RedisEngine {
+    /// Connects the pool and the subscriber, loads the scripts and starts the background tasks.
+    pub async fn connect(settings: RedisSettings, deliver: Weak<dyn Deliver>) -> anyhow::Result<Arc<Self>> {
+        let config = fred::prelude::Config::from_url(&settings.url)
+            .with_context(|| format!("bad --redis-url {:?}", settings.url))?;
+        let mut builder = Builder::from_config(config);
+        builder
+            .with_performance_config(|p| {
+                p.default_command_timeout = COMMAND_TIMEOUT;
+                // A lagging receiver is a gap we fill from the stream, but a large buffer keeps
+                // that rare.
+                p.broadcast_channel_capacity = 1 << 16;
+            })
+            .with_connection_config(|c| {
+                // A publish must not be silently retried after Redis may have run it.
+                c.max_command_attempts = 1;
+                c.connection_timeout = Duration::from_secs(2);
+            })
+            .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2));
+        let pool = builder.build_pool(settings.pool_size.max(1))?;
+        let subscriber = builder.build_subscriber_client()?;
+        let connect = async {
+            pool.init().await?;
+            subscriber.init().await?;
+            Ok::<_, fred::error::Error>(())
+        };
+        tokio::time::timeout(CONNECT_TIMEOUT, connect)
+            .await
+            .map_err(|_| anyhow::anyhow!("timed out"))
+            .and_then(|r| r.map_err(anyhow::Error::from))
+            .with_context(|| format!("cannot connect to Redis at {}: is redis-server running?", settings.url))?;
+        let engine = Arc::new(Self {
+            keys: Keys::new(&settings.prefix),
+            settings,
+            publish_script: Script::from_lua(include_str!("publish.lua")),
+            history_script: Script::from_lua(include_str!("history.lua")),
+            presence_script: Script::from_lua(include_str!("presence.lua")),
+            pool,
+            subscriber,
+            deliver,
+            live: LiveChannels::default(),
+            present: Mutex::new(HashMap::new()),
+        });
+        for script in [&engine.publish_script, &engine.history_script, &engine.presence_script] {
+            script.load(engine.pool.next()).await.context("loading Lua scripts into Redis")?;
+        }
+        pubsub::spawn_dispatcher(&engine);
+        tokio::spawn(refresh_presence(Arc::downgrade(&engine)));
+        Ok(engine)
+    }
+
+    fn client(&self) -> &Client {
+        self.pool.next()
+    }
+
+    /// Runs the history script: position and entries in one snapshot.
+    async fn read_history(&self, channel: &ChannelName, query: HistoryQuery) -> Result<HistoryPage, EngineError> {
+        let (mode, after, limit) = match query {
+            HistoryQuery::After { after, limit } => ("after", after, limit),
+            HistoryQuery::Latest { limit } => ("latest", 0, limit),
+        };
+        let args: Vec<Value> = vec![
+            mode.into(),
+            (after as i64).into(),
+            (limit as i64).into(),
+            Epoch::random().as_str().into(),
+            secs(self.settings.meta_ttl).into(),
+        ];
+        let keys = vec![self.keys.stream(channel), self.keys.meta(channel)];
+        let value: Value =
+            self.history_script.evalsha_with_reload(self.client(), keys, args).await.map_err(unavailable)?;
+        parse_history(channel, value).map_err(|e| EngineError::Unavailable(format!("unexpected history reply: {e}")))
+    }
+
+    /// Announces a join or leave to every node's subscribers of `channel`.
+    async fn announce(&self, change: PresenceChange, channel: &ChannelName, client: &ClientInfo) {
+        let frame = presence_frame(change, channel, client);
+        let message = format!(r#"{{"k":"p","f":{}}}"#, frame.as_str());
+        if let Err(e) = self.client().publish::<(), _, _>(self.keys.pubsub(channel), message).await {
+            tracing::warn!(%channel, error = %e, "presence event not published");
+        }
+    }
+
+    /// Refreshes the lapse time of every presence entry this node holds.
+    async fn refresh_presence_once(&self) {
+        let entries: Vec<(ChannelName, ClientInfo)> =
+            lock(&self.present).iter().map(|((c, _), info)| (c.clone(), info.clone())).collect();
+        let lapse = (now_ms() + self.settings.presence_ttl.as_millis() as u64) as f64;
+        for (channel, info) in entries {
+            let key = self.keys.presence_expiry(&channel);
+            let added: Result<(), _> =
+                self.client().zadd(&key, None, None, false, false, (lapse, info.conn.as_str())).await;
+            if let Err(e) = added {
+                tracing::debug!(%channel, error = %e, "presence refresh failed");
+                return;
+            }
+        }
+    }
+}
+
+async fn refresh_presence(engine: Weak<RedisEngine>) {
+    let every = match engine.upgrade() {
+        Some(e) => e.settings.presence_ttl / 3,
+        None => return,
+    };
+    let mut tick = tokio::time::interval(every.max(Duration::from_millis(100)));
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let Some(engine) = engine.upgrade() else { return };
+        engine.refresh_presence_once().await;
+    }
+}
+
+#[async_trait]
+impl Engine for RedisEngine {
+    async fn publish(&self, channel: &ChannelName, msg: NewMessage) -> Result<Arc<Publication>, EngineError> {
+        let time_us = now_us();
+        let mut keys = vec![self.keys.stream(channel), self.keys.meta(channel)];
+        if let Some(key) = &msg.idempotency_key {
+            keys.push(self.keys.idempotency(channel, key));
+        }
+        let event_json = serde_json::to_string(&msg.event).expect("an optional string serialises");
+        let args: Vec<Value> = vec![
+            self.keys.pubsub(channel).into(),
+            msg.data.get().into(),
+            msg.event.as_deref().unwrap_or("").into(),
+            event_json.into(),
+            (time_us as i64).into(),
+            (self.settings.history_size as i64).into(),
+            secs(self.settings.history_ttl).into(),
+            secs(self.settings.meta_ttl).into(),
+            Epoch::random().as_str().into(),
+            secs(self.settings.idempotency_ttl).into(),
+        ];
+        let (offset, epoch, _duplicate): (i64, String, i64) =
+            self.publish_script.evalsha_with_reload(self.client(), keys, args).await.map_err(unavailable)?;
+        Ok(Arc::new(Publication::new(channel.clone(), Epoch::new(&epoch), offset as Offset, msg, time_us)))
+    }
+
+    async fn subscribe(&self, channel: &ChannelName) -> Result<(), EngineError> {
+        pubsub::subscribe(self, channel).await
+    }
+
+    async fn unsubscribe(&self, channel: &ChannelName) {
+        pubsub::unsubscribe(self, channel).await
+    }
+
+    async fn history(&self, channel: &ChannelName, query: HistoryQuery) -> Result<HistoryPage, EngineError> {
+        self.read_history(channel, query).await
+    }
+
+    async fn join(&self, channel: &ChannelName, client: &ClientInfo, announce: bool) -> Result<(), EngineError> {
+        let json = serde_json::to_string(client).expect("client info serialises");
+        let lapse = (now_ms() + self.settings.presence_ttl.as_millis() as u64) as f64;
+        let (hash, zset) = (self.keys.presence(channel), self.keys.presence_expiry(channel));
+        let c = self.client();
+        let _: () = c.hset(&hash, (client.conn.as_str(), json)).await.map_err(unavailable)?;
+        let _: () =
+            c.zadd(&zset, None, None, false, false, (lapse, client.conn.as_str())).await.map_err(unavailable)?;
+        let keep = secs(self.settings.presence_ttl) * 2;
+        let _: () = c.expire(&hash, keep, None).await.map_err(unavailable)?;
+        let _: () = c.expire(&zset, keep, None).await.map_err(unavailable)?;
+        lock(&self.present).insert((channel.clone(), client.conn.clone()), client.clone());
+        if announce {
+            self.announce(PresenceChange::Join, channel, client).await;
+        }
+        Ok(())
+    }
+
+    async fn leave(&self, channel: &ChannelName, client: &ClientInfo, announce: bool) {
+        lock(&self.present).remove(&(channel.clone(), client.conn.clone()));
+        let c = self.client();
+        let removed: Result<i64, _> = c.hdel(self.keys.presence(channel), client.conn.as_str()).await;
+        let _: Result<(), _> = c.zrem(self.keys.presence_expiry(channel), client.conn.as_str()).await;
+        if announce && removed.is_ok_and(|n| n > 0) {
+            self.announce(PresenceChange::Leave, channel, client).await;
+        }
+    }
+
+    async fn presence(&self, channel: &ChannelName) -> Result<Vec<ClientInfo>, EngineError> {
+        let keys = vec![self.keys.presence(channel), self.keys.presence_expiry(channel)];
+        let values: Vec<String> = self
+            .presence_script
+            .evalsha_with_reload(self.client(), keys, vec![now_ms() as i64])
+            .await
+            .map_err(unavailable)?;
+        let mut clients: Vec<ClientInfo> = values.iter().filter_map(|v| serde_json::from_str(v).ok()).collect();
+        clients.sort_by(|a, b| (&a.user, &a.conn).cmp(&(&b.user, &b.conn)));
+        Ok(clients)
+    }
+
+    fn ready(&self) -> bool {
+        self.pool.is_connected() && self.subscriber.is_connected()
+    }
+
+    async fn heartbeat(&self, info: &NodeInfo) -> Result<(), EngineError> {
+        let json = serde_json::to_string(info).expect("node info serialises");
+        let ttl = Expiration::PX(self.settings.node_ttl.as_millis() as i64);
+        let c = self.client();
+        let _: () = c.set(self.keys.node(&info.id), json, Some(ttl), None, false).await.map_err(unavailable)?;
+        let _: () = c
+            .zadd(self.keys.nodes(), None, None, false, false, (info.updated_ms as f64, info.id.as_str()))
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn nodes(&self) -> Result<Vec<NodeInfo>, EngineError> {
+        let c = self.client();
+        let lapsed = now_ms().saturating_sub(self.settings.node_ttl.as_millis() as u64) as f64;
+        let _: () = c.zremrangebyscore(self.keys.nodes(), f64::NEG_INFINITY, lapsed).await.map_err(unavailable)?;
+        let ids: Vec<String> =
+            c.zrange(self.keys.nodes(), 0, -1, None, false, None, false).await.map_err(unavailable)?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = ids.iter().map(|id| self.keys.node(id)).collect();
+        let infos: Vec<Option<String>> = c.mget(keys).await.map_err(unavailable)?;
+        Ok(infos.iter().flatten().filter_map(|j| serde_json::from_str(j).ok()).collect())
+    }
+
+    async fn deregister(&self, node: &str) {
+        let c = self.client();
+        let _: Result<(), _> = c.zrem(self.keys.nodes(), node).await;
+        let _: Result<(), _> = c.del(self.keys.node(node)).await;
+    }
+
+    async fn close(&self) {
+        let _ = self.subscriber.quit().await;
+        let _ = self.pool.quit().await;
+    }
+}
+
+fn secs(d: Duration) -> i64 {
+    d.as_secs().max(1) as i64
+}
+
+fn unavailable(e: fred::error::Error) -> EngineError {
+    EngineError::Unavailable(format!("redis: {e}"))
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Parses `{epoch, top, entries}` from the history script.
+fn parse_history(channel: &ChannelName, value: Value) -> Result<HistoryPage, String> {
+    let Value::Array(mut parts) = value else { return Err("not an array".into()) };
+    if parts.len() != 3 {
+        return Err(format!("{} parts", parts.len()));
+    }
+    let entries = parts.pop().expect("three parts");
+    let top = parts.pop().expect("three parts").as_u64().ok_or("top is not a number")?;
+    let epoch = parts.pop().expect("three parts").as_string().ok_or("epoch is not a string")?;
+    let epoch = Epoch::new(&epoch);
+    let Value::Array(entries) = entries else { return Ok(HistoryPage { epoch, top, publications: Vec::new() }) };
+    let publications = entries
+        .into_iter()
+        .map(|entry| parse_entry(channel, &epoch, entry).map(Arc::new))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(HistoryPage { epoch, top, publications })
+}
+
+/// Parses one stream entry `[id, [field, value, ...]]` into a publication.
+fn parse_entry(channel: &ChannelName, epoch: &Epoch, entry: Value) -> Result<Publication, String> {
+    let Value::Array(mut pair) = entry else { return Err("entry is not an array".into()) };
+    let fields = pair.pop().ok_or("entry without fields")?;
+    let id = pair.pop().and_then(|v| v.as_string()).ok_or("entry without id")?;
+    let offset: Offset = id.split('-').next().and_then(|o| o.parse().ok()).ok_or("bad entry id")?;
+    let Value::Array(fields) = fields else { return Err("fields are not an array".into()) };
+    let (mut data, mut event, mut time_us) = (None, None, 0);
+    for kv in fields.chunks(2) {
+        let [k, v] = kv else { break };
+        match k.as_str().as_deref() {
+            Some("d") => data = v.as_string(),
+            Some("e") => event = v.as_string(),
+            Some("t") => time_us = v.as_u64().unwrap_or(0),
+            _ => {}
+        }
+    }
+    let data = data.ok_or("entry without data")?;
+    let data = RawValue::from_string(data).map_err(|e| format!("stored data is not JSON: {e}"))?;
+    let msg = NewMessage { event, data, idempotency_key: None };
+    Ok(Publication::new(channel.clone(), epoch.clone(), offset, msg, time_us))
+}

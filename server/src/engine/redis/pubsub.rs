@@ -1,0 +1,281 @@
+//! Live fan-out through Redis pub/sub, with node-level gap filling.
+//!
+//! The node holds one SUBSCRIBE per channel with local subscribers, counted by `subscribe` /
+//! `unsubscribe`. Subscription changes are serialised by one async lock, so a SUBSCRIBE and an
+//! UNSUBSCRIBE of the same channel can never cross on the wire.
+//!
+//! Each live channel remembers the last offset delivered on this node. Because offsets are
+//! contiguous, a message above last + 1 is a gap: the channel stops delivering, reads the missing
+//! range from the stream, delivers it, then what arrived meanwhile — in order. A pub/sub
+//! reconnect or a lagging receiver does the same for every channel. If the stream no longer has
+//! the range (trimmed, expired, or Redis came back empty with a new epoch), the channel's
+//! subscribers get `reset` with the current position instead: never a silent gap.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use fred::prelude::*;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use tokio::sync::broadcast::error::RecvError;
+
+use super::{RedisEngine, lock, unavailable};
+use crate::channel::ChannelName;
+use crate::engine::{Deliver, EngineError, Epoch, HistoryQuery, NewMessage, Offset, Position, Publication};
+
+/// Most messages read from the stream per gap-filling round.
+const FILL_PAGE: usize = 1000;
+
+/// The channels this node is subscribed to.
+#[derive(Default)]
+pub(super) struct LiveChannels {
+    channels: Mutex<HashMap<ChannelName, LiveChannel>>,
+    /// Serialises SUBSCRIBE/UNSUBSCRIBE round trips.
+    changes: tokio::sync::Mutex<()>,
+}
+
+/// One channel's node-level delivery state.
+#[derive(Default)]
+struct LiveChannel {
+    /// Local subscriptions.
+    refs: usize,
+    /// Whether Redis acknowledged the SUBSCRIBE.
+    subscribed: bool,
+    /// The last position delivered on this node.
+    position: Option<Position>,
+    /// A gap is being filled: messages wait in `pending`.
+    filling: bool,
+    pending: Vec<Arc<Publication>>,
+}
+
+/// What travels on a channel's pub/sub: a stored message or a presence frame.
+#[derive(Deserialize)]
+struct Wire<'a> {
+    k: &'a str,
+    e: Option<&'a str>,
+    o: Option<Offset>,
+    t: Option<u64>,
+    v: Option<String>,
+    #[serde(borrow)]
+    d: Option<&'a RawValue>,
+    #[serde(borrow)]
+    f: Option<&'a RawValue>,
+}
+
+/// Makes sure this node receives `channel`, counting the reference.
+pub(super) async fn subscribe(engine: &RedisEngine, channel: &ChannelName) -> Result<(), EngineError> {
+    {
+        let mut channels = lock(&engine.live.channels);
+        if let Some(live) = channels.get_mut(channel).filter(|l| l.subscribed) {
+            live.refs += 1;
+            return Ok(());
+        }
+    }
+    let _change = engine.live.changes.lock().await;
+    {
+        let mut channels = lock(&engine.live.channels);
+        let live = channels.entry(channel.clone()).or_default();
+        live.refs += 1;
+        if live.subscribed {
+            return Ok(());
+        }
+    }
+    let subscribed = async {
+        engine.subscriber.subscribe(engine.keys.pubsub(channel)).await.map_err(unavailable)?;
+        // Where delivery starts on this node: anything at or below is in the stream for every
+        // session that reads history after this returns.
+        engine.read_history(channel, HistoryQuery::Latest { limit: 0 }).await
+    }
+    .await;
+    let mut channels = lock(&engine.live.channels);
+    match subscribed {
+        Ok(page) => {
+            let live = channels.entry(channel.clone()).or_default();
+            live.subscribed = true;
+            let newer = live.position.as_ref().is_some_and(|p| p.epoch == page.epoch && p.offset >= page.top);
+            if !newer {
+                live.position = Some(page.position());
+            }
+            Ok(())
+        }
+        Err(e) => {
+            release(&mut channels, channel);
+            Err(e)
+        }
+    }
+}
+
+/// Drops one reference; the last one unsubscribes the node.
+pub(super) async fn unsubscribe(engine: &RedisEngine, channel: &ChannelName) {
+    let _change = engine.live.changes.lock().await;
+    let last = release(&mut lock(&engine.live.channels), channel);
+    if last && let Err(e) = engine.subscriber.unsubscribe(engine.keys.pubsub(channel)).await {
+        tracing::warn!(%channel, error = %e, "unsubscribe failed");
+    }
+}
+
+/// Decrements `channel`'s count; true when that was the last reference.
+fn release(channels: &mut HashMap<ChannelName, LiveChannel>, channel: &ChannelName) -> bool {
+    let Some(live) = channels.get_mut(channel) else { return false };
+    live.refs = live.refs.saturating_sub(1);
+    if live.refs == 0 {
+        channels.remove(channel);
+        return true;
+    }
+    false
+}
+
+/// Starts the task that turns pub/sub traffic into deliveries.
+pub(super) fn spawn_dispatcher(engine: &Arc<RedisEngine>) {
+    let messages = engine.subscriber.message_rx();
+    let reconnects = engine.subscriber.reconnect_rx();
+    tokio::spawn(dispatch(Arc::downgrade(engine), messages, reconnects));
+}
+
+async fn dispatch(
+    engine: Weak<RedisEngine>,
+    mut messages: tokio::sync::broadcast::Receiver<fred::types::Message>,
+    mut reconnects: tokio::sync::broadcast::Receiver<Server>,
+) {
+    loop {
+        tokio::select! {
+            message = messages.recv() => {
+                let Some(engine) = engine.upgrade() else { return };
+                match message {
+                    Ok(message) => on_message(&engine, message),
+                    Err(RecvError::Lagged(n)) => {
+                        tracing::warn!(dropped = n, "pub/sub receiver lagged: filling from the streams");
+                        catch_up_all(&engine);
+                    }
+                    Err(RecvError::Closed) => return,
+                }
+            }
+            reconnect = reconnects.recv() => {
+                let Some(engine) = engine.upgrade() else { return };
+                if let Err(RecvError::Closed) = reconnect {
+                    return;
+                }
+                tracing::info!("redis subscriber reconnected: resubscribing and catching up");
+                // Resubscribe first, then read the streams: nothing can fall in between.
+                if let Err(e) = engine.subscriber.resubscribe_all().await {
+                    tracing::warn!(error = %e, "resubscribe failed; the next reconnect retries");
+                }
+                catch_up_all(&engine);
+            }
+        }
+    }
+}
+
+fn on_message(engine: &Arc<RedisEngine>, message: fred::types::Message) {
+    let Some(channel) = engine.keys.channel_of(&message.channel) else { return };
+    let Some(text) = message.value.as_str() else { return };
+    let wire: Wire = match serde_json::from_str(&text) {
+        Ok(w) => w,
+        Err(e) => return tracing::warn!(%channel, error = %e, "unreadable pub/sub message"),
+    };
+    let Some(deliver) = engine.deliver.upgrade() else { return };
+    match (wire.k, wire.f, wire.e, wire.o, wire.d) {
+        ("p", Some(frame), ..) => deliver.deliver_event(&channel, frame.get().to_owned().into()),
+        ("m", _, Some(epoch), Some(offset), Some(data)) => {
+            let msg = NewMessage { event: wire.v, data: data.to_owned(), idempotency_key: None };
+            let p = Arc::new(Publication::new(channel.clone(), Epoch::new(epoch), offset, msg, wire.t.unwrap_or(0)));
+            let gap = {
+                let mut channels = lock(&engine.live.channels);
+                let Some(live) = channels.get_mut(&channel) else { return };
+                accept(live, p, deliver.as_ref())
+            };
+            if gap {
+                tokio::spawn(fill(Arc::downgrade(engine), channel));
+            }
+        }
+        _ => tracing::warn!(%channel, "pub/sub message of unknown shape"),
+    }
+}
+
+/// Delivers `p` if it is the next offset; returns true when it revealed a gap to fill.
+fn accept(live: &mut LiveChannel, p: Arc<Publication>, deliver: &dyn Deliver) -> bool {
+    if live.filling {
+        live.pending.push(p);
+        return false;
+    }
+    match &live.position {
+        Some(pos) if pos.epoch == p.epoch && p.offset <= pos.offset => false,
+        Some(pos) if pos.epoch == p.epoch && p.offset > pos.offset + 1 => {
+            live.filling = true;
+            live.pending.push(p);
+            true
+        }
+        // The next offset, or a new epoch (sessions turn that into `reset`).
+        _ => {
+            live.position = Some(Position { epoch: p.epoch.clone(), offset: p.offset });
+            deliver.deliver(p);
+            false
+        }
+    }
+}
+
+/// Puts every live channel into gap filling from its last delivered offset.
+fn catch_up_all(engine: &Arc<RedisEngine>) {
+    let mut to_fill = Vec::new();
+    for (channel, live) in lock(&engine.live.channels).iter_mut() {
+        if live.subscribed && !live.filling {
+            live.filling = true;
+            to_fill.push(channel.clone());
+        }
+    }
+    for channel in to_fill {
+        tokio::spawn(fill(Arc::downgrade(engine), channel));
+    }
+}
+
+/// Reads what `channel` is missing from the stream and delivers it, then the messages that
+/// waited; retries while Redis is away; resets subscribers if the range is gone.
+async fn fill(engine: Weak<RedisEngine>, channel: ChannelName) {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let Some(engine) = engine.upgrade() else { return };
+        let Some(Some(from)) = lock(&engine.live.channels).get(&channel).map(|l| l.position.clone()) else { return };
+        let page = engine.read_history(&channel, HistoryQuery::After { after: from.offset, limit: FILL_PAGE }).await;
+        let page = match page {
+            Ok(page) => page,
+            Err(e) => {
+                tracing::debug!(%channel, error = %e, "gap fill waits for redis");
+                drop(engine);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+                continue;
+            }
+        };
+        let Some(deliver) = engine.deliver.upgrade() else { return };
+        let mut channels = lock(&engine.live.channels);
+        let Some(live) = channels.get_mut(&channel) else { return };
+        let contiguous = page.epoch == from.epoch
+            && page.top >= from.offset
+            && page.publications.first().is_none_or(|p| p.offset == from.offset + 1)
+            && (page.publications.is_empty() == (page.top == from.offset));
+        if contiguous {
+            for p in page.publications {
+                live.position = Some(Position { epoch: p.epoch.clone(), offset: p.offset });
+                deliver.deliver(p);
+            }
+            if live.position.as_ref().is_some_and(|p| p.offset < page.top) {
+                continue; // more than one page behind
+            }
+        } else {
+            tracing::warn!(%channel, from = from.offset, epoch = %page.epoch, top = page.top, "history lost under live subscribers: reset");
+            let position = page.position();
+            deliver.reset(&channel, &position);
+            live.position = Some(position);
+        }
+        live.filling = false;
+        let pending = std::mem::take(&mut live.pending);
+        let mut gap = false;
+        for p in pending {
+            gap |= accept(live, p, deliver.as_ref());
+        }
+        if !gap {
+            return;
+        }
+    }
+}
