@@ -131,11 +131,11 @@ impl Deliver for Hub {
     }
 
     fn deliver_event(&self, channel: &ChannelName, frame: Utf8Bytes) {
-        self.push_all(channel, || Out::Event(channel.clone(), frame.clone()));
+        self.push_all(channel, || Out::Event(Box::new((channel.clone(), frame.clone()))));
     }
 
     fn reset(&self, channel: &ChannelName, position: &Position) {
-        self.push_all(channel, || Out::Reset(channel.clone(), position.clone()));
+        self.push_all(channel, || Out::Reset(Box::new((channel.clone(), position.clone()))));
     }
 }
 

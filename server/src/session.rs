@@ -43,15 +43,16 @@ impl Transport {
     }
 }
 
-/// What the hub queues for a session.
+/// What the hub queues for a session. Kept to two words (rare variants boxed): every session's
+/// queue preallocates a block of these.
 #[derive(Debug)]
 pub enum Out {
     /// A stored message of a channel the session subscribes to.
     Message(Arc<Publication>),
     /// A transient frame (join/leave) for a channel.
-    Event(ChannelName, Utf8Bytes),
+    Event(Box<(ChannelName, Utf8Bytes)>),
     /// History lost: live delivery continues after `Position` in a new epoch.
-    Reset(ChannelName, Position),
+    Reset(Box<(ChannelName, Position)>),
 }
 
 /// The part of a session the hub holds: enough to queue frames and to close it.
@@ -349,12 +350,14 @@ impl Session {
                 sub.last = p.offset;
                 frames.push(p.frame().clone());
             }
-            Out::Event(channel, frame) => {
+            Out::Event(event) => {
+                let (channel, frame) = *event;
                 if self.subs.contains_key(&channel) {
                     frames.push(frame);
                 }
             }
-            Out::Reset(channel, position) => {
+            Out::Reset(reset) => {
+                let (channel, position) = *reset;
                 if let Some(sub) = self.subs.get_mut(&channel) {
                     frames.push(reset_frame(&channel, &position.epoch, position.offset));
                     *sub = Subscription { epoch: position.epoch, last: position.offset };

@@ -188,7 +188,9 @@ impl WsConn {
             None | Some(Ok(Message::Close(_))) => Err(None),
             Some(Ok(Message::Text(text))) => {
                 self.session.rate_check().map_err(Some)?;
-                self.on_command(&text).await;
+                // Boxed: the command future (subscribe + history read) is large and rare, and
+                // inline it would grow every idle connection's task.
+                Box::pin(self.on_command(&text)).await;
                 Ok(false)
             }
             Some(Ok(Message::Binary(_))) => {

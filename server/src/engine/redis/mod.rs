@@ -156,16 +156,27 @@ impl RedisEngine {
         }
     }
 
-    /// Refreshes the lapse time of every presence entry this node holds.
+    /// Writes one presence entry and pushes out its lapse time and both keys' expiry; `join`
+    /// and every refresh use it, so entries survive as long as their node and come back after
+    /// Redis lost them.
+    async fn write_presence(&self, channel: &ChannelName, client: &ClientInfo) -> Result<(), fred::error::Error> {
+        let json = serde_json::to_string(client).expect("client info serialises");
+        let lapse = (now_ms() + self.settings.presence_ttl.as_millis() as u64) as f64;
+        let (hash, zset) = (self.keys.presence(channel), self.keys.presence_expiry(channel));
+        let keep = secs(self.settings.presence_ttl) * 2;
+        let c = self.client();
+        let _: () = c.hset(&hash, (client.conn.as_str(), json)).await?;
+        let _: () = c.zadd(&zset, None, None, false, false, (lapse, client.conn.as_str())).await?;
+        let _: () = c.expire(&hash, keep, None).await?;
+        c.expire(&zset, keep, None).await
+    }
+
+    /// Refreshes every presence entry this node holds.
     async fn refresh_presence_once(&self) {
         let entries: Vec<(ChannelName, ClientInfo)> =
             lock(&self.present).iter().map(|((c, _), info)| (c.clone(), info.clone())).collect();
-        let lapse = (now_ms() + self.settings.presence_ttl.as_millis() as u64) as f64;
         for (channel, info) in entries {
-            let key = self.keys.presence_expiry(&channel);
-            let added: Result<(), _> =
-                self.client().zadd(&key, None, None, false, false, (lapse, info.conn.as_str())).await;
-            if let Err(e) = added {
+            if let Err(e) = self.write_presence(&channel, &info).await {
                 tracing::debug!(%channel, error = %e, "presence refresh failed");
                 return;
             }
@@ -226,16 +237,7 @@ impl Engine for RedisEngine {
     }
 
     async fn join(&self, channel: &ChannelName, client: &ClientInfo, announce: bool) -> Result<(), EngineError> {
-        let json = serde_json::to_string(client).expect("client info serialises");
-        let lapse = (now_ms() + self.settings.presence_ttl.as_millis() as u64) as f64;
-        let (hash, zset) = (self.keys.presence(channel), self.keys.presence_expiry(channel));
-        let c = self.client();
-        let _: () = c.hset(&hash, (client.conn.as_str(), json)).await.map_err(unavailable)?;
-        let _: () =
-            c.zadd(&zset, None, None, false, false, (lapse, client.conn.as_str())).await.map_err(unavailable)?;
-        let keep = secs(self.settings.presence_ttl) * 2;
-        let _: () = c.expire(&hash, keep, None).await.map_err(unavailable)?;
-        let _: () = c.expire(&zset, keep, None).await.map_err(unavailable)?;
+        self.write_presence(channel, client).await.map_err(unavailable)?;
         lock(&self.present).insert((channel.clone(), client.conn.clone()), client.clone());
         if announce {
             self.announce(PresenceChange::Join, channel, client).await;
@@ -274,17 +276,21 @@ impl Engine for RedisEngine {
         let ttl = Expiration::PX(self.settings.node_ttl.as_millis() as i64);
         let c = self.client();
         let _: () = c.set(self.keys.node(&info.id), json, Some(ttl), None, false).await.map_err(unavailable)?;
+        // Scored by when the entry lapses, so any live node's heartbeat prunes dead nodes.
+        let lapse = (info.updated_ms + self.settings.node_ttl.as_millis() as u64) as f64;
         let _: () = c
-            .zadd(self.keys.nodes(), None, None, false, false, (info.updated_ms as f64, info.id.as_str()))
+            .zadd(self.keys.nodes(), None, None, false, false, (lapse, info.id.as_str()))
             .await
             .map_err(unavailable)?;
+        let _: () =
+            c.zremrangebyscore(self.keys.nodes(), f64::NEG_INFINITY, now_ms() as f64).await.map_err(unavailable)?;
         Ok(())
     }
 
     async fn nodes(&self) -> Result<Vec<NodeInfo>, EngineError> {
         let c = self.client();
-        let lapsed = now_ms().saturating_sub(self.settings.node_ttl.as_millis() as u64) as f64;
-        let _: () = c.zremrangebyscore(self.keys.nodes(), f64::NEG_INFINITY, lapsed).await.map_err(unavailable)?;
+        let _: () =
+            c.zremrangebyscore(self.keys.nodes(), f64::NEG_INFINITY, now_ms() as f64).await.map_err(unavailable)?;
         let ids: Vec<String> =
             c.zrange(self.keys.nodes(), 0, -1, None, false, None, false).await.map_err(unavailable)?;
         if ids.is_empty() {

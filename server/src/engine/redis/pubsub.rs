@@ -230,15 +230,16 @@ fn catch_up_all(engine: &Arc<RedisEngine>) {
 }
 
 /// Reads what `channel` is missing from the stream and delivers it, then the messages that
-/// waited; retries while Redis is away; resets subscribers if the range is gone.
+/// waited; retries while Redis is away. If the channel's epoch changed (Redis lost it), the
+/// subscribers get `reset` and then the new epoch's messages from 1 where the stream still has
+/// them, or `reset` to the current top where it does not.
 async fn fill(engine: Weak<RedisEngine>, channel: ChannelName) {
     let mut backoff = Duration::from_millis(50);
     loop {
         let Some(engine) = engine.upgrade() else { return };
         let Some(Some(from)) = lock(&engine.live.channels).get(&channel).map(|l| l.position.clone()) else { return };
-        let page = engine.read_history(&channel, HistoryQuery::After { after: from.offset, limit: FILL_PAGE }).await;
-        let page = match page {
-            Ok(page) => page,
+        let missing = match read_missing(&engine, &channel, &from).await {
+            Ok(missing) => missing,
             Err(e) => {
                 tracing::debug!(%channel, error = %e, "gap fill waits for redis");
                 drop(engine);
@@ -250,23 +251,17 @@ async fn fill(engine: Weak<RedisEngine>, channel: ChannelName) {
         let Some(deliver) = engine.deliver.upgrade() else { return };
         let mut channels = lock(&engine.live.channels);
         let Some(live) = channels.get_mut(&channel) else { return };
-        let contiguous = page.epoch == from.epoch
-            && page.top >= from.offset
-            && page.publications.first().is_none_or(|p| p.offset == from.offset + 1)
-            && (page.publications.is_empty() == (page.top == from.offset));
-        if contiguous {
-            for p in page.publications {
-                live.position = Some(Position { epoch: p.epoch.clone(), offset: p.offset });
-                deliver.deliver(p);
-            }
-            if live.position.as_ref().is_some_and(|p| p.offset < page.top) {
-                continue; // more than one page behind
-            }
-        } else {
-            tracing::warn!(%channel, from = from.offset, epoch = %page.epoch, top = page.top, "history lost under live subscribers: reset");
-            let position = page.position();
-            deliver.reset(&channel, &position);
-            live.position = Some(position);
+        if let Some(reset) = &missing.reset {
+            tracing::warn!(%channel, from = from.offset, epoch = %reset.epoch, offset = reset.offset, "history lost under live subscribers: reset");
+            deliver.reset(&channel, reset);
+            live.position = Some(reset.clone());
+        }
+        for p in missing.publications {
+            live.position = Some(Position { epoch: p.epoch.clone(), offset: p.offset });
+            deliver.deliver(p);
+        }
+        if missing.more {
+            continue;
         }
         live.filling = false;
         let pending = std::mem::take(&mut live.pending);
@@ -278,4 +273,35 @@ async fn fill(engine: Weak<RedisEngine>, channel: ChannelName) {
             return;
         }
     }
+}
+
+/// What a gap fill found in the stream.
+struct Missing {
+    /// Deliver `reset` to this position first (the epoch changed or the range is gone).
+    reset: Option<Position>,
+    /// The messages to deliver after `from` (or after the reset), in order.
+    publications: Vec<Arc<Publication>>,
+    /// More than one page is missing: read again.
+    more: bool,
+}
+
+async fn read_missing(engine: &RedisEngine, channel: &ChannelName, from: &Position) -> Result<Missing, EngineError> {
+    let read = |after| engine.read_history(channel, HistoryQuery::After { after, limit: FILL_PAGE });
+    let mut page = read(from.offset).await?;
+    let mut start = from.clone();
+    let mut reset = None;
+    if page.epoch != from.epoch {
+        start = Position { epoch: page.epoch.clone(), offset: 0 };
+        page = read(0).await?;
+        reset = Some(start.clone());
+    }
+    let complete = page.epoch == start.epoch
+        && page.top >= start.offset
+        && page.publications.first().is_none_or(|p| p.offset == start.offset + 1)
+        && (page.publications.is_empty() == (page.top == start.offset));
+    if !complete {
+        return Ok(Missing { reset: Some(page.position()), publications: Vec::new(), more: false });
+    }
+    let last = page.publications.last().map_or(start.offset, |p| p.offset);
+    Ok(Missing { reset, more: last < page.top, publications: page.publications })
 }
