@@ -38,7 +38,10 @@ const BATCH: usize = 1024;
 pub async fn open<B>(node: Arc<Node>, remote: SocketAddr, req: Request<B>) -> Response<Body> {
     let origin = match http::allowed_origin(&node, &req) {
         Ok(origin) => origin,
-        Err(refused) => return refused.into_response(),
+        Err(refused) => {
+            node.metrics.refused.with_label_values(&["origin"]).inc();
+            return refused.into_response();
+        }
     };
     let metrics = node.metrics.clone();
     let response = start(node, remote, &req).await.unwrap_or_else(|e| {
@@ -297,8 +300,15 @@ impl SseStream {
 
     /// A last `close` event, so the client knows whether to reconnect (same codes as WebSocket).
     fn close_event(&mut self, close: &Close) {
-        let frame = serde_json::json!({"type": "close", "code": close.code as u16, "reason": close.reason});
-        self.named_event("close", &frame.to_string());
+        #[derive(Serialize)]
+        struct CloseFrame<'a> {
+            #[serde(rename = "type")]
+            kind: &'static str,
+            code: u16,
+            reason: &'a str,
+        }
+        let frame = to_frame(&CloseFrame { kind: "close", code: close.code as u16, reason: &close.reason });
+        self.named_event("close", &frame);
     }
 }
 
