@@ -78,6 +78,7 @@ impl Node {
                     history_ttl: config.history_ttl,
                     meta_ttl: config.history_meta_ttl,
                     idempotency_ttl: config.idempotency_ttl,
+                    node_ttl: config.node_ttl,
                 };
                 MemoryEngine::start(settings, Arc::downgrade(&deliver))
             }

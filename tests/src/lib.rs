@@ -115,6 +115,14 @@ impl TestNode {
         response(self.http.get(self.url(path)).bearer_auth(API_KEY)).await
     }
 
+    /// `GET /api/<path>` with the test API key; the body as the exact text the node sent, for
+    /// byte-for-byte checks that parsing into a `Value` would normalise away.
+    pub async fn api_get_text(&self, path: &str) -> (u16, String) {
+        let resp = within("HTTP response", self.http.get(self.url(path)).bearer_auth(API_KEY).send()).await.unwrap();
+        let status = resp.status().as_u16();
+        (status, within("HTTP body", resp.text()).await.unwrap())
+    }
+
     /// Sends `method path` with `body` exactly as given, and `Authorization: Bearer <key>` only
     /// when `key` is given: for requests `api_post` never sends (no key, a wrong key, a body
     /// that is not JSON). Returns status and JSON body.
@@ -288,6 +296,23 @@ impl WsClient {
             loop {
                 if let Err(closed) = self.read().await {
                     return closed;
+                }
+            }
+        })
+        .await
+    }
+
+    /// The next server frame as the exact text the server sent. Frames already queued were
+    /// parsed and lost their text, so there must be none.
+    pub async fn next_text(&mut self) -> String {
+        assert!(self.pending.is_empty(), "frames already queued as JSON: {:?}", self.pending);
+        within("next text frame", async {
+            loop {
+                match self.stream.next().await {
+                    Some(Ok(Message::Text(t))) => return t.to_string(),
+                    Some(Ok(Message::Close(frame))) => panic!("closed {:?} while waiting for a frame", close_of(frame)),
+                    Some(Ok(_)) => continue,
+                    other => panic!("socket ended while waiting for a frame: {other:?}"),
                 }
             }
         })
@@ -638,4 +663,34 @@ pub async fn cluster_with(n: usize, redis: &RedisServer, tweak: impl Fn(Config) 
         nodes.push(TestNode::start(tweak(redis_config(redis, &format!("n{i}")))).await);
     }
     nodes
+}
+
+/// HTTP helpers for a real `pushd` process. Processes run in dev mode (no `--api-key`), where
+/// `/api/*` is open to loopback callers, so these send no key.
+impl PushdProcess {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// `POST <path>` with a JSON body; returns status and JSON body.
+    pub async fn api_post(&self, path: &str, body: Value) -> (u16, Value) {
+        response(reqwest::Client::new().post(self.url(path)).json(&body)).await
+    }
+
+    /// `GET <path>`; returns status and JSON body.
+    pub async fn api_get(&self, path: &str) -> (u16, Value) {
+        response(reqwest::Client::new().get(self.url(path))).await
+    }
+
+    /// Publishes through `/api/publish`, asserting success; returns the offset.
+    pub async fn publish(&self, channel: &str, data: Value) -> u64 {
+        let (status, body) = self.api_post("/api/publish", json!({ "channel": channel, "data": data })).await;
+        assert_eq!(status, 200, "{body}");
+        body["offset"].as_u64().unwrap()
+    }
+
+    /// SIGKILLs the process (no drain, no goodbye to Redis: a crash) and waits until it is gone.
+    pub async fn kill(&mut self) {
+        within("pushd to die", self.child.kill()).await.unwrap();
+    }
 }

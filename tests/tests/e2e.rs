@@ -2,8 +2,11 @@
 //! step on small machines).
 
 mod bad_input;
+mod cluster;
 mod drain;
+mod engine_suite;
 mod fanout;
+mod redis_faults;
 mod replay;
 mod slow_consumer;
 mod sse;

@@ -34,6 +34,7 @@ pub struct MemorySettings {
     pub history_ttl: Duration,
     pub meta_ttl: Duration,
     pub idempotency_ttl: Duration,
+    pub node_ttl: Duration,
 }
 
 /// The single-node engine.
@@ -42,6 +43,7 @@ pub struct MemoryEngine {
     history_ttl: Duration,
     meta_ttl: Duration,
     idempotency_ttl: Duration,
+    node_ttl: Duration,
     deliver: Weak<dyn Deliver>,
     hasher: RandomState,
     channels: Vec<Shard<Arc<Mutex<ChannelLog>>>>,
@@ -108,12 +110,13 @@ impl ChannelLog {
 impl MemoryEngine {
     /// Starts the engine and its sweeper; `deliver` is the hub (held weakly: the hub owns us).
     pub fn start(settings: MemorySettings, deliver: Weak<dyn Deliver>) -> Arc<Self> {
-        let MemorySettings { history_size, history_ttl, meta_ttl, idempotency_ttl } = settings;
+        let MemorySettings { history_size, history_ttl, meta_ttl, idempotency_ttl, node_ttl } = settings;
         let engine = Arc::new(Self {
             history_size,
             history_ttl,
             meta_ttl,
             idempotency_ttl,
+            node_ttl,
             deliver,
             hasher: RandomState::new(),
             channels: shards(),
@@ -269,7 +272,15 @@ impl Engine for MemoryEngine {
     }
 
     async fn nodes(&self) -> Result<Vec<NodeInfo>, EngineError> {
-        Ok(lock(&self.node).iter().cloned().collect())
+        let lapsed = now_ms().saturating_sub(self.node_ttl.as_millis() as u64);
+        Ok(lock(&self.node).iter().filter(|n| n.updated_ms >= lapsed).cloned().collect())
+    }
+
+    async fn deregister(&self, node: &str) {
+        let mut slot = lock(&self.node);
+        if slot.as_ref().is_some_and(|n| n.id == node) {
+            *slot = None;
+        }
     }
 }
 
@@ -285,8 +296,13 @@ mod tests {
     fn engine(size: usize) -> Arc<MemoryEngine> {
         let none: Weak<dyn Deliver> = Weak::<NoHub>::new();
         let s = Duration::from_secs;
-        let settings =
-            MemorySettings { history_size: size, history_ttl: s(60), meta_ttl: s(600), idempotency_ttl: s(60) };
+        let settings = MemorySettings {
+            history_size: size,
+            history_ttl: s(60),
+            meta_ttl: s(600),
+            idempotency_ttl: s(60),
+            node_ttl: s(5),
+        };
         MemoryEngine::start(settings, none)
     }
 

@@ -2,7 +2,10 @@
 -- channel has none, so a position handed to a client stays valid until history is really lost.
 -- KEYS: 1 stream, 2 meta
 -- ARGV: 1 'after' | 'latest', 2 offset (for 'after'), 3 limit, 4 epoch to use if none,
---       5 meta ttl (s)
+--       5 meta ttl (s), 6 history size
+-- XADD trims with MAXLEN ~, so the stream may hold a little more than the history size; reads
+-- never go below top - size, so replay answers exactly as with an exact trim (and as the memory
+-- engine does).
 -- Returns {epoch, top, entries} with entries as XRANGE returns them, oldest first.
 local epoch = redis.call('HGET', KEYS[2], 'epoch')
 if not epoch then
@@ -11,11 +14,13 @@ if not epoch then
 end
 redis.call('EXPIRE', KEYS[2], ARGV[5])
 local top = tonumber(redis.call('HGET', KEYS[2], 'top') or '0')
-local limit = tonumber(ARGV[3])
+local size = tonumber(ARGV[6])
+local limit = math.min(tonumber(ARGV[3]), size)
 local entries = {}
 if limit > 0 then
   if ARGV[1] == 'after' then
-    entries = redis.call('XRANGE', KEYS[1], '(' .. ARGV[2] .. '-0', '+', 'COUNT', limit)
+    local after = math.max(tonumber(ARGV[2]), top - size)
+    entries = redis.call('XRANGE', KEYS[1], '(' .. after .. '-0', '+', 'COUNT', limit)
   else
     local newest = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', limit)
     for i = #newest, 1, -1 do

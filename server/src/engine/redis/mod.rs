@@ -140,6 +140,7 @@ impl RedisEngine {
             (limit as i64).into(),
             Epoch::random().as_str().into(),
             secs(self.settings.meta_ttl).into(),
+            (self.settings.history_size as i64).into(),
         ];
         let keys = vec![self.keys.stream(channel), self.keys.meta(channel)];
         let value: Value =

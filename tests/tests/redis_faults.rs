@@ -1,0 +1,536 @@
+//! Redis faults on real `redis-server` processes: killed connections, an outage, a Redis that
+//! comes back empty. Whatever Redis stored reaches every subscriber once and in order; whatever
+//! it did not is refused loudly (503, `unavailable`); history that is gone is announced
+//! (`reset`, `recovered: false`), never skipped silently.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use futures_util::{StreamExt, stream};
+use pushd_tests::*;
+use serde_json::{Value, json};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+/// The guard on these tests' slow events: the node's Redis client reconnects with a backoff that
+/// climbs to 5 s, so coming back after a fault can take longer than the harness's 10 s `WAIT`.
+const FAULT_WAIT: Duration = Duration::from_secs(30);
+/// How long Redis stays down in the outage test: several reconnect attempts, backoff climbing.
+const OUTAGE: Duration = Duration::from_secs(5);
+
+/// The channels the kill tests publish to, round robin.
+const CHANNELS: [&str; 3] = ["faults:a", "faults:b", "faults:c"];
+/// Messages the kill tests publish, alternating nodes.
+const PUBLISHES: u64 = 2000;
+/// After how many publishes the kill tests kill connections.
+const KILL_AT: [u64; 4] = [300, 700, 1100, 1500];
+/// Publishes the kill tests keep in flight.
+const IN_FLIGHT: usize = 8;
+
+/// Awaits `fut` under `FAULT_WAIT`, panicking with `what` if it does not finish.
+async fn guard<T>(what: &str, fut: impl Future<Output = T>) -> T {
+    tokio::time::timeout(FAULT_WAIT, fut).await.unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+}
+
+/// Polls `/readyz` until it answers `status`; returns its body.
+async fn await_readiness(node: &TestNode, status: u16) -> Value {
+    guard(&format!("/readyz to answer {status}"), async {
+        loop {
+            let (got, body) = node.api_get("/readyz").await;
+            if got == status {
+                return body;
+            }
+            // Readiness is a state with no event to await: poll it, briefly, under the guard.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+}
+
+fn offset(frame: &Value) -> u64 {
+    frame["offset"].as_u64().unwrap_or_else(|| panic!("no offset in {frame}"))
+}
+
+fn offsets(frames: &[Value]) -> Vec<u64> {
+    frames.iter().map(offset).collect()
+}
+
+fn ns(frames: &[Value]) -> Vec<u64> {
+    frames.iter().map(|f| f["data"]["n"].as_u64().unwrap_or_else(|| panic!("no data.n in {f}"))).collect()
+}
+
+fn ping() -> Value {
+    json!({ "op": "ping" })
+}
+
+/// Asserts a refused publish said so plainly: 503 with `{"error":{"code":"unavailable",..}}`.
+fn assert_unavailable(status: u16, body: &Value) {
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "unavailable", "{body}");
+    assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+}
+
+/// What the publisher saw.
+#[derive(Default)]
+struct Published {
+    /// Acknowledged publishes: (channel index, offset, n).
+    acked: Vec<(usize, u64, u64)>,
+    /// Refused attempts: status and body.
+    refused: Vec<(u16, Value)>,
+}
+
+/// Publishes `PUBLISHES` messages `{"n": n}` round robin over `CHANNELS`, alternating nodes,
+/// `IN_FLIGHT` at a time (so a kill finds commands on the wire), each with the idempotency key
+/// `n<n>`; reports how many finished on `progress`. With `retry`, a refused publish is retried
+/// with the same key until acknowledged, as a careful backend would.
+async fn publish_all(nodes: &[TestNode], progress: watch::Sender<u64>, retry: bool) -> Published {
+    let mut out = Published::default();
+    let mut publishes = stream::iter(0..PUBLISHES).map(|n| publish_one(nodes, n, retry)).buffer_unordered(IN_FLIGHT);
+    let mut done = 0;
+    while let Some((acked, refused)) = publishes.next().await {
+        out.acked.extend(acked);
+        out.refused.extend(refused);
+        done += 1;
+        progress.send_replace(done);
+    }
+    out
+}
+
+/// Publishes message `n`; returns its acknowledgement, if any, and the refusals before it.
+async fn publish_one(nodes: &[TestNode], n: u64, retry: bool) -> (Option<(usize, u64, u64)>, Vec<(u16, Value)>) {
+    let ch = (n % CHANNELS.len() as u64) as usize;
+    let node = &nodes[(n % nodes.len() as u64) as usize];
+    let body = json!({ "channel": CHANNELS[ch], "data": { "n": n }, "idempotency_key": format!("n{n}") });
+    let mut refused = Vec::new();
+    for _attempt in 0..50 {
+        let (status, reply) = node.api_post("/api/publish", body.clone()).await;
+        if status == 200 {
+            return (Some((ch, offset(&reply), n)), refused);
+        }
+        refused.push((status, reply));
+        if !retry {
+            break;
+        }
+    }
+    (None, refused)
+}
+
+/// Runs `CLIENT KILL TYPE <kind>` each time the publisher passes a `KILL_AT` mark; returns how
+/// many connections each kill closed.
+async fn kill_connections(redis: &RedisServer, kind: &str, mut progress: watch::Receiver<u64>) -> Vec<u64> {
+    let mut killed = Vec::new();
+    for at in KILL_AT {
+        progress.wait_for(|n| *n >= at).await.expect("the publisher stopped early");
+        let out = redis.cli(&["CLIENT", "KILL", "TYPE", kind]).await;
+        killed.push(out.trim().parse().unwrap_or_else(|_| panic!("CLIENT KILL answered {out:?}")));
+    }
+    killed
+}
+
+/// Publishes the end marker `{"end": true}` to `channel`, retrying a refusal with the same
+/// idempotency key (a kill may have just closed the connection it went to); returns its offset.
+async fn publish_end(node: &TestNode, channel: &str) -> u64 {
+    let body = json!({ "channel": channel, "data": { "end": true }, "idempotency_key": "end" });
+    for _attempt in 0..50 {
+        let (status, reply) = node.api_post("/api/publish", body.clone()).await;
+        if status == 200 {
+            return offset(&reply);
+        }
+        assert_unavailable(status, &reply);
+    }
+    panic!("the end marker on {channel} was refused 50 times");
+}
+
+/// Reads one subscriber's frames until each of its channels delivered the end marker; returns
+/// the messages per channel in arrival order. Any other frame (a `reset`) or a close fails the
+/// test: with history intact, nothing may be skipped or announced as lost.
+async fn read_to_end(mut client: WsClient, channels: Vec<&'static str>) -> (WsClient, HashMap<String, Vec<Value>>) {
+    let mut seen: HashMap<String, Vec<Value>> = HashMap::new();
+    let mut open = channels.len();
+    while open > 0 {
+        let frame = client.next().await;
+        assert_eq!(frame["type"], "message", "expected only messages, got {frame}");
+        let channel = frame["channel"].as_str().unwrap().to_owned();
+        assert!(channels.contains(&channel.as_str()), "a message of a channel not subscribed: {frame}");
+        if frame["data"]["end"] == true {
+            open -= 1;
+        }
+        seen.entry(channel).or_default().push(frame);
+    }
+    (client, seen)
+}
+
+/// Two nodes, subscribers on both, `PUBLISHES` messages through the API while `CLIENT KILL TYPE
+/// <kind>` closes connections a few times. Asserts that every subscriber received every offset
+/// Redis stored (1..=top, the end marker's offset), once, in order, each acknowledged publish at
+/// its offset, and that every refused publish was a plain 503. Returns what the publisher saw
+/// and how many connections each kill closed.
+async fn publish_while_killing(kind: &'static str, retry: bool) -> (Published, Vec<u64>) {
+    let redis = RedisServer::start().await;
+    let nodes = cluster(2, &redis).await;
+    let mut readers = Vec::new();
+    for node in &nodes {
+        // One client on every channel, one on the first only.
+        for (user, channels) in [("every", CHANNELS.to_vec()), ("first", vec![CHANNELS[0]])] {
+            let mut client = node.ws(&token(user)).await;
+            for channel in &channels {
+                let reply = client.subscribe(channel, None).await;
+                assert_eq!((reply["ok"].as_bool(), reply["offset"].as_u64()), (Some(true), Some(0)), "{reply}");
+            }
+            readers.push((channels.clone(), tokio::spawn(read_to_end(client, channels))));
+        }
+    }
+
+    let (tx, rx) = watch::channel(0);
+    let (published, killed) = guard("publishing while connections are killed", async {
+        tokio::join!(publish_all(&nodes, tx, retry), kill_connections(&redis, kind, rx))
+    })
+    .await;
+    let mut top = Vec::new();
+    for channel in CHANNELS {
+        top.push(publish_end(&nodes[0], channel).await);
+    }
+
+    for (channels, reader) in readers {
+        let (mut client, seen) = guard("every subscriber to read to the end", reader).await.expect("a subscriber failed");
+        assert_eq!(seen.len(), channels.len());
+        for (ch, channel) in CHANNELS.iter().enumerate().filter(|(_, c)| channels.contains(c)) {
+            let frames = &seen[*channel];
+            // Every stored offset, once, in order: no gap, no duplicate.
+            assert_eq!(offsets(frames), (1..=top[ch]).collect::<Vec<_>>(), "{channel} on {}", client.welcome);
+            for &(_, at, n) in published.acked.iter().filter(|(c, ..)| *c == ch) {
+                assert_eq!(frames[at as usize - 1]["data"]["n"], n, "{channel}: offset {at} was acknowledged for n={n}");
+            }
+        }
+        // Nothing more arrives: a ping round trip finds no late duplicate queued.
+        assert_eq!(client.command(ping()).await["ok"], true);
+        assert!(client.pending_is_empty(), "frames after the end marker");
+    }
+    for (status, body) in &published.refused {
+        assert_unavailable(*status, body);
+    }
+    for node in nodes {
+        node.stop().await;
+    }
+    (published, killed)
+}
+
+#[tokio::test]
+async fn killing_the_pubsub_connection_loses_nothing() {
+    let (published, killed) = publish_while_killing("pubsub", false).await;
+    // The first kill found both nodes' subscriber connections; later ones may find a node still
+    // reconnecting.
+    assert_eq!(killed[0], 2, "kills closed {killed:?}");
+    // Publishing does not use the pub/sub connection: nothing was refused.
+    assert_eq!(published.acked.len() as u64, PUBLISHES, "refused: {:?}", published.refused);
+}
+
+#[tokio::test]
+async fn killing_command_connections_refuses_publishes_plainly_and_a_keyed_retry_stores_once() {
+    let (published, killed) = publish_while_killing("normal", true).await;
+    // Both nodes' command pools (4 connections each) were connected at the first kill.
+    assert_eq!(killed[0], 8, "kills closed {killed:?}");
+    // Every publish was eventually acknowledged, exactly once: a retry whose first attempt Redis
+    // had stored returned that first offset instead of storing the message again, which the
+    // subscribers' 1..=top check above would have shown as an extra offset.
+    let mut by_n: BTreeMap<u64, u64> = BTreeMap::new();
+    for &(_, at, n) in &published.acked {
+        assert!(by_n.insert(n, at).is_none(), "n={n} acknowledged twice");
+    }
+    assert_eq!(by_n.len() as u64, PUBLISHES);
+    for (ch, channel) in CHANNELS.iter().enumerate() {
+        let count = published.acked.iter().filter(|(c, ..)| *c == ch).count() as u64;
+        let mut at: Vec<u64> = published.acked.iter().filter(|(c, ..)| *c == ch).map(|a| a.1).collect();
+        at.sort_unstable();
+        assert_eq!(at, (1..=count).collect::<Vec<_>>(), "{channel}: acknowledged offsets");
+    }
+}
+
+#[tokio::test]
+async fn redis_outage_gets_503_and_loses_nothing_acknowledged() {
+    let mut redis = RedisServer::start_with_aof().await;
+    let node = TestNode::start(redis_config(&redis, "n0")).await;
+    let mut subscribers = Vec::new();
+    let mut epoch = String::new();
+    for user in ["alice", "bob"] {
+        let mut client = node.ws(&token(user)).await;
+        let reply = client.subscribe("room:1", None).await;
+        assert_eq!((reply["ok"].as_bool(), reply["offset"].as_u64()), (Some(true), Some(0)), "{reply}");
+        epoch = reply["epoch"].as_str().unwrap().to_owned();
+        subscribers.push(client);
+    }
+    for n in 1..=5 {
+        let (status, reply) = node.api_post("/api/publish", json!({ "channel": "room:1", "data": { "n": n } })).await;
+        assert_eq!((status, reply["offset"].as_u64(), reply["epoch"].as_str()), (200, Some(n), Some(epoch.as_str())));
+    }
+    for client in &mut subscribers {
+        let got = client.messages(5).await;
+        assert_eq!((offsets(&got), ns(&got)), ((1..=5).collect(), (1..=5).collect()));
+    }
+
+    redis.kill().await;
+    let down_at = Instant::now();
+    let readiness = await_readiness(&node, 503).await;
+    assert_eq!(readiness, json!({ "ready": false, "reason": "engine unavailable" }));
+    for n in 100..103 {
+        let (status, body) = node.api_post("/api/publish", json!({ "channel": "room:1", "data": { "n": n } })).await;
+        assert_unavailable(status, &body);
+    }
+    // The sockets stay up through the outage.
+    for client in &mut subscribers {
+        assert_eq!(client.command(ping()).await["ok"], true);
+        assert!(client.pending_is_empty(), "a frame during the outage");
+    }
+    // The outage itself is the point: Redis stays down while the node's reconnect backoff climbs.
+    tokio::time::sleep_until(down_at + OUTAGE).await;
+    redis.restart().await;
+    assert_eq!(await_readiness(&node, 200).await, json!({ "ready": true }));
+
+    // Offsets continue in the same epoch: the refused publishes took no offset.
+    for n in 6..=10 {
+        let (status, reply) = node.api_post("/api/publish", json!({ "channel": "room:1", "data": { "n": n } })).await;
+        assert_eq!(
+            (status, reply["offset"].as_u64(), reply["epoch"].as_str()),
+            (200, Some(n), Some(epoch.as_str())),
+            "{reply}"
+        );
+    }
+    for client in &mut subscribers {
+        let got = guard("messages after the outage", client.messages(5)).await;
+        assert_eq!((offsets(&got), ns(&got)), ((6..=10).collect(), (6..=10).collect()), "{}", client.welcome);
+        assert_eq!(client.command(ping()).await["ok"], true);
+        assert!(client.pending_is_empty(), "a duplicate after the outage");
+    }
+    let (status, history) = node.api_get("/api/history?channel=room:1&limit=100").await;
+    assert_eq!((status, history["epoch"].as_str(), history["top"].as_u64()), (200, Some(epoch.as_str()), Some(10)));
+    let stored: Vec<u64> = history["publications"].as_array().unwrap().iter().map(|p| p["data"]["n"].as_u64().unwrap()).collect();
+    assert_eq!(stored, (1..=10).collect::<Vec<_>>(), "{history}");
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn redis_restarted_empty_tells_clients_they_cannot_recover() {
+    let mut redis = RedisServer::start().await;
+    let node = TestNode::start(redis_config(&redis, "n0")).await;
+    let mut alice = node.ws(&token("alice")).await;
+    let old_epoch = alice.subscribe("room:1", None).await["epoch"].as_str().unwrap().to_owned();
+    let mut bob = node.ws(&token("bob")).await;
+    assert_eq!(bob.subscribe("room:1", None).await["epoch"], old_epoch.as_str());
+    for n in 1..=3 {
+        assert_eq!(node.publish("room:1", json!({ "n": n })).await, n);
+    }
+    assert_eq!(offsets(&alice.messages(3).await), [1, 2, 3]);
+    assert_eq!(offsets(&bob.messages(3).await), [1, 2, 3]);
+    drop(bob); // remembers (old_epoch, 3)
+
+    redis.restart().await; // no persistence: every key is gone
+    assert_eq!(await_readiness(&node, 200).await, json!({ "ready": true }));
+    let mut new_epoch = String::new();
+    for n in 1..=3 {
+        let (status, reply) = node.api_post("/api/publish", json!({ "channel": "room:1", "data": { "n": n } })).await;
+        assert_eq!((status, reply["offset"].as_u64()), (200, Some(n)), "{reply}");
+        new_epoch = reply["epoch"].as_str().unwrap().to_owned();
+    }
+    assert_ne!(new_epoch, old_epoch);
+
+    // Alice is told before anything of the new epoch arrives, then gets all of it.
+    let reset = guard("a reset", alice.next_or_closed()).await.expect("alice was closed instead of reset");
+    assert_eq!(
+        (&reset["type"], &reset["channel"], &reset["epoch"], &reset["offset"]),
+        (&json!("reset"), &json!("room:1"), &json!(new_epoch), &json!(0)),
+        "{reset}"
+    );
+    let got = alice.messages(3).await;
+    assert_eq!((offsets(&got), ns(&got)), (vec![1, 2, 3], vec![1, 2, 3]));
+    assert_eq!(alice.command(ping()).await["ok"], true);
+    assert!(alice.pending_is_empty());
+
+    // Bob's old position cannot be recovered, and he is told so with where the channel is now.
+    let mut bob = node.ws(&token("bob")).await;
+    let reply = bob.subscribe("room:1", Some((&old_epoch, 3))).await;
+    assert_eq!(
+        (&reply["ok"], &reply["recovered"], &reply["epoch"], &reply["offset"], &reply["replayed"]),
+        (&json!(true), &json!(false), &json!(new_epoch), &json!(3), &json!(0)),
+        "{reply}"
+    );
+    // Both continue live in the new epoch.
+    assert_eq!(node.publish("room:1", json!({ "n": 4 })).await, 4);
+    for client in [&mut alice, &mut bob] {
+        assert_eq!(offsets(&client.messages(1).await), [4]);
+    }
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn subscribing_while_redis_is_down_is_refused_plainly_and_works_after_it_returns() {
+    let mut redis = RedisServer::start().await;
+    let node = TestNode::start(redis_config(&redis, "n0")).await;
+    let mut alice = node.ws(&token("alice")).await;
+    let publisher = token_with(json!({ "sub": "carol", "exp": now_s() + 3600, "pubs": ["room:*"] }));
+    let mut carol = node.ws(&publisher).await;
+
+    redis.kill().await;
+    await_readiness(&node, 503).await;
+    // A subscribe, a resubscribe with a position and a socket publish each get `unavailable`,
+    // never a reply that looks like success.
+    let refused = [
+        guard("subscribe reply", alice.subscribe("room:2", None)).await,
+        guard("resubscribe reply", alice.subscribe("room:3", Some(("some-epoch", 0)))).await,
+        guard("publish reply", carol.command(json!({ "op": "publish", "channel": "room:1", "data": { "n": 0 } })))
+            .await,
+    ];
+    for reply in &refused {
+        assert_eq!((&reply["ok"], &reply["error"]["code"]), (&json!(false), &json!("unavailable")), "{reply}");
+    }
+    let (status, body) = node.api_get("/api/history?channel=room:1").await;
+    assert_unavailable(status, &body);
+
+    redis.restart().await;
+    assert_eq!(await_readiness(&node, 200).await, json!({ "ready": true }));
+    // The same socket subscribes now: the refused subscribe left nothing behind.
+    let reply = alice.subscribe("room:2", None).await;
+    assert_eq!((&reply["ok"], &reply["offset"]), (&json!(true), &json!(0)), "{reply}");
+    let reply = carol.command(json!({ "op": "publish", "channel": "room:2", "data": { "n": 1 } })).await;
+    assert_eq!((&reply["ok"], &reply["offset"]), (&json!(true), &json!(1)), "{reply}");
+    let got = guard("the first message after the outage", alice.messages(1)).await;
+    assert_eq!((&got[0]["channel"], &got[0]["offset"], &got[0]["data"]), (&json!("room:2"), &json!(1), &json!({ "n": 1 })));
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn a_message_published_while_the_node_is_unsubscribed_arrives_without_further_traffic() {
+    let redis = RedisServer::start().await;
+    let node = TestNode::start(redis_config(&redis, "n0")).await;
+    let mut alice = node.ws(&token("alice")).await;
+    assert_eq!(alice.subscribe("room:1", None).await["offset"], 0);
+    // Kill the node's subscriber connection and publish at once, until one publish provably went
+    // out while the node had no subscription (its reconnect waits at least 100 ms, so the first
+    // try nearly always does). Redis never delivers that message on pub/sub: only the node's
+    // catch-up from the stream after it reconnects can.
+    let mut published = 0;
+    let unseen = guard("a publish while the node is unsubscribed", async {
+        loop {
+            let killed = redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]).await;
+            published += 1;
+            assert_eq!(node.publish("room:1", json!({ "n": published })).await, published);
+            let numsub = redis.cli(&["PUBSUB", "NUMSUB", "pushd:{room:1}"]).await;
+            if killed.trim() == "1" && numsub.lines().last() == Some("0") {
+                return published;
+            }
+        }
+    })
+    .await;
+    // Nothing else is published: the message must arrive on its own, after what came before.
+    let got = guard("the message published while unsubscribed", alice.messages(unseen as usize)).await;
+    assert_eq!((offsets(&got), ns(&got)), ((1..=unseen).collect(), (1..=unseen).collect()));
+    // And live delivery works again afterwards.
+    assert_eq!(node.publish("room:1", json!({ "n": unseen + 1 })).await, unseen + 1);
+    assert_eq!(offsets(&alice.messages(1).await), [unseen + 1]);
+    assert_eq!(alice.command(ping()).await["ok"], true);
+    assert!(alice.pending_is_empty());
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn a_redis_crash_under_load_loses_nothing_acknowledged() {
+    let mut redis = RedisServer::start_with_aof().await;
+    let nodes = cluster(2, &redis).await;
+    let mut readers = Vec::new();
+    let mut epochs = HashMap::new();
+    for node in &nodes {
+        let mut client = node.ws(&token("every")).await;
+        for channel in CHANNELS {
+            let reply = client.subscribe(channel, None).await;
+            assert_eq!((reply["ok"].as_bool(), reply["offset"].as_u64()), (Some(true), Some(0)), "{reply}");
+            assert_eq!(epochs.entry(channel).or_insert_with(|| reply["epoch"].clone()), &reply["epoch"]);
+        }
+        readers.push(tokio::spawn(read_to_end(client, CHANNELS.to_vec())));
+    }
+
+    let (tx, mut rx) = watch::channel(0);
+    let crash = async {
+        rx.wait_for(|n| *n >= KILL_AT[1]).await.expect("the publisher stopped early");
+        redis.kill().await;
+        redis.restart().await;
+    };
+    let (published, ()) =
+        guard("publishing through a Redis crash", async { tokio::join!(publish_all(&nodes, tx, false), crash) }).await;
+    for node in &nodes {
+        await_readiness(node, 200).await;
+    }
+    let mut top = Vec::new();
+    for channel in CHANNELS {
+        top.push(publish_end(&nodes[0], channel).await);
+    }
+
+    for reader in readers {
+        let (mut client, seen) = guard("every subscriber to read to the end", reader).await.expect("a subscriber failed");
+        for (ch, channel) in CHANNELS.iter().enumerate() {
+            let frames = &seen[*channel];
+            assert_eq!(offsets(frames), (1..=top[ch]).collect::<Vec<_>>(), "{channel} on {}", client.welcome);
+            for &(_, at, n) in published.acked.iter().filter(|(c, ..)| *c == ch) {
+                assert_eq!(frames[at as usize - 1]["data"]["n"], n, "{channel}: offset {at} was acknowledged for n={n}");
+            }
+        }
+        assert_eq!(client.command(ping()).await["ok"], true);
+        assert!(client.pending_is_empty(), "frames after the end marker");
+    }
+    for (status, body) in &published.refused {
+        assert_unavailable(*status, body);
+    }
+    // AOF kept the channels: same epochs, so positions from before the crash still recover.
+    for channel in CHANNELS {
+        let (_, history) = nodes[1].api_get(&format!("/api/history?channel={channel}&limit=1")).await;
+        assert_eq!(history["epoch"], epochs[channel], "{history}");
+    }
+    for node in nodes {
+        node.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn history_wiped_while_the_node_is_unsubscribed_resets_to_the_new_epoch_and_replays_it() {
+    let redis = RedisServer::start().await;
+    let node = TestNode::start(redis_config(&redis, "n0")).await;
+    let mut alice = node.ws(&token("alice")).await;
+    let old_epoch = alice.subscribe("room:1", None).await["epoch"].as_str().unwrap().to_owned();
+    assert_eq!(node.publish("room:1", json!({ "n": 1 })).await, 1);
+    assert_eq!(offsets(&alice.messages(1).await), [1]);
+
+    // Redis loses everything (as a failover to an empty replica would) and the new epoch's first
+    // messages go out while the node has no pub/sub subscription: it learns of them only from
+    // the stream when it reconnects.
+    redis.cli(&["FLUSHALL"]).await;
+    let mut published = 0;
+    let mut new_epoch = String::new();
+    guard("a publish while the node is unsubscribed", async {
+        loop {
+            let killed = redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]).await;
+            published += 1;
+            let (status, reply) =
+                node.api_post("/api/publish", json!({ "channel": "room:1", "data": { "n": published } })).await;
+            assert_eq!((status, reply["offset"].as_u64()), (200, Some(published)), "{reply}");
+            new_epoch = reply["epoch"].as_str().unwrap().to_owned();
+            let numsub = redis.cli(&["PUBSUB", "NUMSUB", "pushd:{room:1}"]).await;
+            if killed.trim() == "1" && numsub.lines().last() == Some("0") {
+                return;
+            }
+        }
+    })
+    .await;
+    assert_ne!(new_epoch, old_epoch);
+
+    // The history of the new epoch is complete: alice is told of the new epoch from its start
+    // and then gets every message of it, none skipped under the reset.
+    let reset = guard("a reset", alice.next_or_closed()).await.expect("alice was closed instead of reset");
+    assert_eq!(
+        (&reset["type"], &reset["epoch"], &reset["offset"]),
+        (&json!("reset"), &json!(new_epoch), &json!(0)),
+        "{reset}"
+    );
+    let got = guard("the new epoch's messages", alice.messages(published as usize)).await;
+    assert_eq!((offsets(&got), ns(&got)), ((1..=published).collect(), (1..=published).collect()));
+    assert_eq!(alice.command(ping()).await["ok"], true);
+    assert!(alice.pending_is_empty());
+    node.stop().await;
+}
