@@ -106,7 +106,7 @@ impl Hub {
     pub fn disconnect(&self, user: Option<&str>, conn: Option<&str>, close: Close) -> usize {
         let targets: Vec<SessionHandle> = match (user, conn) {
             (_, Some(conn)) => self.session(conn).into_iter().collect(),
-            (Some(user), None) => self.sessions().into_iter().filter(|h| h.info.user == user).collect(),
+            (Some(user), None) => self.sessions().into_iter().filter(|h| &*h.info.user == user).collect(),
             (None, None) => Vec::new(),
         };
         for handle in &targets {

@@ -32,10 +32,18 @@ async fn main() -> ExitCode {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
+    let listener = listen(config.listen)
         .with_context(|| format!("cannot listen on {}: is another process using it? set --listen", config.listen))?;
     pushd::run(listener, config, shutdown_signal()).await
+}
+
+/// Binds with a deep accept backlog: a reconnect storm after a node restart must queue in the
+/// kernel, not overflow into one-second SYN retries.
+fn listen(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
 }
 
 fn init_logs(format: LogFormat, filter: &str) {

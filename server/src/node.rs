@@ -26,6 +26,8 @@ use prometheus::core::Collector;
 /// Shared state of one pushd node.
 pub struct Node {
     pub config: Config,
+    /// `config.node_id`, shared by every presence entry.
+    pub node_id: Arc<str>,
     pub hub: Arc<Hub>,
     pub engine: Arc<dyn Engine>,
     pub auth: Authenticator,
@@ -85,6 +87,7 @@ impl Node {
         };
         Ok(Arc::new(Self {
             auth: Authenticator::new(config.token_secret.as_deref()),
+            node_id: config.node_id.as_str().into(),
             config,
             hub,
             engine,
@@ -135,7 +138,7 @@ impl Node {
     pub fn info(&self, addr: &str) -> NodeInfo {
         let m = &self.metrics;
         let sessions = self.hub.sessions();
-        let users: HashSet<&str> = sessions.iter().map(|s| s.info.user.as_str()).collect();
+        let users: HashSet<&str> = sessions.iter().map(|s| &*s.info.user).collect();
         let sum = |c: &prometheus::IntCounterVec| {
             c.collect().iter().flat_map(|f| f.get_metric()).map(|m| m.get_counter().get_value()).sum::<f64>() as u64
         };

@@ -65,7 +65,7 @@ pub struct SessionHandle {
 
 /// Facts about a session for operators, plus its close signal.
 pub struct SessionInfo {
-    pub user: String,
+    pub user: Arc<str>,
     pub transport: Transport,
     pub remote: Option<SocketAddr>,
     pub connected_at: SystemTime,
@@ -167,7 +167,7 @@ impl Session {
     pub fn open(node: Arc<Node>, identity: Identity, transport: Transport, remote: Option<SocketAddr>) -> Session {
         let (tx, rx) = mpsc::channel(node.config.send_queue);
         let info = Arc::new(SessionInfo {
-            user: identity.user.clone(),
+            user: identity.user.as_str().into(),
             transport,
             remote,
             connected_at: SystemTime::now(),
@@ -286,9 +286,9 @@ impl Session {
 
     fn client_info(&self) -> ClientInfo {
         ClientInfo {
-            user: self.identity.user.clone(),
-            conn: self.handle.conn.to_string(),
-            node: self.node.config.node_id.clone(),
+            user: self.handle.info.user.clone(),
+            conn: self.handle.conn.clone(),
+            node: self.node.node_id.clone(),
         }
     }
 

@@ -24,8 +24,9 @@ use crate::node::Node;
 use crate::protocol::{Close, CloseCode, Command, CommandError, ErrorCode, Op, Reply, Welcome, to_frame};
 use crate::session::{Out, Session, SessionInfo, Subscribed, Transport};
 
-/// Bytes tungstenite reads per syscall; small, because every idle connection holds one buffer.
-const READ_BUFFER: usize = 1024;
+/// Bytes tungstenite reads per syscall; small, because every idle connection holds one buffer
+/// (commands are small; a bigger frame grows it while it is read).
+const READ_BUFFER: usize = 512;
 /// Bytes of frames batched before tungstenite writes mid-batch; the flush writes the rest.
 const WRITE_BUFFER: usize = 32 * 1024;
 /// Most queued items taken per wake-up.
@@ -63,13 +64,14 @@ pub fn upgrade(node: Arc<Node>, remote: SocketAddr, mut req: Request<Incoming>) 
         }
     };
     let task_node = node.clone();
-    node.tracker.spawn(async move {
+    let fut = async move {
         let _slot = slot;
         match websocket.await {
             Ok(ws) => run(task_node, ws, identity, remote).await,
             Err(e) => tracing::debug!(%remote, error = %e, "websocket upgrade failed"),
         }
-    });
+    };
+    node.tracker.spawn(fut);
     response.map(|b| b.boxed())
 }
 

@@ -49,7 +49,7 @@ pub struct MemoryEngine {
     channels: Vec<Shard<Arc<Mutex<ChannelLog>>>>,
     /// The one node of a memory-engine cluster.
     node: Mutex<Option<NodeInfo>>,
-    presence: Vec<Shard<HashMap<String, ClientInfo>>>,
+    presence: Vec<Shard<HashMap<Arc<str>, ClientInfo>>>,
 }
 
 /// One channel's history and position.

@@ -165,12 +165,12 @@ pub enum HistoryQuery {
     Latest { limit: usize },
 }
 
-/// One subscriber as presence sees it.
+/// One subscriber as presence sees it. Shared strings: a node holds one per subscription.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClientInfo {
-    pub user: String,
-    pub conn: String,
-    pub node: String,
+    pub user: Arc<str>,
+    pub conn: Arc<str>,
+    pub node: Arc<str>,
 }
 
 /// One node as the registry knows it: who it is and its latest stats, refreshed every second.

@@ -70,7 +70,7 @@ pub struct RedisEngine {
     deliver: Weak<dyn Deliver>,
     live: LiveChannels,
     /// This node's presence entries, refreshed every third of `presence_ttl`.
-    present: Mutex<HashMap<(ChannelName, String), ClientInfo>>,
+    present: Mutex<HashMap<(ChannelName, Arc<str>), ClientInfo>>,
 }
 
 impl RedisEngine {
@@ -124,8 +124,11 @@ impl RedisEngine {
         Ok(engine)
     }
 
-    fn client(&self) -> &Client {
-        self.pool.next()
+    /// A connected command client; while Redis is known to be away this answers at once instead
+    /// of letting a command wait for its timeout.
+    fn client(&self) -> Result<&Client, EngineError> {
+        let client = self.pool.next_connected();
+        if client.is_connected() { Ok(client) } else { Err(EngineError::Unavailable("redis is not connected".into())) }
     }
 
     /// Runs the history script: position and entries in one snapshot.
@@ -144,7 +147,7 @@ impl RedisEngine {
         ];
         let keys = vec![self.keys.stream(channel), self.keys.meta(channel)];
         let value: Value =
-            self.history_script.evalsha_with_reload(self.client(), keys, args).await.map_err(unavailable)?;
+            self.history_script.evalsha_with_reload(self.client()?, keys, args).await.map_err(unavailable)?;
         parse_history(channel, value).map_err(|e| EngineError::Unavailable(format!("unexpected history reply: {e}")))
     }
 
@@ -152,7 +155,8 @@ impl RedisEngine {
     async fn announce(&self, change: PresenceChange, channel: &ChannelName, client: &ClientInfo) {
         let frame = presence_frame(change, channel, client);
         let message = format!(r#"{{"k":"p","f":{}}}"#, frame.as_str());
-        if let Err(e) = self.client().publish::<(), _, _>(self.keys.pubsub(channel), message).await {
+        let Ok(client) = self.client() else { return };
+        if let Err(e) = client.publish::<(), _, _>(self.keys.pubsub(channel), message).await {
             tracing::warn!(%channel, error = %e, "presence event not published");
         }
     }
@@ -160,16 +164,16 @@ impl RedisEngine {
     /// Writes one presence entry and pushes out its lapse time and both keys' expiry; `join`
     /// and every refresh use it, so entries survive as long as their node and come back after
     /// Redis lost them.
-    async fn write_presence(&self, channel: &ChannelName, client: &ClientInfo) -> Result<(), fred::error::Error> {
+    async fn write_presence(&self, channel: &ChannelName, client: &ClientInfo) -> Result<(), EngineError> {
         let json = serde_json::to_string(client).expect("client info serialises");
         let lapse = (now_ms() + self.settings.presence_ttl.as_millis() as u64) as f64;
         let (hash, zset) = (self.keys.presence(channel), self.keys.presence_expiry(channel));
         let keep = secs(self.settings.presence_ttl) * 2;
-        let c = self.client();
-        let _: () = c.hset(&hash, (client.conn.as_str(), json)).await?;
-        let _: () = c.zadd(&zset, None, None, false, false, (lapse, client.conn.as_str())).await?;
-        let _: () = c.expire(&hash, keep, None).await?;
-        c.expire(&zset, keep, None).await
+        let c = self.client()?;
+        let _: () = c.hset(&hash, (&*client.conn, json)).await.map_err(unavailable)?;
+        let _: () = c.zadd(&zset, None, None, false, false, (lapse, &*client.conn)).await.map_err(unavailable)?;
+        let _: () = c.expire(&hash, keep, None).await.map_err(unavailable)?;
+        c.expire(&zset, keep, None).await.map_err(unavailable)
     }
 
     /// Refreshes every presence entry this node holds.
@@ -221,7 +225,7 @@ impl Engine for RedisEngine {
             secs(self.settings.idempotency_ttl).into(),
         ];
         let (offset, epoch, _duplicate): (i64, String, i64) =
-            self.publish_script.evalsha_with_reload(self.client(), keys, args).await.map_err(unavailable)?;
+            self.publish_script.evalsha_with_reload(self.client()?, keys, args).await.map_err(unavailable)?;
         Ok(Arc::new(Publication::new(channel.clone(), Epoch::new(&epoch), offset as Offset, msg, time_us)))
     }
 
@@ -238,7 +242,7 @@ impl Engine for RedisEngine {
     }
 
     async fn join(&self, channel: &ChannelName, client: &ClientInfo, announce: bool) -> Result<(), EngineError> {
-        self.write_presence(channel, client).await.map_err(unavailable)?;
+        self.write_presence(channel, client).await?;
         lock(&self.present).insert((channel.clone(), client.conn.clone()), client.clone());
         if announce {
             self.announce(PresenceChange::Join, channel, client).await;
@@ -248,9 +252,9 @@ impl Engine for RedisEngine {
 
     async fn leave(&self, channel: &ChannelName, client: &ClientInfo, announce: bool) {
         lock(&self.present).remove(&(channel.clone(), client.conn.clone()));
-        let c = self.client();
-        let removed: Result<i64, _> = c.hdel(self.keys.presence(channel), client.conn.as_str()).await;
-        let _: Result<(), _> = c.zrem(self.keys.presence_expiry(channel), client.conn.as_str()).await;
+        let Ok(c) = self.client() else { return };
+        let removed: Result<i64, _> = c.hdel(self.keys.presence(channel), &*client.conn).await;
+        let _: Result<(), _> = c.zrem(self.keys.presence_expiry(channel), &*client.conn).await;
         if announce && removed.is_ok_and(|n| n > 0) {
             self.announce(PresenceChange::Leave, channel, client).await;
         }
@@ -260,7 +264,7 @@ impl Engine for RedisEngine {
         let keys = vec![self.keys.presence(channel), self.keys.presence_expiry(channel)];
         let values: Vec<String> = self
             .presence_script
-            .evalsha_with_reload(self.client(), keys, vec![now_ms() as i64])
+            .evalsha_with_reload(self.client()?, keys, vec![now_ms() as i64])
             .await
             .map_err(unavailable)?;
         let mut clients: Vec<ClientInfo> = values.iter().filter_map(|v| serde_json::from_str(v).ok()).collect();
@@ -268,14 +272,15 @@ impl Engine for RedisEngine {
         Ok(clients)
     }
 
+    /// Ready only with every pool connection and the subscriber up: commands go round-robin.
     fn ready(&self) -> bool {
-        self.pool.is_connected() && self.subscriber.is_connected()
+        self.pool.clients().iter().all(|c| c.is_connected()) && self.subscriber.is_connected()
     }
 
     async fn heartbeat(&self, info: &NodeInfo) -> Result<(), EngineError> {
         let json = serde_json::to_string(info).expect("node info serialises");
         let ttl = Expiration::PX(self.settings.node_ttl.as_millis() as i64);
-        let c = self.client();
+        let c = self.client()?;
         let _: () = c.set(self.keys.node(&info.id), json, Some(ttl), None, false).await.map_err(unavailable)?;
         // Scored by when the entry lapses, so any live node's heartbeat prunes dead nodes.
         let lapse = (info.updated_ms + self.settings.node_ttl.as_millis() as u64) as f64;
@@ -289,7 +294,7 @@ impl Engine for RedisEngine {
     }
 
     async fn nodes(&self) -> Result<Vec<NodeInfo>, EngineError> {
-        let c = self.client();
+        let c = self.client()?;
         let _: () =
             c.zremrangebyscore(self.keys.nodes(), f64::NEG_INFINITY, now_ms() as f64).await.map_err(unavailable)?;
         let ids: Vec<String> =
@@ -303,7 +308,7 @@ impl Engine for RedisEngine {
     }
 
     async fn deregister(&self, node: &str) {
-        let c = self.client();
+        let Ok(c) = self.client() else { return };
         let _: Result<(), _> = c.zrem(self.keys.nodes(), node).await;
         let _: Result<(), _> = c.del(self.keys.node(node)).await;
     }

@@ -82,6 +82,9 @@ pub(super) async fn subscribe(engine: &RedisEngine, channel: &ChannelName) -> Re
         }
     }
     let subscribed = async {
+        if !engine.subscriber.is_connected() {
+            return Err(EngineError::Unavailable("redis pub/sub is not connected".into()));
+        }
         engine.subscriber.subscribe(engine.keys.pubsub(channel)).await.map_err(unavailable)?;
         // Where delivery starts on this node: anything at or below is in the stream for every
         // session that reads history after this returns.

@@ -1,0 +1,426 @@
+//! The WebSocket side of a run: one task per subscriber that joins (connect, welcome,
+//! subscribe), feeds every delivered offset to its `Checker`, and rejoins with `since` when the
+//! server closes it with a reconnect code.
+//!
+//! pushload shares the machine with the node it measures, so the per-message path is small:
+//! frames are parsed into a borrowed struct, `ts` is read only from fresh messages, latencies go
+//! to a per-task buffer merged into one of a few shared histograms every `LATENCY_BATCH`
+//! messages, and nothing shared is touched per message.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, anyhow, bail};
+use futures_util::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use tokio::net::TcpStream;
+use tokio::sync::{Notify, Semaphore, mpsc, watch};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+
+use crate::checker::{Checker, Seen};
+use crate::cli::Fanout;
+use crate::publisher::unix_micros;
+use crate::report::Latency;
+
+/// Bytes read per syscall per connection; eagerly allocated, so it is most of a socket's cost.
+const READ_BUFFER: usize = 4 * 1024;
+/// Latency samples a task buffers before merging them into its shard.
+const LATENCY_BATCH: usize = 256;
+/// Deliveries a task counts before adding them to the shared progress counter.
+const PROGRESS_BATCH: u64 = 32;
+/// Histogram shards; tasks pick one by index, so merges rarely contend.
+const SHARDS: usize = 16;
+/// How long connect + welcome + subscribe may take for one subscriber.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Failed rejoins in a row before a subscriber gives up.
+const MAX_REJOINS: u32 = 5;
+/// Close codes after which a client must not reconnect (DESIGN.md close-code table).
+const FINAL_CLOSES: [u16; 4] = [4001, 4003, 4009, 4011];
+
+type Ws = WebSocketStream<TcpStream>;
+
+/// What every subscriber watches: the last published offset once known, and the stop signal.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Goal {
+    pub target: Option<u64>,
+    pub stop: bool,
+}
+
+/// State shared by all subscriber tasks; touched per batch or per event, never per message.
+pub struct Shared {
+    plan: Fanout,
+    gate: Semaphore,
+    latency: Vec<Mutex<Histogram<u64>>>,
+    /// Deliveries so far (approximate: tasks report in batches), for progress lines.
+    pub delivered: AtomicU64,
+    /// Subscribers that reached the target or gave up.
+    pub settled: AtomicUsize,
+    /// Notified once, when the last subscriber settles.
+    pub all_settled: Notify,
+}
+
+impl Shared {
+    pub fn new(plan: &Fanout) -> Self {
+        Self {
+            plan: plan.clone(),
+            gate: Semaphore::new(plan.connect_concurrency),
+            latency: (0..SHARDS).map(|_| Mutex::new(Latency::histogram())).collect(),
+            delivered: AtomicU64::new(0),
+            settled: AtomicUsize::new(0),
+            all_settled: Notify::new(),
+        }
+    }
+
+    /// Every latency sample recorded so far, merged.
+    pub fn latency(&self) -> Latency {
+        let mut all = Latency::histogram();
+        for shard in &self.latency {
+            all.add(&*shard.lock().unwrap_or_else(|p| p.into_inner())).expect("same bounds");
+        }
+        Latency::from(&all)
+    }
+
+    fn settle(&self) {
+        if self.settled.fetch_add(1, Ordering::AcqRel) + 1 == self.plan.subscribers {
+            self.all_settled.notify_one();
+        }
+    }
+}
+
+/// One subscriber's results, returned when the run stops.
+#[derive(Debug)]
+pub struct Outcome {
+    pub checker: Checker,
+    /// Close codes the server (or the network, 1006) ended this subscriber's sockets with.
+    pub closes: Vec<(u16, String)>,
+    pub rejoins: u64,
+    pub unrecovered: u64,
+    pub resets: u64,
+    /// When this subscriber last received a new (not duplicate) message, in unix micros.
+    pub last_delivery: Option<u64>,
+    /// The last error a rejoin ran into.
+    pub error: Option<String>,
+}
+
+/// One subscriber task. Reports its first join on `ready` (an `Err` ends the task), then reads
+/// until `goal.stop`. `None` if it never joined.
+pub async fn run(
+    n: usize,
+    shared: Arc<Shared>,
+    mut goal: watch::Receiver<Goal>,
+    ready: mpsc::Sender<anyhow::Result<()>>,
+) -> Option<Outcome> {
+    let (mut ws, reply) = match join(&shared, n, None).await {
+        Ok(joined) => joined,
+        Err(e) => {
+            let _ = ready.send(Err(e)).await;
+            return None;
+        }
+    };
+    let _ = ready.send(Ok(())).await;
+    drop(ready);
+    let epoch = reply.epoch.unwrap_or_default();
+    let mut sub = Subscriber::new(n, shared.clone(), Checker::new(reply.offset.unwrap_or(0)));
+    let (mut closes, mut rejoins, mut unrecovered, mut error) = (Vec::new(), 0, 0, None);
+    loop {
+        let (code, reason) = match sub.read(&mut ws, &mut goal).await {
+            Ended::Stop => {
+                let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
+                break;
+            }
+            Ended::Closed(code, reason) => (code, reason),
+        };
+        closes.push((code, reason));
+        let rejoined = if shared.plan.reconnect && !FINAL_CLOSES.contains(&code) {
+            tokio::select! {
+                r = rejoin(&shared, n, &epoch, sub.checker.last()) => r,
+                _ = goal.wait_for(|g| g.stop) => Err(None),
+            }
+        } else {
+            Err(None)
+        };
+        match rejoined {
+            Ok((next, reply)) => {
+                ws = next;
+                rejoins += 1;
+                unrecovered += u64::from(reply.recovered == Some(false));
+            }
+            Err(e) => {
+                error = e.or(error);
+                sub.give_up();
+                let _ = goal.wait_for(|g| g.stop).await;
+                break;
+            }
+        }
+    }
+    sub.latency.flush(&shared);
+    shared.delivered.fetch_add(sub.unreported, Ordering::Relaxed);
+    let (checker, resets, last_delivery) = (sub.checker, sub.resets, sub.last_delivery);
+    Some(Outcome { checker, closes, rejoins, unrecovered, resets, last_delivery, error })
+}
+
+/// Reconnects and resubscribes from `last`, with backoff; the last error after `MAX_REJOINS`
+/// failed attempts.
+async fn rejoin(shared: &Shared, n: usize, epoch: &str, last: u64) -> Result<(Ws, Reply), Option<String>> {
+    let mut error = None;
+    for attempt in 0..MAX_REJOINS {
+        tokio::time::sleep(Duration::from_millis((100 << attempt) + (n % 100) as u64)).await;
+        match join(shared, n, Some((epoch, last))).await {
+            Ok(joined) => return Ok(joined),
+            Err(e) => error = Some(format!("{e:#}")),
+        }
+    }
+    Err(error)
+}
+
+/// A message frame, borrowed from the text it was parsed from; other fields are skipped.
+#[derive(Deserialize)]
+struct Frame<'a> {
+    #[serde(rename = "type")]
+    kind: &'a str,
+    offset: Option<u64>,
+    #[serde(borrow)]
+    data: Option<&'a RawValue>,
+}
+
+/// The one field of pushload's payload a subscriber needs; read only for fresh messages.
+#[derive(Deserialize)]
+struct Stamp {
+    ts: u64,
+}
+
+/// A welcome or subscribe reply; parsed once per join, so it may own its strings.
+#[derive(Deserialize)]
+struct Reply {
+    #[serde(rename = "type")]
+    kind: String,
+    ok: Option<bool>,
+    epoch: Option<String>,
+    offset: Option<u64>,
+    recovered: Option<bool>,
+    error: Option<serde_json::Value>,
+}
+
+/// Why a read loop ended.
+enum Ended {
+    Stop,
+    Closed(u16, String),
+}
+
+/// The per-message state of one subscriber.
+struct Subscriber {
+    checker: Checker,
+    latency: LatencyBuf,
+    target: Option<u64>,
+    settled: bool,
+    shared: Arc<Shared>,
+    /// Deliveries not yet added to the shared progress counter.
+    unreported: u64,
+    resets: u64,
+    last_delivery: Option<u64>,
+}
+
+impl Subscriber {
+    fn new(n: usize, shared: Arc<Shared>, checker: Checker) -> Self {
+        let latency = LatencyBuf { shard: n % SHARDS, samples: Vec::new() };
+        let (target, settled, unreported, resets, last_delivery) = (None, false, 0, 0, None);
+        Self { checker, latency, target, settled, shared, unreported, resets, last_delivery }
+    }
+
+    /// Reads frames until the run stops or the socket closes. The `changed` future lives across
+    /// messages, so waiting for the goal costs nothing per message.
+    async fn read(&mut self, ws: &mut Ws, goal: &mut watch::Receiver<Goal>) -> Ended {
+        let mut open = true;
+        loop {
+            // Also catches a change a rejoin consumed while this loop was not running.
+            let g = *goal.borrow_and_update();
+            if g.stop || !open {
+                return Ended::Stop;
+            }
+            self.target = g.target;
+            self.check_settled();
+            let changed = goal.changed();
+            tokio::pin!(changed);
+            open = loop {
+                tokio::select! {
+                    biased;
+                    r = &mut changed => break r.is_ok(),
+                    msg = ws.next() => if let Some(end) = self.on_message(msg) {
+                        return end;
+                    },
+                }
+            };
+        }
+    }
+
+    fn on_message(&mut self, msg: Option<Result<Message, WsError>>) -> Option<Ended> {
+        match msg {
+            Some(Ok(Message::Text(text))) => {
+                self.on_frame(text.as_str());
+                None
+            }
+            Some(Ok(Message::Close(frame))) => {
+                let (code, reason) = frame.map_or((1005, String::new()), |f| (f.code.into(), f.reason.to_string()));
+                Some(Ended::Closed(code, reason))
+            }
+            Some(Ok(_)) => None,
+            Some(Err(e)) => Some(Ended::Closed(1006, e.to_string())),
+            None => Some(Ended::Closed(1006, "connection closed without a close frame".into())),
+        }
+    }
+
+    fn on_frame(&mut self, text: &str) {
+        let Ok(frame) = serde_json::from_str::<Frame>(text) else { return };
+        match (frame.kind, frame.offset) {
+            ("message", Some(offset)) => {
+                if self.checker.record(offset) == Seen::Duplicate {
+                    return;
+                }
+                let now = unix_micros();
+                self.last_delivery = Some(now);
+                if let Some(stamp) = frame.data.and_then(|d| serde_json::from_str::<Stamp>(d.get()).ok()) {
+                    self.latency.record(now.saturating_sub(stamp.ts), &self.shared);
+                }
+                self.unreported += 1;
+                if self.unreported == PROGRESS_BATCH {
+                    self.shared.delivered.fetch_add(self.unreported, Ordering::Relaxed);
+                    self.unreported = 0;
+                }
+                self.check_settled();
+            }
+            ("reset", _) => self.resets += 1,
+            _ => {}
+        }
+    }
+
+    fn check_settled(&mut self) {
+        if !self.settled && self.target.is_some_and(|t| self.checker.reached(t)) {
+            self.settled = true;
+            self.shared.settle();
+        }
+    }
+
+    /// This subscriber will receive nothing more; stop waiting for it.
+    fn give_up(&mut self) {
+        if !self.settled {
+            self.settled = true;
+            self.shared.settle();
+        }
+    }
+}
+
+/// Latency samples of one task, merged into a shared shard in batches.
+struct LatencyBuf {
+    shard: usize,
+    samples: Vec<u32>,
+}
+
+impl LatencyBuf {
+    fn record(&mut self, micros: u64, shared: &Shared) {
+        if self.samples.capacity() == 0 {
+            self.samples.reserve_exact(LATENCY_BATCH);
+        }
+        self.samples.push(micros.min(u64::from(u32::MAX)) as u32);
+        if self.samples.len() == LATENCY_BATCH {
+            self.flush(shared);
+        }
+    }
+
+    fn flush(&mut self, shared: &Shared) {
+        if self.samples.is_empty() {
+            return;
+        }
+        let mut h = shared.latency[self.shard].lock().unwrap_or_else(|p| p.into_inner());
+        for &s in &self.samples {
+            h.saturating_record(u64::from(s).max(1));
+        }
+        self.samples.clear();
+    }
+}
+
+/// Opens one WebSocket, waits for the welcome, subscribes (from `since` if given) and returns
+/// the socket with the subscribe reply. Holds a connect-gate permit throughout.
+async fn join(shared: &Shared, n: usize, since: Option<(&str, u64)>) -> anyhow::Result<(Ws, Reply)> {
+    let _permit = shared.gate.acquire().await.context("connect gate closed")?;
+    tokio::time::timeout(JOIN_TIMEOUT, join_now(&shared.plan, n, since))
+        .await
+        .map_err(|_| anyhow!("no welcome or subscribe reply within {}s", JOIN_TIMEOUT.as_secs()))?
+}
+
+async fn join_now(plan: &Fanout, n: usize, since: Option<(&str, u64)>) -> anyhow::Result<(Ws, Reply)> {
+    let stream = TcpStream::connect(&plan.authority).await.map_err(|e| io_error(e, &plan.authority))?;
+    stream.set_nodelay(true)?;
+    let url = match &plan.token {
+        Some(token) => format!("{}?token={token}", plan.ws_url),
+        None => format!("{}?user=load-{n}", plan.ws_url),
+    };
+    let config = WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(0)
+        .max_message_size(Some(plan.payload_bytes + 64 * 1024));
+    let (mut ws, _) = tokio_tungstenite::client_async_with_config(url, stream, Some(config))
+        .await
+        .map_err(|e| ws_error(e, &plan.authority))?;
+    let welcome = next_reply(&mut ws).await.context("waiting for the welcome frame")?;
+    if welcome.kind != "welcome" {
+        bail!("expected a welcome frame first, got type {:?}", welcome.kind);
+    }
+    let mut cmd = serde_json::json!({"id": 1, "op": "subscribe", "channel": plan.channel});
+    if let Some((epoch, offset)) = since {
+        cmd["since"] = serde_json::json!({"epoch": epoch, "offset": offset});
+    }
+    ws.send(Message::text(cmd.to_string())).await.context("sending subscribe")?;
+    let reply = next_reply(&mut ws).await.context("waiting for the subscribe reply")?;
+    match (reply.kind.as_str(), reply.ok) {
+        ("reply", Some(true)) if reply.offset.is_some() => Ok((ws, reply)),
+        ("reply", _) => bail!("subscribe to {:?} refused: {}", plan.channel, reply.error.unwrap_or_default()),
+        (kind, _) => bail!("expected the subscribe reply, got a {kind:?} frame first"),
+    }
+}
+
+/// The next text frame, parsed as a reply-shaped frame.
+async fn next_reply(ws: &mut Ws) -> anyhow::Result<Reply> {
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Text(text))) => return serde_json::from_str(&text).context("malformed frame"),
+            Some(Ok(Message::Close(frame))) => bail!("server closed the socket: {frame:?}"),
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => return Err(e).context("reading from the socket"),
+            None => bail!("server closed the connection"),
+        }
+    }
+}
+
+/// Explains the socket errors a load test runs into.
+fn io_error(e: std::io::Error, authority: &str) -> anyhow::Error {
+    match e.raw_os_error() {
+        Some(24 | 23) => anyhow!(
+            "out of file descriptors ({e}): each subscriber needs one; \
+             run `ulimit -n 65536` in this shell first (check the hard limit with `ulimit -Hn`)"
+        ),
+        Some(99) => anyhow!(
+            "out of local ports to {authority} ({e}): use fewer --subscribers or widen \
+             net.ipv4.ip_local_port_range"
+        ),
+        _ if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            anyhow!("connection refused by {authority}: is pushd running there? (--url)")
+        }
+        _ => anyhow::Error::new(e).context(format!("connecting to {authority}")),
+    }
+}
+
+fn ws_error(e: WsError, authority: &str) -> anyhow::Error {
+    match e {
+        WsError::Io(e) => io_error(e, authority),
+        WsError::Http(response) => {
+            let body = response.body().as_deref().map(String::from_utf8_lossy).unwrap_or_default();
+            anyhow!("WebSocket upgrade refused with HTTP {}: {}", response.status(), body.trim())
+        }
+        e => anyhow::Error::new(e).context("WebSocket handshake"),
+    }
+}
