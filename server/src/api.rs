@@ -68,7 +68,7 @@ fn check_key<B>(node: &Node, req: &Request<B>) -> Result<(), HttpError> {
 }
 
 /// Reads and parses a JSON body, refusing bodies over the payload limit plus envelope room.
-async fn read_json<T: DeserializeOwned>(node: &Node, req: Request<Incoming>) -> Result<T, HttpError> {
+pub(crate) async fn read_json<T: DeserializeOwned>(node: &Node, req: Request<Incoming>) -> Result<T, HttpError> {
     let limit = node.config.max_payload + 16 * 1024 + node.config.max_channels * 140;
     let body: Bytes = match Limited::new(req.into_body(), limit).collect().await {
         Ok(collected) => collected.to_bytes(),
@@ -112,7 +112,7 @@ struct Published {
     offset: Offset,
 }
 
-async fn publish(node: &Node, req: Request<Incoming>) -> ApiResult {
+pub(crate) async fn publish(node: &Node, req: Request<Incoming>) -> ApiResult {
     let body: PublishBody = read_json(node, req).await?;
     let channel = channel(&body.channel)?;
     let msg = NewMessage {
@@ -188,7 +188,7 @@ struct HistoryBody<'a> {
     publications: Vec<HistoryEntry<'a>>,
 }
 
-async fn history(node: &Node, req: &Request<Incoming>) -> ApiResult {
+pub(crate) async fn history(node: &Node, req: &Request<Incoming>) -> ApiResult {
     let name = http::query(req, "channel").ok_or_else(|| HttpError::bad_request("missing ?channel="))?;
     let channel = channel(&name)?;
     let number = |key: &str| -> Result<Option<u64>, HttpError> {

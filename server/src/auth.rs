@@ -23,6 +23,8 @@ pub enum AuthError {
     Expired,
     #[error("not allowed to {action} channel {channel}")]
     Forbidden { action: &'static str, channel: ChannelName },
+    #[error("banned by an operator until {until_ms} (Unix ms)")]
+    Banned { until_ms: u64 },
 }
 
 impl AuthError {
@@ -31,7 +33,7 @@ impl AuthError {
         match self {
             AuthError::Missing | AuthError::Invalid(_) => CloseCode::Unauthorized,
             AuthError::Expired => CloseCode::TokenExpired,
-            AuthError::Forbidden { .. } => CloseCode::Forbidden,
+            AuthError::Forbidden { .. } | AuthError::Banned { .. } => CloseCode::Forbidden,
         }
     }
 
@@ -40,7 +42,7 @@ impl AuthError {
         let code = match self {
             AuthError::Missing | AuthError::Invalid(_) => ErrorCode::Unauthorized,
             AuthError::Expired => ErrorCode::TokenExpired,
-            AuthError::Forbidden { .. } => ErrorCode::Forbidden,
+            AuthError::Forbidden { .. } | AuthError::Banned { .. } => ErrorCode::Forbidden,
         };
         CommandError::new(code, self.to_string())
     }

@@ -60,6 +60,11 @@ pub struct Args {
     #[arg(long, env = "PUSHD_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
 
+    /// Key operators (pushctl) send as `Authorization: Bearer <key>` on /admin/*. Unset = the
+    /// admin API is open in dev mode and disabled otherwise.
+    #[arg(long, env = "PUSHD_ADMIN_KEY", hide_env_values = true)]
+    pub admin_key: Option<String>,
+
     /// Browser origins allowed on /ws, /sse and /api/* (comma-separated, or `*`).
     /// Default: same host only; `*` in dev mode. Requests without an Origin are not affected.
     #[arg(long, env = "PUSHD_ALLOWED_ORIGINS", value_delimiter = ',')]
@@ -180,6 +185,8 @@ pub struct Config {
     pub token_secret: Option<String>,
     /// Server API key; `None` only in dev mode (API open to loopback callers).
     pub api_key: Option<String>,
+    /// Admin API key; `None` = open in dev mode, disabled otherwise.
+    pub admin_key: Option<String>,
     /// Allowed browser origins. Default: same host (`*` in dev mode).
     pub allowed_origins: Origins,
     /// Messages of history per channel. Default 1000.
@@ -311,6 +318,7 @@ impl TryFrom<Args> for Config {
             node_ttl: Duration::from_secs(a.node_ttl),
             token_secret: a.token_secret,
             api_key: a.api_key.filter(|k| !k.is_empty()),
+            admin_key: a.admin_key.filter(|k| !k.is_empty()),
             allowed_origins,
             history_size: a.history_size,
             history_ttl: Duration::from_secs(a.history_ttl),

@@ -20,7 +20,7 @@ use tokio::net::TcpListener;
 use crate::config::Origins;
 use crate::node::Node;
 use crate::protocol::{CommandError, ErrorCode};
-use crate::{api, sse, ws};
+use crate::{admin, api, sse, ws};
 
 /// The body type of every response: buffered JSON or a streaming SSE body.
 pub type Body = BoxBody<Bytes, Infallible>;
@@ -74,6 +74,7 @@ async fn route(node: Arc<Node>, remote: SocketAddr, req: Request<Incoming>) -> R
             "/sse" | "/api/publish" | "/api/broadcast" | "/api/history" | "/api/presence" | "/api/disconnect",
         ) => preflight(&node, &req),
         (_, p) if p.starts_with("/api/") => api::handle(node, req).await,
+        (_, p) if p.starts_with("/admin/") => admin::handle(node, req).await,
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
         (&Method::GET, "/readyz") => readyz(&node),
         (&Method::GET, "/metrics") => text(StatusCode::OK, node.metrics.render()),
@@ -212,7 +213,7 @@ pub fn query<B>(req: &Request<B>, name: &str) -> Option<String> {
 }
 
 /// Decodes `%XX` and `+`; invalid escapes are kept as they are, bad UTF-8 is replaced.
-fn percent_decode(s: &str) -> String {
+pub fn percent_decode(s: &str) -> String {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;

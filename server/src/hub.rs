@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use hyper_tungstenite::tungstenite::Utf8Bytes;
@@ -17,12 +18,38 @@ use crate::session::{ConnId, Out, SessionHandle};
 
 const SHARDS: usize = 64;
 
-type Subscribers = RwLock<HashMap<ConnId, SessionHandle>>;
+/// One channel's local subscribers and its message rate.
+#[derive(Default)]
+struct LocalChannel {
+    subs: RwLock<HashMap<ConnId, SessionHandle>>,
+    /// Publications delivered to this node for the channel.
+    messages: AtomicU64,
+    /// (messages at the last rate sample, messages per second since then).
+    rate: Mutex<(u64, f64)>,
+}
+
+impl LocalChannel {
+    /// Queues one item for every local subscriber, without waiting on any of them.
+    fn push_all(&self, out: impl Fn() -> Out) {
+        for handle in read(&self.subs).values() {
+            handle.push(out());
+        }
+    }
+}
+
+/// A channel with local subscribers, as operators see it.
+#[derive(Debug, Clone)]
+pub struct ChannelStat {
+    pub channel: ChannelName,
+    pub subscribers: usize,
+    /// Messages per second over the last sample period.
+    pub rate: f64,
+}
 
 /// Local subscribers and sessions of this node.
 pub struct Hub {
     hasher: RandomState,
-    channels: Vec<RwLock<HashMap<ChannelName, Arc<Subscribers>>>>,
+    channels: Vec<RwLock<HashMap<ChannelName, Arc<LocalChannel>>>>,
     sessions: Vec<Mutex<HashMap<ConnId, SessionHandle>>>,
     metrics: Metrics,
 }
@@ -41,7 +68,7 @@ impl Hub {
         self.hasher.hash_one(key) as usize % SHARDS
     }
 
-    fn subscribers(&self, channel: &ChannelName) -> Option<Arc<Subscribers>> {
+    fn subscribers(&self, channel: &ChannelName) -> Option<Arc<LocalChannel>> {
         read(&self.channels[self.index(channel)]).get(channel).cloned()
     }
 
@@ -52,7 +79,7 @@ impl Hub {
             self.metrics.channels.inc();
             Arc::default()
         });
-        if write(subs).insert(handle.conn.clone(), handle.clone()).is_none() {
+        if write(&subs.subs).insert(handle.conn.clone(), handle.clone()).is_none() {
             self.metrics.subscriptions.inc();
         }
     }
@@ -61,7 +88,7 @@ impl Hub {
     pub fn remove_subscriber(&self, channel: &ChannelName, conn: &ConnId) {
         let mut shard = write(&self.channels[self.index(channel)]);
         let Some(subs) = shard.get(channel) else { return };
-        let mut subs_w = write(subs);
+        let mut subs_w = write(&subs.subs);
         if subs_w.remove(conn).is_some() {
             self.metrics.subscriptions.dec();
         }
@@ -74,15 +101,29 @@ impl Hub {
 
     /// Local subscribers of `channel`.
     pub fn channel_subscribers(&self, channel: &ChannelName) -> Vec<SessionHandle> {
-        self.subscribers(channel).map(|s| read(&s).values().cloned().collect()).unwrap_or_default()
+        self.subscribers(channel).map(|s| read(&s.subs).values().cloned().collect()).unwrap_or_default()
     }
 
-    /// Every channel with local subscribers, with their count.
-    pub fn channels(&self) -> Vec<(ChannelName, usize)> {
-        self.channels
-            .iter()
-            .flat_map(|s| read(s).iter().map(|(c, subs)| (c.clone(), read(subs).len())).collect::<Vec<_>>())
-            .collect()
+    /// Every channel with local subscribers: count and message rate.
+    pub fn channels(&self) -> Vec<ChannelStat> {
+        let stat = |(channel, local): (&ChannelName, &Arc<LocalChannel>)| ChannelStat {
+            channel: channel.clone(),
+            subscribers: read(&local.subs).len(),
+            rate: lock(&local.rate).1,
+        };
+        self.channels.iter().flat_map(|s| read(s).iter().map(stat).collect::<Vec<_>>()).collect()
+    }
+
+    /// Samples every channel's message rate over `elapsed` (called once a second).
+    pub fn sample_rates(&self, elapsed: std::time::Duration) {
+        let secs = elapsed.as_secs_f64().max(0.001);
+        for shard in &self.channels {
+            for local in read(shard).values() {
+                let now = local.messages.load(Ordering::Relaxed);
+                let mut rate = lock(&local.rate);
+                *rate = (now, now.saturating_sub(rate.0) as f64 / secs);
+            }
+        }
     }
 
     pub fn register(&self, handle: SessionHandle) {
@@ -116,18 +157,18 @@ impl Hub {
     }
 
     fn push_all(&self, channel: &ChannelName, out: impl Fn() -> Out) {
-        if let Some(subs) = self.subscribers(channel) {
-            for handle in read(&subs).values() {
-                handle.push(out());
-            }
+        if let Some(local) = self.subscribers(channel) {
+            local.push_all(out);
         }
     }
 }
 
 impl Deliver for Hub {
     fn deliver(&self, publication: Arc<Publication>) {
-        let channel = publication.channel.clone();
-        self.push_all(&channel, || Out::Message(publication.clone()));
+        if let Some(local) = self.subscribers(&publication.channel) {
+            local.messages.fetch_add(1, Ordering::Relaxed);
+            local.push_all(|| Out::Message(publication.clone()));
+        }
     }
 
     fn deliver_event(&self, channel: &ChannelName, frame: Utf8Bytes) {

@@ -11,10 +11,12 @@
 //! - [`api`]: `/api/*` for backends. [`auth`]: tokens and keys. [`protocol`]: the wire types.
 //! - [`node`]: state every handler shares. [`metrics`]: `/metrics`. [`shutdown`]: the drain.
 
+pub mod admin;
 pub mod api;
 pub mod auth;
 pub mod channel;
 pub mod config;
+pub mod control;
 pub mod engine;
 pub mod http;
 pub mod hub;
@@ -44,10 +46,10 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Ou
         );
     }
     let engine = if config.redis_url.is_some() { "redis" } else { "memory" };
-    let node = Node::start(config).await?;
+    let node = Node::start(config, addr).await?;
     tracing::info!(%addr, node = %node.config.node_id, engine, "pushd listening");
     let accept = tokio::spawn(http::accept_loop(listener, node.clone()));
-    let heartbeat = tokio::spawn(node.clone().heartbeat(addr.to_string()));
+    let heartbeat = tokio::spawn(node.clone().heartbeat());
     shutdown.await;
     shutdown::drain(&node).await;
     accept.await?;

@@ -3,19 +3,21 @@
 //! (publish, presence) live here once.
 
 use std::collections::HashSet;
-use std::sync::Arc;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::auth::Authenticator;
+use crate::auth::{AuthError, Authenticator};
 use crate::channel::ChannelName;
 use crate::config::Config;
 use crate::engine::memory::MemorySettings;
 use crate::engine::{
-    ClientInfo, Deliver, Engine, MemoryEngine, NewMessage, NodeInfo, Publication, RedisEngine, RedisSettings,
+    ClientInfo, ControlHandler, Deliver, Engine, MemoryEngine, NewMessage, NodeInfo, Publication, RedisEngine,
+    RedisSettings,
 };
 use crate::hub::Hub;
 use crate::metrics::Metrics;
@@ -26,6 +28,9 @@ use prometheus::core::Collector;
 /// Shared state of one pushd node.
 pub struct Node {
     pub config: Config,
+    addr: String,
+    /// Messages in and out per second over the last heartbeat period.
+    pub rates: Mutex<(f64, f64)>,
     /// `config.node_id`, shared by every presence entry.
     pub node_id: Arc<str>,
     pub hub: Arc<Hub>,
@@ -55,7 +60,7 @@ impl Drop for ConnectionSlot {
 
 impl Node {
     /// Builds the node on the engine the config names: Redis with `--redis-url`, else memory.
-    pub async fn start(config: Config) -> anyhow::Result<Arc<Self>> {
+    pub async fn start(config: Config, addr: SocketAddr) -> anyhow::Result<Arc<Self>> {
         let metrics = Metrics::new(&config.node_id);
         let hub = Arc::new(Hub::new(metrics.clone()));
         let deliver: Arc<dyn Deliver> = hub.clone();
@@ -71,6 +76,7 @@ impl Node {
                     presence_ttl: config.presence_ttl,
                     idempotency_ttl: config.idempotency_ttl,
                     node_ttl: config.node_ttl,
+                    node_id: config.node_id.clone(),
                 };
                 RedisEngine::connect(settings, Arc::downgrade(&deliver)).await?
             }
@@ -85,7 +91,9 @@ impl Node {
                 MemoryEngine::start(settings, Arc::downgrade(&deliver))
             }
         };
-        Ok(Arc::new(Self {
+        let node = Arc::new(Self {
+            addr: addr.to_string(),
+            rates: Mutex::new((0.0, 0.0)),
             auth: Authenticator::new(config.token_secret.as_deref()),
             node_id: config.node_id.as_str().into(),
             config,
@@ -99,7 +107,15 @@ impl Node {
             draining: AtomicBool::new(false),
             connections: AtomicUsize::new(0),
             next_conn: AtomicU64::new(1),
-        }))
+        });
+        let handler: Arc<dyn ControlHandler> = node.clone();
+        node.engine.set_control(Arc::downgrade(&handler));
+        Ok(node)
+    }
+
+    /// The address this node listens on.
+    pub fn addr(&self) -> String {
+        self.addr.clone()
     }
 
     /// A fresh cluster-unique connection id.
@@ -127,6 +143,19 @@ impl Node {
     /// open during the drain so load balancers can read the 503 from /readyz.
     pub fn start_draining(&self) {
         self.draining.store(true, Ordering::Relaxed);
+    }
+
+    /// Refuses a banned user (`pushctl kick --ban`). If the ban store cannot be asked, the user
+    /// is let in: an outage of the store must not lock everyone out.
+    pub async fn check_ban(&self, user: &str) -> Result<(), AuthError> {
+        match self.engine.banned_until(user).await {
+            Ok(Some(until_ms)) => Err(AuthError::Banned { until_ms }),
+            Ok(None) => Ok(()),
+            Err(e) => {
+                tracing::warn!(%user, error = %e, "ban check failed; letting the user in");
+                Ok(())
+            }
+        }
     }
 
     /// Whether /readyz says yes.
@@ -160,15 +189,24 @@ impl Node {
         }
     }
 
-    /// Refreshes this node's registry entry every second until the drain ends.
-    pub async fn heartbeat(self: Arc<Self>, addr: String) {
+    /// Refreshes this node's registry entry and samples its rates every second until the drain
+    /// ends.
+    pub async fn heartbeat(self: Arc<Self>) {
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        let (mut last, mut at) = ((0, 0), Instant::now());
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
                 _ = self.stopping.cancelled() => break,
             }
-            if let Err(e) = self.engine.heartbeat(&self.info(&addr)).await {
+            let info = self.info(&self.addr);
+            let elapsed = at.elapsed();
+            let secs = elapsed.as_secs_f64().max(0.001);
+            let rates = ((info.messages_in - last.0) as f64 / secs, (info.messages_out - last.1) as f64 / secs);
+            *self.rates.lock().unwrap_or_else(|e| e.into_inner()) = rates;
+            self.hub.sample_rates(elapsed);
+            (last, at) = ((info.messages_in, info.messages_out), Instant::now());
+            if let Err(e) = self.engine.heartbeat(&info).await {
                 tracing::debug!(error = %e, "heartbeat not stored");
             }
         }

@@ -63,6 +63,9 @@ async fn start<B>(node: Arc<Node>, remote: SocketAddr, req: &Request<B>) -> Resu
         .auth
         .authenticate(token.as_deref(), http::query(req, "user").as_deref())
         .map_err(|e| HttpError { status: auth_status(&e), error: e.command_error() })?;
+    node.check_ban(&identity.user)
+        .await
+        .map_err(|e| HttpError { status: auth_status(&e), error: e.command_error() })?;
     let Some(slot) = node.reserve_connection() else {
         let msg = "node is full or draining: retry another node (--max-connections)";
         return Err(HttpError::new(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, msg));
@@ -89,7 +92,7 @@ fn auth_status(e: &AuthError) -> StatusCode {
     // `command_error` says whether the token was bad or expired; both are 401.
     match e {
         AuthError::Missing | AuthError::Invalid(_) | AuthError::Expired => StatusCode::UNAUTHORIZED,
-        AuthError::Forbidden { .. } => StatusCode::FORBIDDEN,
+        AuthError::Forbidden { .. } | AuthError::Banned { .. } => StatusCode::FORBIDDEN,
     }
 }
 

@@ -77,6 +77,10 @@ pub fn upgrade(node: Arc<Node>, remote: SocketAddr, mut req: Request<Incoming>) 
 
 async fn run(node: Arc<Node>, mut ws: HyperWebsocketStream, identity: Result<Identity, AuthError>, remote: SocketAddr) {
     let identity = match identity {
+        Ok(identity) => node.check_ban(&identity.user).await.map(|()| identity),
+        Err(e) => Err(e),
+    };
+    let identity = match identity {
         Ok(identity) => identity,
         Err(e) => {
             node.metrics.refused.with_label_values(&["auth"]).inc();

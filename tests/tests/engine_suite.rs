@@ -511,7 +511,7 @@ async fn history_expires_after_its_ttl_but_the_position_stays(config: Config) {
 /// The registry has no HTTP route yet (no /admin), so these drive the engine of a real `Node`
 /// (what `pushd::run` builds) without its listener or its heartbeat task.
 async fn registry_node(config: Config, node_ttl: Duration) -> std::sync::Arc<pushd::Node> {
-    let node = pushd::Node::start(Config { node_ttl, ..config }).await.unwrap();
+    let node = pushd::Node::start(Config { node_ttl, ..config }, "127.0.0.1:0".parse().unwrap()).await.unwrap();
     assert_eq!(node.engine.nodes().await.unwrap(), vec![], "a fresh registry is empty");
     node
 }

@@ -18,8 +18,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::{
-    ClientInfo, Deliver, Engine, EngineError, Epoch, HistoryPage, HistoryQuery, NewMessage, NodeInfo, Offset,
-    PresenceChange, Publication, now_ms, now_us, presence_frame,
+    ClientInfo, ControlHandler, Deliver, Engine, EngineError, Epoch, HistoryBounds, HistoryPage, HistoryQuery,
+    NewMessage, NodeInfo, Offset, PresenceChange, Publication, Survey, now_ms, now_us, presence_frame,
 };
 use crate::channel::ChannelName;
 
@@ -49,6 +49,9 @@ pub struct MemoryEngine {
     channels: Vec<Shard<Arc<Mutex<ChannelLog>>>>,
     /// The one node of a memory-engine cluster.
     node: Mutex<Option<NodeInfo>>,
+    control: std::sync::OnceLock<Weak<dyn ControlHandler>>,
+    /// User -> end of ban (Unix ms).
+    bans: Mutex<HashMap<String, u64>>,
     presence: Vec<Shard<HashMap<Arc<str>, ClientInfo>>>,
 }
 
@@ -121,6 +124,8 @@ impl MemoryEngine {
             hasher: RandomState::new(),
             channels: shards(),
             node: Mutex::new(None),
+            control: std::sync::OnceLock::new(),
+            bans: Mutex::new(HashMap::new()),
             presence: shards(),
         });
         tokio::spawn(sweep(Arc::downgrade(&engine), history_ttl));
@@ -274,6 +279,41 @@ impl Engine for MemoryEngine {
     async fn nodes(&self) -> Result<Vec<NodeInfo>, EngineError> {
         let lapsed = now_ms().saturating_sub(self.node_ttl.as_millis() as u64);
         Ok(lock(&self.node).iter().filter(|n| n.updated_ms >= lapsed).cloned().collect())
+    }
+
+    fn set_control(&self, handler: Weak<dyn ControlHandler>) {
+        let _ = self.control.set(handler);
+    }
+
+    /// The cluster is this node: it answers itself.
+    async fn survey(&self, request: &str, _timeout: Duration) -> Result<Survey, EngineError> {
+        let Some(handler) = self.control.get().and_then(Weak::upgrade) else { return Ok(Survey::default()) };
+        let id = lock(&self.node).as_ref().map(|n| n.id.clone()).unwrap_or_default();
+        Ok(Survey { answers: vec![(id, handler.answer(request))], missing: Vec::new() })
+    }
+
+    async fn ban(&self, user: &str, until_ms: u64) -> Result<(), EngineError> {
+        let mut bans = lock(&self.bans);
+        let now = now_ms();
+        bans.retain(|_, until| *until > now);
+        bans.insert(user.to_owned(), until_ms);
+        Ok(())
+    }
+
+    async fn banned_until(&self, user: &str) -> Result<Option<u64>, EngineError> {
+        Ok(lock(&self.bans).get(user).copied().filter(|until| *until > now_ms()))
+    }
+
+    async fn history_bounds(&self, channel: &ChannelName) -> Result<HistoryBounds, EngineError> {
+        let log = self.log(channel);
+        let mut log = lock(&log);
+        log.expire(now_ms(), self.ttl_ms());
+        Ok(HistoryBounds {
+            epoch: log.epoch.clone(),
+            last_offset: log.top,
+            len: log.ring.len() as u64,
+            first_offset: log.ring.front().map(|p| p.offset),
+        })
     }
 
     async fn deregister(&self, node: &str) {

@@ -9,7 +9,8 @@ pub mod memory;
 pub mod redis;
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -210,6 +211,29 @@ pub enum EngineError {
     Unavailable(String),
 }
 
+/// Answers control requests from the cluster (`survey`) on this node: implemented by the node.
+pub trait ControlHandler: Send + Sync + 'static {
+    /// Answers one request (JSON in, JSON out).
+    fn answer(&self, request: &str) -> String;
+}
+
+/// What a survey collected: each answering node's reply, and the registered nodes that did not
+/// answer in time.
+#[derive(Debug, Default)]
+pub struct Survey {
+    pub answers: Vec<(String, String)>,
+    pub missing: Vec<String>,
+}
+
+/// A channel's stored history as operators see it.
+#[derive(Debug, Clone, Serialize)]
+pub struct HistoryBounds {
+    pub epoch: Epoch,
+    pub last_offset: Offset,
+    pub len: u64,
+    pub first_offset: Option<Offset>,
+}
+
 /// Where an engine hands live traffic on this node: implemented by the hub.
 pub trait Deliver: Send + Sync + 'static {
     /// A stored message for this node's subscribers of its channel, in offset order per channel.
@@ -259,6 +283,27 @@ pub trait Engine: Send + Sync + 'static {
 
     /// Takes this node out of the registry at once (clean shutdown).
     async fn deregister(&self, _node: &str) {}
+
+    /// Lets control requests from other nodes reach this node's handler.
+    fn set_control(&self, handler: Weak<dyn ControlHandler>);
+
+    /// Asks every registered node (this one included) to answer `request`; waits at most
+    /// `timeout`, and names the nodes that did not answer.
+    async fn survey(&self, request: &str, timeout: Duration) -> Result<Survey, EngineError>;
+
+    /// Refuses `user` on every node until `until_ms` (Unix ms).
+    async fn ban(&self, user: &str, until_ms: u64) -> Result<(), EngineError>;
+
+    /// When `user`'s ban ends, if banned now.
+    async fn banned_until(&self, user: &str) -> Result<Option<u64>, EngineError>;
+
+    /// Length and bounds of `channel`'s stored history.
+    async fn history_bounds(&self, channel: &ChannelName) -> Result<HistoryBounds, EngineError>;
+
+    /// The shared store's own stats (Redis INFO and pub/sub); `None` without one.
+    async fn backend_stats(&self) -> Result<Option<serde_json::Value>, EngineError> {
+        Ok(None)
+    }
 
     /// Releases connections at shutdown.
     async fn close(&self) {}

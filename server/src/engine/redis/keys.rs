@@ -53,6 +53,21 @@ impl Keys {
         ChannelName::parse(inner).ok()
     }
 
+    /// The control channel every node listens to (surveys).
+    pub fn control(&self) -> String {
+        format!("{}control", self.prefix)
+    }
+
+    /// Where survey answers for `node` arrive.
+    pub fn control_reply(&self, node: &str) -> String {
+        format!("{}control:{node}", self.prefix)
+    }
+
+    /// A banned user, expiring with the ban.
+    pub fn ban(&self, user: &str) -> String {
+        format!("{}ban:{user}", self.prefix)
+    }
+
     /// Sorted set of live nodes scored by their last heartbeat (ms).
     pub fn nodes(&self) -> String {
         format!("{}nodes", self.prefix)

@@ -10,6 +10,7 @@
 //!
 //! A command that Redis did not acknowledge is an `EngineError`: a publish is then answered 503.
 
+mod control;
 mod keys;
 mod pubsub;
 
@@ -28,8 +29,8 @@ pub use keys::Keys;
 use pubsub::LiveChannels;
 
 use super::{
-    ClientInfo, Deliver, Engine, EngineError, Epoch, HistoryPage, HistoryQuery, NewMessage, NodeInfo, Offset,
-    PresenceChange, Publication, now_ms, now_us, presence_frame,
+    ClientInfo, ControlHandler, Deliver, Engine, EngineError, Epoch, HistoryBounds, HistoryPage, HistoryQuery,
+    NewMessage, NodeInfo, Offset, PresenceChange, Publication, Survey, now_ms, now_us, presence_frame,
 };
 use crate::channel::ChannelName;
 
@@ -56,6 +57,8 @@ pub struct RedisSettings {
     pub idempotency_ttl: Duration,
     /// How long a node stays in the registry without a heartbeat.
     pub node_ttl: Duration,
+    /// This node's id: surveys address their answers to it.
+    pub node_id: String,
 }
 
 /// The Redis-backed engine.
@@ -69,6 +72,7 @@ pub struct RedisEngine {
     presence_script: Script,
     deliver: Weak<dyn Deliver>,
     live: LiveChannels,
+    control: control::Control,
     /// This node's presence entries, refreshed every third of `presence_ttl`.
     present: Mutex<HashMap<(ChannelName, Arc<str>), ClientInfo>>,
 }
@@ -114,12 +118,15 @@ impl RedisEngine {
             subscriber,
             deliver,
             live: LiveChannels::default(),
+            control: control::Control::default(),
             present: Mutex::new(HashMap::new()),
         });
         for script in [&engine.publish_script, &engine.history_script, &engine.presence_script] {
             script.load(engine.pool.next()).await.context("loading Lua scripts into Redis")?;
         }
         pubsub::spawn_dispatcher(&engine);
+        let control = vec![engine.keys.control(), engine.keys.control_reply(&engine.settings.node_id)];
+        engine.subscriber.subscribe(control).await.context("subscribing to the control channel")?;
         tokio::spawn(refresh_presence(Arc::downgrade(&engine)));
         Ok(engine)
     }
@@ -307,6 +314,39 @@ impl Engine for RedisEngine {
         Ok(infos.iter().flatten().filter_map(|j| serde_json::from_str(j).ok()).collect())
     }
 
+    fn set_control(&self, handler: Weak<dyn ControlHandler>) {
+        self.control.set_handler(handler);
+    }
+
+    async fn survey(&self, request: &str, timeout: Duration) -> Result<Survey, EngineError> {
+        control::survey(self, request, timeout).await
+    }
+
+    async fn ban(&self, user: &str, until_ms: u64) -> Result<(), EngineError> {
+        let ttl = until_ms.saturating_sub(now_ms()).max(1) as i64;
+        let expiry = Some(Expiration::PX(ttl));
+        self.client()?.set(self.keys.ban(user), until_ms as i64, expiry, None, false).await.map_err(unavailable)
+    }
+
+    async fn banned_until(&self, user: &str) -> Result<Option<u64>, EngineError> {
+        let until: Option<u64> = self.client()?.get(self.keys.ban(user)).await.map_err(unavailable)?;
+        Ok(until.filter(|u| *u > now_ms()))
+    }
+
+    async fn history_bounds(&self, channel: &ChannelName) -> Result<HistoryBounds, EngineError> {
+        let page = self.read_history(channel, HistoryQuery::After { after: 0, limit: 1 }).await?;
+        let size = self.settings.history_size as u64;
+        let len: u64 = self.client()?.xlen(self.keys.stream(channel)).await.map_err(unavailable)?;
+        // Reads never go below top - size (see history.lua), whatever MAXLEN ~ kept.
+        let len = len.min(size);
+        let first_offset = page.publications.first().map(|p| p.offset.max(page.top.saturating_sub(size) + 1));
+        Ok(HistoryBounds { epoch: page.epoch, last_offset: page.top, len, first_offset })
+    }
+
+    async fn backend_stats(&self) -> Result<Option<serde_json::Value>, EngineError> {
+        backend_stats(self).await.map(Some)
+    }
+
     async fn deregister(&self, node: &str) {
         let Ok(c) = self.client() else { return };
         let _: Result<(), _> = c.zrem(self.keys.nodes(), node).await;
@@ -370,4 +410,44 @@ fn parse_entry(channel: &ChannelName, epoch: &Epoch, entry: Value) -> Result<Pub
     let data = RawValue::from_string(data).map_err(|e| format!("stored data is not JSON: {e}"))?;
     let msg = NewMessage { event, data, idempotency_key: None };
     Ok(Publication::new(channel.clone(), epoch.clone(), offset, msg, time_us))
+}
+
+/// Redis' own view: version, memory, load, and pub/sub subscriber counts of our channels.
+async fn backend_stats(engine: &RedisEngine) -> Result<serde_json::Value, EngineError> {
+    let c = engine.client()?;
+    let info: String = c.info(None).await.map_err(unavailable)?;
+    let field = |name: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(':')))
+            .map(str::trim)
+            .map(str::to_owned)
+    };
+    let ours: Vec<String> = c.pubsub_channels(format!("{}{{*", engine.settings.prefix)).await.map_err(unavailable)?;
+    let all: Vec<String> = c.pubsub_channels("*").await.map_err(unavailable)?;
+    let numpat: i64 = c.pubsub_numpat().await.map_err(unavailable)?;
+    let mut top: Vec<(String, i64)> = Vec::new();
+    if !ours.is_empty() {
+        let counts: Vec<Value> = c.pubsub_numsub(ours.clone()).await.map_err(unavailable)?;
+        for pair in counts.chunks(2) {
+            if let [name, count] = pair
+                && let (Some(name), Some(count)) = (name.as_string(), count.as_i64())
+                && let Some(channel) = engine.keys.channel_of(&name)
+            {
+                top.push((channel.to_string(), count));
+            }
+        }
+    }
+    top.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    top.truncate(10);
+    let top: Vec<serde_json::Value> =
+        top.into_iter().map(|(channel, n)| serde_json::json!({"channel": channel, "subscribers": n})).collect();
+    Ok(serde_json::json!({
+        "version": field("redis_version"),
+        "used_memory": field("used_memory_human"),
+        "ops_per_sec": field("instantaneous_ops_per_sec").and_then(|v| v.parse::<u64>().ok()),
+        "connected_clients": field("connected_clients").and_then(|v| v.parse::<u64>().ok()),
+        "pubsub_channels": all.len(),
+        "pubsub_patterns": numpat,
+        "top_channels": top,
+    }))
 }

@@ -1,0 +1,290 @@
+//! The admin API (`/admin/*`, docs/ADMIN-API.md) behind `PUSHD_ADMIN_KEY`: any node answers for
+//! the whole cluster by surveying every registered node through the engine and merging the
+//! answers; nodes that stay silent past the timeout are named in `missing`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::api;
+use crate::auth::keys_match;
+use crate::channel::ChannelName;
+use crate::control::{ChannelOnNode, ConnectionInfo, ControlRequest, NodeStats, Subscriber};
+use crate::engine::{EngineError, now_ms};
+use crate::http::{self, Body, HttpError};
+use crate::node::Node;
+use crate::protocol::ErrorCode;
+
+/// Default and largest survey wait.
+const DEFAULT_TIMEOUT: Duration = Duration::from_millis(2000);
+const MAX_TIMEOUT: Duration = Duration::from_secs(10);
+
+type AdminResult = Result<Response<Body>, HttpError>;
+
+/// Dispatches one `/admin/*` request.
+pub async fn handle(node: Arc<Node>, req: Request<Incoming>) -> Response<Body> {
+    if let Err(refused) = check_key(&node, &req) {
+        return refused.into_response();
+    }
+    let path = req.uri().path().to_owned();
+    let result = match (req.method(), path.as_str()) {
+        (&Method::GET, "/admin/stats") => stats(&node, &req).await,
+        (&Method::GET, "/admin/nodes") => nodes(&node).await,
+        (&Method::GET, "/admin/connections") => connections(&node, &req).await,
+        (&Method::GET, "/admin/channels") => channels(&node, &req).await,
+        (&Method::GET, p) if p.starts_with("/admin/channels/") => {
+            channel(&node, &req, &p["/admin/channels/".len()..]).await
+        }
+        (&Method::GET, "/admin/history") => api::history(&node, &req).await,
+        (&Method::POST, "/admin/publish") => api::publish(&node, req).await,
+        (&Method::POST, "/admin/kick") => kick(&node, req).await,
+        (method, path) => {
+            Err(HttpError::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, format!("no admin route {method} {path}")))
+        }
+    };
+    result.unwrap_or_else(HttpError::into_response)
+}
+
+fn check_key<B>(node: &Node, req: &Request<B>) -> Result<(), HttpError> {
+    let Some(expected) = &node.config.admin_key else {
+        if node.config.dev_mode() {
+            return Ok(());
+        }
+        let msg = "admin API disabled: set PUSHD_ADMIN_KEY (--admin-key) on the node";
+        return Err(HttpError::new(StatusCode::FORBIDDEN, ErrorCode::Forbidden, msg));
+    };
+    match http::bearer(req) {
+        Some(given) if keys_match(given.as_bytes(), expected.as_bytes()) => Ok(()),
+        Some(_) => Err(HttpError::new(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, "wrong admin key")),
+        None => Err(HttpError::new(
+            StatusCode::UNAUTHORIZED,
+            ErrorCode::Unauthorized,
+            "missing admin key: send Authorization: Bearer <PUSHD_ADMIN_KEY>",
+        )),
+    }
+}
+
+fn timeout<B>(req: &Request<B>) -> Result<Duration, HttpError> {
+    Ok(number(req, "timeout_ms")?
+        .map_or(DEFAULT_TIMEOUT, Duration::from_millis)
+        .clamp(Duration::from_millis(50), MAX_TIMEOUT))
+}
+
+fn number<B>(req: &Request<B>, key: &str) -> Result<Option<u64>, HttpError> {
+    http::query(req, key)
+        .map(|v| {
+            v.parse::<u64>().map_err(|_| HttpError::bad_request(format!("?{key}= must be a non-negative integer")))
+        })
+        .transpose()
+}
+
+fn unavailable(e: EngineError) -> HttpError {
+    HttpError::new(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, format!("{e}: retry shortly"))
+}
+
+/// Surveys every node with `request`; answers that do not parse count as missing.
+async fn survey<T: DeserializeOwned>(
+    node: &Node,
+    request: &ControlRequest,
+    timeout: Duration,
+) -> Result<(Vec<(String, T)>, Vec<String>), HttpError> {
+    let request = serde_json::to_string(request).expect("control requests serialise");
+    let survey = node.engine.survey(&request, timeout).await.map_err(unavailable)?;
+    let mut missing = survey.missing;
+    let mut answers = Vec::with_capacity(survey.answers.len());
+    for (id, body) in survey.answers {
+        match serde_json::from_str::<T>(&body) {
+            Ok(answer) => answers.push((id, answer)),
+            Err(e) => {
+                tracing::warn!(node = %id, error = %e, "unreadable survey answer");
+                missing.push(id);
+            }
+        }
+    }
+    answers.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok((answers, missing))
+}
+
+#[derive(Serialize, Default)]
+struct Totals {
+    nodes: usize,
+    connections: u64,
+    users: usize,
+    subscriptions: u64,
+    channels: usize,
+    msgs_in_per_s: f64,
+    msgs_out_per_s: f64,
+    replays: u64,
+    slow_consumers: u64,
+    uptime_s: u64,
+}
+
+async fn stats(node: &Node, req: &Request<Incoming>) -> AdminResult {
+    let (answers, missing) = survey::<NodeStats>(node, &ControlRequest::Stats, timeout(req)?).await?;
+    let (mut users, mut channels) = (BTreeSet::new(), BTreeSet::new());
+    let mut totals = Totals { nodes: answers.len(), ..Totals::default() };
+    let mut nodes = Vec::with_capacity(answers.len());
+    for (_, mut s) in answers {
+        users.extend(std::mem::take(&mut s.user_ids));
+        channels.extend(std::mem::take(&mut s.channel_names));
+        totals.connections += s.info.connections;
+        totals.subscriptions += s.info.subscriptions;
+        totals.msgs_in_per_s += s.msgs_in_per_s;
+        totals.msgs_out_per_s += s.msgs_out_per_s;
+        totals.replays += s.info.replays;
+        totals.slow_consumers += s.info.slow_consumers;
+        totals.uptime_s = totals.uptime_s.max(s.uptime_s);
+        nodes.push(s);
+    }
+    (totals.users, totals.channels) = (users.len(), channels.len());
+    let redis = node.engine.backend_stats().await.unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "backend stats unavailable");
+        None
+    });
+    let engine = if node.config.redis_url.is_some() { "redis" } else { "memory" };
+    let body =
+        serde_json::json!({ "engine": engine, "totals": totals, "nodes": nodes, "missing": missing, "redis": redis });
+    Ok(http::json(StatusCode::OK, &body))
+}
+
+async fn nodes(node: &Node) -> AdminResult {
+    let mut nodes = node.engine.nodes().await.map_err(unavailable)?;
+    nodes.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(http::json(StatusCode::OK, &serde_json::json!({ "nodes": nodes, "missing": [] })))
+}
+
+async fn connections(node: &Node, req: &Request<Incoming>) -> AdminResult {
+    let limit = number(req, "limit")?.unwrap_or(100).clamp(1, 10_000) as usize;
+    let only_node = http::query(req, "node");
+    let request = ControlRequest::Connections { user: http::query(req, "user"), channel: http::query(req, "channel") };
+    let (answers, missing) = survey::<Vec<ConnectionInfo>>(node, &request, timeout(req)?).await?;
+    let mut all: Vec<ConnectionInfo> = answers
+        .into_iter()
+        .filter(|(id, _)| only_node.as_ref().is_none_or(|n| n == id))
+        .flat_map(|(_, list)| list)
+        .collect();
+    let truncated = all.len() > limit;
+    all.truncate(limit);
+    Ok(http::json(
+        StatusCode::OK,
+        &serde_json::json!({ "connections": all, "truncated": truncated, "missing": missing }),
+    ))
+}
+
+#[derive(Serialize)]
+struct ChannelRow {
+    channel: String,
+    subscribers: u64,
+    nodes: usize,
+    history_len: Option<u64>,
+    last_offset: Option<u64>,
+    rate: f64,
+}
+
+async fn channels(node: &Node, req: &Request<Incoming>) -> AdminResult {
+    let limit = number(req, "limit")?.unwrap_or(100).clamp(1, 10_000) as usize;
+    let by_rate = match http::query(req, "sort").as_deref() {
+        None | Some("subscribers") => false,
+        Some("rate") => true,
+        Some(other) => return Err(HttpError::bad_request(format!("sort={other}: use subscribers or rate"))),
+    };
+    let request = ControlRequest::Channels { pattern: http::query(req, "pattern") };
+    let (answers, missing) = survey::<Vec<ChannelOnNode>>(node, &request, timeout(req)?).await?;
+    let mut merged: BTreeMap<String, ChannelRow> = BTreeMap::new();
+    for c in answers.into_iter().flat_map(|(_, list)| list) {
+        let row = merged.entry(c.channel.clone()).or_insert(ChannelRow {
+            channel: c.channel,
+            subscribers: 0,
+            nodes: 0,
+            history_len: None,
+            last_offset: None,
+            rate: 0.0,
+        });
+        row.subscribers += c.subscribers;
+        row.nodes += 1;
+        // Every subscribed node sees every message of the channel: the rate is the same.
+        row.rate = row.rate.max(c.rate);
+    }
+    let mut rows: Vec<ChannelRow> = merged.into_values().collect();
+    if by_rate {
+        rows.sort_by(|a, b| b.rate.total_cmp(&a.rate).then_with(|| a.channel.cmp(&b.channel)));
+    } else {
+        rows.sort_by(|a, b| b.subscribers.cmp(&a.subscribers).then_with(|| a.channel.cmp(&b.channel)));
+    }
+    let truncated = rows.len() > limit;
+    rows.truncate(limit);
+    for row in &mut rows {
+        if let Ok(ch) = ChannelName::parse(&row.channel)
+            && let Ok(bounds) = node.engine.history_bounds(&ch).await
+        {
+            (row.history_len, row.last_offset) = (Some(bounds.len), Some(bounds.last_offset));
+        }
+    }
+    Ok(http::json(StatusCode::OK, &serde_json::json!({ "channels": rows, "truncated": truncated, "missing": missing })))
+}
+
+async fn channel(node: &Node, req: &Request<Incoming>, name: &str) -> AdminResult {
+    let name = http::percent_decode(name);
+    let ch = ChannelName::parse(&name)
+        .map_err(|e| HttpError::new(StatusCode::BAD_REQUEST, ErrorCode::BadChannel, format!("{name:?}: {e}")))?;
+    let request = ControlRequest::Channel { channel: ch.to_string() };
+    let (answers, missing) = survey::<Vec<Subscriber>>(node, &request, timeout(req)?).await?;
+    let subscribers: Vec<Subscriber> = answers.into_iter().flat_map(|(_, list)| list).collect();
+    let presence = match node.presence(&ch).await {
+        Ok(clients) => Some(clients),
+        Err(e) if e.code == ErrorCode::PresenceDisabled => None,
+        Err(e) => return Err(e.into()),
+    };
+    let history = node.engine.history_bounds(&ch).await.map_err(unavailable)?;
+    let body = serde_json::json!({
+        "channel": ch, "subscribers": subscribers, "presence": presence, "history": history, "missing": missing,
+    });
+    Ok(http::json(StatusCode::OK, &body))
+}
+
+#[derive(Deserialize)]
+struct KickBody {
+    #[serde(default)]
+    conns: Vec<String>,
+    user: Option<String>,
+    reason: Option<String>,
+    ban_s: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct Kicked {
+    count: usize,
+}
+
+/// Closes sockets with 4009 wherever they are; with `ban_s`, refuses the user cluster-wide.
+async fn kick(node: &Node, req: Request<Incoming>) -> AdminResult {
+    let timeout = timeout(&req)?;
+    let body: KickBody = api::read_json(node, req).await?;
+    if body.conns.is_empty() == body.user.is_none() {
+        return Err(HttpError::bad_request("give either \"conns\" (a list) or \"user\""));
+    }
+    if body.ban_s.is_some() && body.user.is_none() {
+        return Err(HttpError::bad_request("\"ban_s\" needs \"user\": bans are per user"));
+    }
+    let mut banned_until_ms = None;
+    if let (Some(user), Some(secs)) = (&body.user, body.ban_s) {
+        let until = now_ms() + secs.max(1) * 1000;
+        node.engine.ban(user, until).await.map_err(unavailable)?;
+        banned_until_ms = Some(until);
+    }
+    let reason = body.reason.unwrap_or_else(|| "kicked by an operator".into());
+    let request = ControlRequest::Kick { conns: body.conns, user: body.user, reason };
+    let (answers, missing) = survey::<Kicked>(node, &request, timeout).await?;
+    let total: usize = answers.iter().map(|(_, k)| k.count).sum();
+    let closed: Vec<serde_json::Value> =
+        answers.iter().map(|(id, k)| serde_json::json!({ "node": id, "count": k.count })).collect();
+    let body = serde_json::json!({
+        "closed": closed, "total": total, "banned_until_ms": banned_until_ms, "missing": missing,
+    });
+    Ok(http::json(StatusCode::OK, &body))
+}

@@ -1,0 +1,178 @@
+//! What one node answers when the cluster surveys it: its stats, connections, channels, a
+//! channel's subscribers, and kicks. The admin API (`admin.rs`) asks every node through the
+//! engine's `survey` and merges the answers; this module is the answering side.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+
+use serde::{Deserialize, Serialize};
+
+use crate::channel::{ChannelName, ChannelPattern};
+use crate::engine::{ControlHandler, NodeInfo};
+use crate::node::Node;
+use crate::protocol::{Close, CloseCode};
+
+/// A request every node answers for itself.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum ControlRequest {
+    Stats,
+    Connections { user: Option<String>, channel: Option<String> },
+    Channels { pattern: Option<String> },
+    Channel { channel: String },
+    Kick { conns: Vec<String>, user: Option<String>, reason: String },
+}
+
+/// One node's stats, with what cluster totals need to count unique users and channels.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeStats {
+    #[serde(flatten)]
+    pub info: NodeInfo,
+    pub uptime_s: u64,
+    pub msgs_in_per_s: f64,
+    pub msgs_out_per_s: f64,
+    /// For unique cluster totals; dropped before the admin API answers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub user_ids: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub channel_names: Vec<String>,
+}
+
+/// One client connection as operators see it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConnectionInfo {
+    pub conn: String,
+    pub user: String,
+    pub node: String,
+    pub transport: String,
+    pub remote: Option<String>,
+    pub connected_ms: u64,
+    pub channels: Vec<String>,
+    pub queue: usize,
+    pub messages_out: u64,
+}
+
+/// A channel's local subscribers and message rate on one node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ChannelOnNode {
+    pub channel: String,
+    pub subscribers: u64,
+    pub rate: f64,
+}
+
+/// One subscriber of a channel.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Subscriber {
+    pub conn: String,
+    pub user: String,
+    pub node: String,
+}
+
+impl ControlHandler for Node {
+    fn answer(&self, request: &str) -> String {
+        let answer = match serde_json::from_str::<ControlRequest>(request) {
+            Ok(ControlRequest::Stats) => serde_json::to_value(self.stats()),
+            Ok(ControlRequest::Connections { user, channel }) => {
+                serde_json::to_value(self.connections(user.as_deref(), channel.as_deref()))
+            }
+            Ok(ControlRequest::Channels { pattern }) => serde_json::to_value(self.local_channels(pattern.as_deref())),
+            Ok(ControlRequest::Channel { channel }) => serde_json::to_value(self.subscribers_of(&channel)),
+            Ok(ControlRequest::Kick { conns, user, reason }) => {
+                serde_json::to_value(self.kick(&conns, user.as_deref(), reason))
+            }
+            Err(e) => Ok(serde_json::json!({ "error": format!("unknown control request: {e}") })),
+        };
+        answer.expect("control answers serialise").to_string()
+    }
+}
+
+impl Node {
+    /// This node's stats for `pushctl stats`.
+    pub fn stats(&self) -> NodeStats {
+        let info = self.info(&self.addr());
+        let (msgs_in_per_s, msgs_out_per_s) = *self.rates.lock().unwrap_or_else(|e| e.into_inner());
+        let mut user_ids: Vec<String> = self.hub.sessions().iter().map(|s| s.info.user.to_string()).collect();
+        user_ids.sort();
+        user_ids.dedup();
+        let channel_names = self.hub.channels().into_iter().map(|c| c.channel.to_string()).collect();
+        NodeStats {
+            info,
+            uptime_s: self.started.elapsed().as_secs(),
+            msgs_in_per_s,
+            msgs_out_per_s,
+            user_ids,
+            channel_names,
+        }
+    }
+
+    fn connections(&self, user: Option<&str>, channel: Option<&str>) -> Vec<ConnectionInfo> {
+        let mut channels_of: HashMap<String, Vec<String>> = HashMap::new();
+        for stat in self.hub.channels() {
+            for handle in self.hub.channel_subscribers(&stat.channel) {
+                channels_of.entry(handle.conn.to_string()).or_default().push(stat.channel.to_string());
+            }
+        }
+        let mut out: Vec<ConnectionInfo> = self
+            .hub
+            .sessions()
+            .into_iter()
+            .filter(|h| user.is_none_or(|u| &*h.info.user == u))
+            .map(|h| {
+                let mut channels = channels_of.remove(&*h.conn).unwrap_or_default();
+                channels.sort();
+                ConnectionInfo {
+                    conn: h.conn.to_string(),
+                    user: h.info.user.to_string(),
+                    node: self.config.node_id.clone(),
+                    transport: h.info.transport.as_str().to_owned(),
+                    remote: h.info.remote.map(|r| r.to_string()),
+                    connected_ms: h
+                        .info
+                        .connected_at
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_millis() as u64),
+                    channels,
+                    queue: h.queue_depth(),
+                    messages_out: h.info.messages_out.load(Ordering::Relaxed),
+                }
+            })
+            .filter(|c| channel.is_none_or(|ch| c.channels.iter().any(|x| x == ch)))
+            .collect();
+        out.sort_by(|a, b| a.conn.cmp(&b.conn));
+        out
+    }
+
+    fn local_channels(&self, pattern: Option<&str>) -> Vec<ChannelOnNode> {
+        let pattern = pattern.and_then(|p| ChannelPattern::parse(p).ok());
+        self.hub
+            .channels()
+            .into_iter()
+            .filter(|c| pattern.as_ref().is_none_or(|p| p.matches(c.channel.as_str())))
+            .map(|c| ChannelOnNode { channel: c.channel.to_string(), subscribers: c.subscribers as u64, rate: c.rate })
+            .collect()
+    }
+
+    fn subscribers_of(&self, channel: &str) -> Vec<Subscriber> {
+        let Ok(channel) = ChannelName::parse(channel) else { return Vec::new() };
+        self.hub
+            .channel_subscribers(&channel)
+            .into_iter()
+            .map(|h| Subscriber {
+                conn: h.conn.to_string(),
+                user: h.info.user.to_string(),
+                node: self.config.node_id.clone(),
+            })
+            .collect()
+    }
+
+    /// Closes the named connections and the user's sockets on this node with 4009.
+    fn kick(&self, conns: &[String], user: Option<&str>, reason: String) -> serde_json::Value {
+        let close = Close::new(CloseCode::Kicked, reason);
+        let mut count = conns.iter().map(|c| self.hub.disconnect(None, Some(c), close.clone())).sum::<usize>();
+        if let Some(user) = user {
+            count += self.hub.disconnect(Some(user), None, close);
+        }
+        self.metrics.kicks.inc_by(count as u64);
+        serde_json::json!({ "count": count })
+    }
+}

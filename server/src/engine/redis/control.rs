@@ -1,0 +1,118 @@
+//! The control plane: surveys between nodes over pub/sub.
+//!
+//! A survey publishes `{"id","from","body"}` on `pushd:control`; every node (the asker too)
+//! answers with `{"id","node","body"}` on the asker's own `pushd:control:<node>` channel. The
+//! asker waits for the nodes in the registry, at most the survey's timeout, and reports the ones
+//! that stayed silent: a dead or slow node makes an answer partial, never a hang.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::Duration;
+
+use fred::prelude::*;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use tokio::sync::mpsc;
+
+use super::{RedisEngine, lock, unavailable};
+use crate::engine::{ControlHandler, Engine, EngineError, Survey};
+
+/// Surveys in flight and the local handler.
+#[derive(Default)]
+pub(super) struct Control {
+    handler: OnceLock<Weak<dyn ControlHandler>>,
+    pending: Mutex<HashMap<u64, mpsc::UnboundedSender<(String, String)>>>,
+    next: AtomicU64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Request<'a> {
+    id: u64,
+    from: &'a str,
+    #[serde(borrow)]
+    body: &'a RawValue,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Reply<'a> {
+    id: u64,
+    node: &'a str,
+    #[serde(borrow)]
+    body: &'a RawValue,
+}
+
+impl Control {
+    pub(super) fn set_handler(&self, handler: Weak<dyn ControlHandler>) {
+        let _ = self.handler.set(handler);
+    }
+}
+
+/// Answers a survey request from any node (including this one).
+pub(super) fn on_request(engine: &Arc<RedisEngine>, text: &str) {
+    let Ok(request) = serde_json::from_str::<Request>(text) else {
+        return tracing::warn!("unreadable control request");
+    };
+    let Some(handler) = engine.control.handler.get().and_then(Weak::upgrade) else { return };
+    let answer = handler.answer(request.body.get());
+    let Ok(body) = RawValue::from_string(answer) else { return tracing::warn!("control answer is not JSON") };
+    let reply = serde_json::to_string(&Reply { id: request.id, node: &engine.settings.node_id, body: &body })
+        .expect("replies serialise");
+    let channel = engine.keys.control_reply(request.from);
+    let engine = engine.clone();
+    tokio::spawn(async move {
+        let Ok(client) = engine.client() else { return };
+        if let Err(e) = client.publish::<(), _, _>(channel, reply).await {
+            tracing::debug!(error = %e, "control reply not published");
+        }
+    });
+}
+
+/// Hands a reply to the survey waiting for it.
+pub(super) fn on_reply(engine: &RedisEngine, text: &str) {
+    let Ok(reply) = serde_json::from_str::<Reply>(text) else {
+        return tracing::warn!("unreadable control reply");
+    };
+    if let Some(tx) = lock(&engine.control.pending).get(&reply.id) {
+        let _ = tx.send((reply.node.to_owned(), reply.body.get().to_owned()));
+    }
+}
+
+/// Runs one survey (see the module doc).
+pub(super) async fn survey(engine: &RedisEngine, request: &str, timeout: Duration) -> Result<Survey, EngineError> {
+    let mut expected: HashSet<String> = engine.nodes().await?.into_iter().map(|n| n.id).collect();
+    expected.insert(engine.settings.node_id.clone());
+    let id = engine.control.next.fetch_add(1, Ordering::Relaxed);
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    lock(&engine.control.pending).insert(id, tx);
+    let result = collect(engine, id, request, timeout, &expected, &mut rx).await;
+    lock(&engine.control.pending).remove(&id);
+    let answers = result?;
+    let answered: HashSet<&String> = answers.iter().map(|(node, _)| node).collect();
+    let mut missing: Vec<String> = expected.iter().filter(|n| !answered.contains(n)).cloned().collect();
+    missing.sort();
+    Ok(Survey { answers, missing })
+}
+
+async fn collect(
+    engine: &RedisEngine,
+    id: u64,
+    request: &str,
+    timeout: Duration,
+    expected: &HashSet<String>,
+    rx: &mut mpsc::UnboundedReceiver<(String, String)>,
+) -> Result<Vec<(String, String)>, EngineError> {
+    let body = RawValue::from_string(request.to_owned()).map_err(|e| EngineError::Unavailable(e.to_string()))?;
+    let message = serde_json::to_string(&Request { id, from: &engine.settings.node_id, body: &body })
+        .expect("requests serialise");
+    let _: () = engine.client()?.publish(engine.keys.control(), message).await.map_err(unavailable)?;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut answers: Vec<(String, String)> = Vec::new();
+    while !expected.iter().all(|n| answers.iter().any(|(a, _)| a == n)) {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(answer)) => answers.push(answer),
+            Ok(None) | Err(_) => break,
+        }
+    }
+    Ok(answers)
+}
