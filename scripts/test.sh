@@ -18,7 +18,7 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install --locked cargo-nextest
 fi
 
-# The drain and signal tests run the real pushd binary.
-cargo build -p pushd --bin pushd
+# The drain, signal and pushctl tests run the real pushd and pushctl binaries.
+cargo build -p pushd --bin pushd -p pushctl --bin pushctl
 
 cargo nextest run --workspace --no-fail-fast "$@"

@@ -418,3 +418,42 @@ async fn a_node_killed_with_sigkill_leaves_the_registry_and_presence_and_its_cli
     .await;
     assert_eq!(registered(&redis).await, ["k2"]);
 }
+
+/// `calls=N` of one command in `INFO commandstats`.
+async fn command_calls(redis: &RedisServer, command: &str) -> u64 {
+    let stats = redis.cli(&["INFO", "commandstats"]).await;
+    let prefix = format!("cmdstat_{command}:calls=");
+    stats.lines().find_map(|l| l.strip_prefix(&prefix)?.split(',').next()?.parse().ok()).unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_connection_storm_over_many_channels_subscribes_in_batches_and_delivers_everywhere() {
+    const CLIENTS: usize = 200;
+    let redis = RedisServer::start().await;
+    let node = TestNode::start(quick_stop(redis_config(&redis, "n0"))).await;
+    let before = command_calls(&redis, "subscribe").await;
+    // Every client on its own channel, all subscribing at once.
+    let clients = join_all((0..CLIENTS).map(|i| {
+        let node = &node;
+        async move {
+            let mut c = node.ws(&token(&format!("u{i}"))).await;
+            let reply = c.subscribe(&format!("storm:{i}"), None).await;
+            assert_eq!(reply["ok"], true, "{reply}");
+            c
+        }
+    }))
+    .await;
+    let subscribes = command_calls(&redis, "subscribe").await - before;
+    assert!(subscribes < CLIENTS as u64, "{subscribes} SUBSCRIBE commands for {CLIENTS} channels: not batched");
+    for i in 0..CLIENTS {
+        node.publish(&format!("storm:{i}"), json!({ "i": i })).await;
+    }
+    for (i, mut c) in clients.into_iter().enumerate() {
+        let m = c.messages(1).await;
+        assert_eq!(
+            (m[0]["channel"].as_str(), m[0]["data"]["i"].as_u64()),
+            (Some(format!("storm:{i}").as_str()), Some(i as u64))
+        );
+    }
+    node.stop().await;
+}

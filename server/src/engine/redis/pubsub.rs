@@ -11,7 +11,7 @@
 //! the range (trimmed, expired, or Redis came back empty with a new epoch), the channel's
 //! subscribers get `reset` with the current position instead: never a silent gap.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -22,7 +22,9 @@ use tokio::sync::broadcast::error::RecvError;
 
 use super::{RedisEngine, lock, unavailable};
 use crate::channel::ChannelName;
-use crate::engine::{Deliver, EngineError, Epoch, HistoryQuery, NewMessage, Offset, Position, Publication};
+use crate::engine::{
+    Deliver, EngineError, Epoch, HistoryPage, HistoryQuery, NewMessage, Offset, Position, Publication,
+};
 
 /// Most messages read from the stream per gap-filling round.
 const FILL_PAGE: usize = 1000;
@@ -31,6 +33,8 @@ const FILL_PAGE: usize = 1000;
 #[derive(Default)]
 pub(super) struct LiveChannels {
     channels: Mutex<HashMap<ChannelName, LiveChannel>>,
+    /// Channels waiting for a SUBSCRIBE, taken in one batch by the next holder of `changes`.
+    wanted: Mutex<HashSet<ChannelName>>,
     /// Serialises SUBSCRIBE/UNSUBSCRIBE round trips.
     changes: tokio::sync::Mutex<()>,
 }
@@ -64,15 +68,11 @@ struct Wire<'a> {
 }
 
 /// Makes sure this node receives `channel`, counting the reference.
+///
+/// Channels that need a SUBSCRIBE queue up in `wanted`; whoever gets the change lock subscribes
+/// everything queued in one command, so a connection storm over many channels costs a few round
+/// trips instead of one per channel.
 pub(super) async fn subscribe(engine: &RedisEngine, channel: &ChannelName) -> Result<(), EngineError> {
-    {
-        let mut channels = lock(&engine.live.channels);
-        if let Some(live) = channels.get_mut(channel).filter(|l| l.subscribed) {
-            live.refs += 1;
-            return Ok(());
-        }
-    }
-    let _change = engine.live.changes.lock().await;
     {
         let mut channels = lock(&engine.live.channels);
         let live = channels.entry(channel.clone()).or_default();
@@ -80,33 +80,51 @@ pub(super) async fn subscribe(engine: &RedisEngine, channel: &ChannelName) -> Re
         if live.subscribed {
             return Ok(());
         }
+        lock(&engine.live.wanted).insert(channel.clone());
     }
-    let subscribed = async {
-        if !engine.subscriber.is_connected() {
-            return Err(EngineError::Unavailable("redis pub/sub is not connected".into()));
+    let _change = engine.live.changes.lock().await;
+    let batch: Vec<ChannelName> = {
+        let channels = lock(&engine.live.channels);
+        if channels.get(channel).is_some_and(|l| l.subscribed) {
+            return Ok(()); // an earlier batch took this channel along
         }
-        engine.subscriber.subscribe(engine.keys.pubsub(channel)).await.map_err(unavailable)?;
-        // Where delivery starts on this node: anything at or below is in the stream for every
-        // session that reads history after this returns.
-        engine.read_history(channel, HistoryQuery::Latest { limit: 0 }).await
-    }
-    .await;
+        let mut wanted = lock(&engine.live.wanted);
+        wanted.insert(channel.clone());
+        wanted.drain().filter(|c| channels.get(c).is_some_and(|l| !l.subscribed)).collect()
+    };
+    let subscribed = subscribe_batch(engine, &batch).await;
     let mut channels = lock(&engine.live.channels);
     match subscribed {
-        Ok(page) => {
-            let live = channels.entry(channel.clone()).or_default();
-            live.subscribed = true;
-            let newer = live.position.as_ref().is_some_and(|p| p.epoch == page.epoch && p.offset >= page.top);
-            if !newer {
-                live.position = Some(page.position());
+        Ok(pages) => {
+            for (name, page) in batch.iter().zip(pages) {
+                let Some(live) = channels.get_mut(name) else { continue };
+                live.subscribed = true;
+                let newer = live.position.as_ref().is_some_and(|p| p.epoch == page.epoch && p.offset >= page.top);
+                if !newer {
+                    live.position = Some(page.position());
+                }
             }
             Ok(())
         }
         Err(e) => {
+            // The others in the batch find themselves unsubscribed and try again on their own.
             release(&mut channels, channel);
             Err(e)
         }
     }
+}
+
+/// One SUBSCRIBE for the whole batch, then each channel's current top, read concurrently: that is
+/// where delivery starts on this node, and any session that reads history after `subscribe`
+/// returned has everything up to it.
+async fn subscribe_batch(engine: &RedisEngine, batch: &[ChannelName]) -> Result<Vec<HistoryPage>, EngineError> {
+    if !engine.subscriber.is_connected() {
+        return Err(EngineError::Unavailable("redis pub/sub is not connected".into()));
+    }
+    let names: Vec<String> = batch.iter().map(|c| engine.keys.pubsub(c)).collect();
+    engine.subscriber.subscribe(names).await.map_err(unavailable)?;
+    let tops = batch.iter().map(|c| engine.read_history(c, HistoryQuery::Latest { limit: 0 }));
+    futures_util::future::join_all(tops).await.into_iter().collect()
 }
 
 /// Drops one reference; the last one unsubscribes the node.
