@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::api;
 use crate::auth::keys_match;
 use crate::channel::ChannelName;
-use crate::control::{ChannelOnNode, ConnectionInfo, ControlRequest, NodeStats, Subscriber};
+use crate::control::{ChannelOnNode, ConnectionInfo, ControlRequest, NodeStats, Subscriber, conn_order};
 use crate::engine::{EngineError, now_ms};
 use crate::http::{self, Body, HttpError};
 use crate::node::Node;
@@ -43,6 +43,11 @@ pub async fn handle(node: Arc<Node>, req: Request<Incoming>) -> Response<Body> {
         (&Method::GET, "/admin/history") => api::history(&node, &req).await,
         (&Method::POST, "/admin/publish") => api::publish(&node, req).await,
         (&Method::POST, "/admin/kick") => kick(&node, req).await,
+        (method, path @ ("/admin/publish" | "/admin/kick")) => Err(HttpError::wrong_method(method, path, "POST")),
+        (
+            method,
+            path @ ("/admin/stats" | "/admin/nodes" | "/admin/connections" | "/admin/channels" | "/admin/history"),
+        ) => Err(HttpError::wrong_method(method, path, "GET")),
         (method, path) => {
             Err(HttpError::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, format!("no admin route {method} {path}")))
         }
@@ -168,6 +173,7 @@ async fn connections(node: &Node, req: &Request<Incoming>) -> AdminResult {
         .filter(|(id, _)| only_node.as_ref().is_none_or(|n| n == id))
         .flat_map(|(_, list)| list)
         .collect();
+    all.sort_by_key(|c| conn_order(&c.conn));
     let truncated = all.len() > limit;
     all.truncate(limit);
     Ok(http::json(
@@ -234,7 +240,8 @@ async fn channel(node: &Node, req: &Request<Incoming>, name: &str) -> AdminResul
         .map_err(|e| HttpError::new(StatusCode::BAD_REQUEST, ErrorCode::BadChannel, format!("{name:?}: {e}")))?;
     let request = ControlRequest::Channel { channel: ch.to_string() };
     let (answers, missing) = survey::<Vec<Subscriber>>(node, &request, timeout(req)?).await?;
-    let subscribers: Vec<Subscriber> = answers.into_iter().flat_map(|(_, list)| list).collect();
+    let mut subscribers: Vec<Subscriber> = answers.into_iter().flat_map(|(_, list)| list).collect();
+    subscribers.sort_by_key(|s| conn_order(&s.conn));
     let presence = match node.presence(&ch).await {
         Ok(clients) => Some(clients),
         Err(e) if e.code == ErrorCode::PresenceDisabled => None,

@@ -39,19 +39,15 @@ pub async fn handle(node: Arc<Node>, req: Request<Incoming>) -> Response<Body> {
             (&Method::GET, "/api/presence") => presence(&node, &req).await,
             (&Method::POST, "/api/disconnect") => disconnect(&node, req).await,
             (method, path @ ("/api/publish" | "/api/broadcast" | "/api/disconnect")) => {
-                Err(wrong_method(method, path, "POST"))
+                Err(HttpError::wrong_method(method, path, "POST"))
             }
-            (method, path @ ("/api/history" | "/api/presence")) => Err(wrong_method(method, path, "GET")),
+            (method, path @ ("/api/history" | "/api/presence")) => Err(HttpError::wrong_method(method, path, "GET")),
             (method, path) => {
                 Err(HttpError::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, format!("no API route {method} {path}")))
             }
         },
     };
     http::with_cors(result.unwrap_or_else(HttpError::into_response), origin)
-}
-
-fn wrong_method(method: &Method, path: &str, allowed: &str) -> HttpError {
-    HttpError::new(StatusCode::METHOD_NOT_ALLOWED, ErrorCode::BadRequest, format!("{method} {path}: use {allowed}"))
 }
 
 fn check_key<B>(node: &Node, req: &Request<B>) -> Result<(), HttpError> {

@@ -138,7 +138,7 @@ impl Node {
             })
             .filter(|c| channel.is_none_or(|ch| c.channels.iter().any(|x| x == ch)))
             .collect();
-        out.sort_by(|a, b| a.conn.cmp(&b.conn));
+        out.sort_by_key(|c| conn_order(&c.conn));
         out
     }
 
@@ -154,7 +154,8 @@ impl Node {
 
     fn subscribers_of(&self, channel: &str) -> Vec<Subscriber> {
         let Ok(channel) = ChannelName::parse(channel) else { return Vec::new() };
-        self.hub
+        let mut subscribers: Vec<Subscriber> = self
+            .hub
             .channel_subscribers(&channel)
             .into_iter()
             .map(|h| Subscriber {
@@ -162,7 +163,9 @@ impl Node {
                 user: h.info.user.to_string(),
                 node: self.config.node_id.clone(),
             })
-            .collect()
+            .collect();
+        subscribers.sort_by_key(|s| conn_order(&s.conn));
+        subscribers
     }
 
     /// Closes the named connections and the user's sockets on this node with 4009.
@@ -174,5 +177,13 @@ impl Node {
         }
         self.metrics.kicks.inc_by(count as u64);
         serde_json::json!({ "count": count })
+    }
+}
+
+/// Orders connection ids `<node>.<sequence>` by node, then by sequence as a number.
+pub fn conn_order(conn: &str) -> (String, u64) {
+    match conn.rsplit_once('.') {
+        Some((node, seq)) => (node.to_owned(), seq.parse().unwrap_or(u64::MAX)),
+        None => (conn.to_owned(), u64::MAX),
     }
 }

@@ -128,6 +128,11 @@ impl HttpError {
         Self { status, error: CommandError::new(code, message) }
     }
 
+    /// 405 for a known path asked with the wrong method.
+    pub fn wrong_method(method: &Method, path: &str, allowed: &str) -> Self {
+        Self::new(StatusCode::METHOD_NOT_ALLOWED, ErrorCode::BadRequest, format!("{method} {path}: use {allowed}"))
+    }
+
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, message)
     }

@@ -1,0 +1,138 @@
+//! `pushctl room <channel>`: GET /admin/channels/{channel}, one channel's subscribers, presence
+//! and history bounds.
+
+use serde::Deserialize;
+
+use super::{Outcome, show};
+use crate::client::Client;
+use crate::table::{self, Col};
+
+/// The answer of GET /admin/channels/{channel}.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RoomDetail {
+    pub channel: String,
+    pub subscribers: Vec<Member>,
+    /// `None` where presence is off for the channel.
+    pub presence: Option<Vec<Member>>,
+    pub history: History,
+    pub missing: Vec<String>,
+}
+
+/// A connection in a channel: in `subscribers` and in `presence`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct Member {
+    pub conn: String,
+    pub user: String,
+    pub node: String,
+}
+
+/// The bounds of a channel's stored history.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct History {
+    pub epoch: String,
+    /// `None` when nothing is kept.
+    pub first_offset: Option<u64>,
+    pub last_offset: u64,
+    pub len: u64,
+}
+
+pub async fn run(client: &Client, json: bool, channel: &str) -> anyhow::Result<Outcome> {
+    let fetched = client.get::<RoomDetail>(&["admin", "channels", channel], &[], true).await?;
+    show(&fetched, json, &fetched.body.missing, render)
+}
+
+/// History bounds, then the subscribers table, then presence by user.
+pub fn render(room: &RoomDetail) -> String {
+    let h = &room.history;
+    let kept = match (h.len, h.first_offset) {
+        (0, _) | (_, None) => "none kept".to_string(),
+        (_, Some(first)) => format!("{first} to {} kept", h.last_offset),
+    };
+    let mut out = format!(
+        "channel {}\nhistory: epoch {} · last offset {} · {} ({})\n",
+        room.channel,
+        if h.epoch.is_empty() { "-" } else { &h.epoch },
+        h.last_offset,
+        table::plural(h.len, "message", "messages"),
+        kept,
+    );
+    out.push_str(&format!("\n{}\n", table::plural(room.subscribers.len() as u64, "subscriber", "subscribers")));
+    if !room.subscribers.is_empty() {
+        out.push_str(&members(&room.subscribers, false));
+        out.push('\n');
+    }
+    match &room.presence {
+        None => out.push_str("\npresence: off for this channel (--presence)\n"),
+        Some(present) => {
+            let mut users: Vec<&str> = present.iter().map(|m| m.user.as_str()).collect();
+            users.sort_unstable();
+            users.dedup();
+            out.push_str(&format!("\npresence: {}\n", table::plural(users.len() as u64, "user", "users")));
+            if !present.is_empty() {
+                out.push_str(&members(present, true));
+                out.push('\n');
+            }
+        }
+    }
+    out
+}
+
+fn members(list: &[Member], user_first: bool) -> String {
+    let (cols, rows): ([Col; 3], Vec<Vec<String>>) = if user_first {
+        let rows = list.iter().map(|m| vec![m.user.clone(), m.conn.clone(), m.node.clone()]).collect();
+        ([Col::text("USER"), Col::text("CONN"), Col::text("NODE")], rows)
+    } else {
+        let rows = list.iter().map(|m| vec![m.conn.clone(), m.user.clone(), m.node.clone()]).collect();
+        ([Col::text("CONN"), Col::text("USER"), Col::text("NODE")], rows)
+    };
+    table::render(&cols, &rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn room_snapshot() {
+        let room: RoomDetail = serde_json::from_str(
+            r#"{"channel": "room:1",
+                "subscribers": [{"conn": "n0.17", "user": "u7", "node": "n0"},
+                                {"conn": "n1.4", "user": "u8", "node": "n1"}],
+                "presence": [{"user": "u7", "conn": "n0.17", "node": "n0"},
+                             {"user": "u8", "conn": "n1.4", "node": "n1"}],
+                "history": {"epoch": "5f0c1a2b3c4d5e6f", "last_offset": 100, "len": 100, "first_offset": 1},
+                "missing": []}"#,
+        )
+        .unwrap();
+        let want = "\
+channel room:1
+history: epoch 5f0c1a2b3c4d5e6f · last offset 100 · 100 messages (1 to 100 kept)
+
+2 subscribers
+CONN   USER  NODE
+n0.17  u7    n0
+n1.4   u8    n1
+
+presence: 2 users
+USER  CONN   NODE
+u7    n0.17  n0
+u8    n1.4   n1
+";
+        let got = render(&room);
+        assert_eq!(got, want, "got:\n{got}");
+        table::assert_fits(&got);
+    }
+
+    #[test]
+    fn presence_off_and_empty_history_say_so() {
+        let room: RoomDetail =
+            serde_json::from_str(r#"{"channel":"news","subscribers":[],"presence":null,"history":{"epoch":"e"}}"#)
+                .unwrap();
+        let got = render(&room);
+        assert!(got.contains("0 messages (none kept)"), "{got}");
+        assert!(got.contains("presence: off for this channel"), "{got}");
+    }
+}
