@@ -143,17 +143,14 @@ impl Hub {
         lock(&self.sessions[self.index(conn)]).get(conn).cloned()
     }
 
-    /// Closes the sessions of `user` (or the one with id `conn`); returns how many.
+    /// Closes the sessions of `user` (or the one with id `conn`); returns how many were open.
     pub fn disconnect(&self, user: Option<&str>, conn: Option<&str>, close: Close) -> usize {
         let targets: Vec<SessionHandle> = match (user, conn) {
             (_, Some(conn)) => self.session(conn).into_iter().collect(),
             (Some(user), None) => self.sessions().into_iter().filter(|h| &*h.info.user == user).collect(),
             (None, None) => Vec::new(),
         };
-        for handle in &targets {
-            handle.close(close.clone());
-        }
-        targets.len()
+        targets.iter().filter(|h| h.close(close.clone())).count()
     }
 
     fn push_all(&self, channel: &ChannelName, out: impl Fn() -> Out) {

@@ -87,13 +87,16 @@ impl SessionHandle {
         }
     }
 
-    /// Asks the session to close with `close`; the first request wins.
-    pub fn close(&self, close: Close) {
+    /// Asks the session to close with `close`; the first request wins. True if this call was
+    /// the one that closed it.
+    pub fn close(&self, close: Close) -> bool {
         let mut slot = self.info.close.lock().unwrap_or_else(|e| e.into_inner());
-        if slot.is_none() {
-            *slot = Some(close);
-            self.info.closed.notify_one();
+        if slot.is_some() {
+            return false;
         }
+        *slot = Some(close);
+        self.info.closed.notify_one();
+        true
     }
 
     /// Messages waiting in the send queue.

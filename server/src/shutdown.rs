@@ -25,10 +25,14 @@ pub async fn drain(node: &Node) {
         if i > 0 {
             tokio::time::sleep(DRAIN_TICK).await;
         }
-        chunk.iter().for_each(|s| s.close(close.clone()));
+        for session in chunk {
+            session.close(close.clone());
+        }
     }
     // Sessions whose upgrade was already under way when the drain began.
-    node.hub.sessions().iter().for_each(|s| s.close(close.clone()));
+    for session in node.hub.sessions() {
+        session.close(close.clone());
+    }
     node.tracker.close();
     if tokio::time::timeout_at(deadline, node.tracker.wait()).await.is_err() {
         tracing::warn!(remaining = node.tracker.len(), "drain window overran; dropping the remaining sessions");

@@ -95,12 +95,16 @@ async fn run(node: Arc<Node>, mut ws: HyperWebsocketStream, identity: Result<Ide
         let info = session.info_arc();
         let mut conn = WsConn { ws, session, frames: Vec::new(), last_seen: Instant::now() };
         let ended = conn.serve(&info).await;
+        let WsConn { mut ws, session, .. } = conn;
+        if ended.as_ref().is_some_and(|c| c.code == CloseCode::SlowConsumer) {
+            session.node().metrics.slow_consumers.inc();
+        }
+        // Leave the hub before the close handshake: a closed session must not be listed,
+        // counted or kicked again while its client takes its time to answer.
+        drop(session);
         if let Some(close) = ended {
             tracing::debug!(code = close.code as u16, reason = %close.reason, "closing");
-            if close.code == CloseCode::SlowConsumer {
-                conn.session.node().metrics.slow_consumers.inc();
-            }
-            send_close(&mut conn.ws, close).await;
+            send_close(&mut ws, close).await;
         }
         tracing::debug!("disconnected");
     }

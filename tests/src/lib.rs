@@ -302,6 +302,14 @@ impl WsClient {
         .await
     }
 
+    /// After `closed()`: reads on until the server drops the connection, which sends the close
+    /// reply tungstenite queued when the close frame came: the close handshake a browser
+    /// completes. (`closed()` alone leaves the reply unsent, like a client that stopped reading.)
+    pub async fn finish_close(&mut self) {
+        within("the server to drop the connection", async { while let Some(Ok(_)) = self.stream.next().await {} })
+            .await;
+    }
+
     /// The next server frame as the exact text the server sent. Frames already queued were
     /// parsed and lost their text, so there must be none.
     pub async fn next_text(&mut self) -> String {
@@ -485,6 +493,44 @@ pub fn pushd_bin() -> PathBuf {
     let bin = dir.join("pushd");
     assert!(bin.exists(), "{} is missing: run `cargo build -p pushd` first (the test script does)", bin.display());
     bin
+}
+
+/// The `pushctl` binary next to this test binary (built by the test command before the tests).
+pub fn pushctl_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap();
+    let bin = dir.join("pushctl");
+    assert!(bin.exists(), "{} is missing: run `cargo build -p pushctl` first (the test script does)", bin.display());
+    bin
+}
+
+/// What one `pushctl` run left behind.
+#[derive(Debug)]
+pub struct CtlOutput {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs the real `pushctl` with `args` and exactly the `env` given of the variables it reads
+/// (`PUSHCTL_SERVER`, `PUSHD_ADMIN_KEY`: whatever the test runner's environment holds is
+/// removed), under the test guard, on tokio's process API so the runtime keeps serving the
+/// test's sockets meanwhile. Returns its exit code, stdout and stderr.
+pub async fn pushctl(args: &[&str], env: &[(&str, &str)]) -> CtlOutput {
+    let mut cmd = tokio::process::Command::new(pushctl_bin());
+    cmd.args(args)
+        .env_remove("PUSHCTL_SERVER")
+        .env_remove("PUSHD_ADMIN_KEY")
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    let out = within(&format!("pushctl {}", args.join(" ")), cmd.output()).await.unwrap();
+    let code = out.status.code().unwrap_or_else(|| panic!("pushctl {args:?} died by a signal: {}", out.status));
+    CtlOutput {
+        code,
+        stdout: String::from_utf8(out.stdout).expect("pushctl writes UTF-8"),
+        stderr: String::from_utf8(out.stderr).expect("pushctl writes UTF-8"),
+    }
 }
 
 /// The real `pushd` binary as a child process, killed on drop.

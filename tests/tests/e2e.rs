@@ -6,6 +6,7 @@ mod cluster;
 mod drain;
 mod engine_suite;
 mod fanout;
+mod pushctl;
 mod redis_faults;
 mod replay;
 mod slow_consumer;
