@@ -16,8 +16,8 @@ pub enum ClientError {
     Timeout { server: String, secs: u64 },
     #[error("request to {server} failed: {reason}")]
     Transport { server: String, reason: String },
-    #[error("401 from the server: wrong or missing admin key: set --admin-key or PUSHD_ADMIN_KEY")]
-    Unauthorized,
+    #[error("401 from the server: {message}: set --admin-key or PUSHD_ADMIN_KEY to the node's admin key")]
+    Unauthorized { message: String },
     #[error("403 from the server: {message}")]
     Forbidden { message: String },
     #[error("404 from the server: {message}: is {server} a pushd node with the admin API?")]
@@ -147,7 +147,7 @@ impl Client {
             return ClientError::NotPushd { server: self.server(), status: status.as_u16(), snippet: snippet(text) };
         };
         match status {
-            StatusCode::UNAUTHORIZED => ClientError::Unauthorized,
+            StatusCode::UNAUTHORIZED => ClientError::Unauthorized { message: error.message },
             StatusCode::FORBIDDEN => ClientError::Forbidden { message: error.message },
             StatusCode::NOT_FOUND if error.code == "not_found" => {
                 ClientError::NotFound { server: self.server(), message: error.message }

@@ -66,7 +66,7 @@ mod tests {
     fn results_map_to_exit_codes() {
         assert_eq!(exit_code(&Ok(Outcome::Complete)), 0);
         assert_eq!(exit_code(&Ok(Outcome::Partial { missing: vec!["n2".into()] })), 3);
-        assert_eq!(exit_code(&Err(client::ClientError::Unauthorized.into())), 1);
+        assert_eq!(exit_code(&Err(client::ClientError::Unauthorized { message: "wrong admin key".into() }.into())), 1);
         assert_eq!(exit_code(&Err(anyhow::anyhow!("bad JSON"))), 1);
         let pipe = std::io::Error::from(std::io::ErrorKind::BrokenPipe);
         assert_eq!(exit_code(&Err(anyhow::Error::from(pipe).context("writing the table"))), 0);

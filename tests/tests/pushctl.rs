@@ -518,12 +518,12 @@ async fn a_missing_or_wrong_admin_key_or_no_server_fails_with_exit_1_and_says_wh
     // No key at all (neither --admin-key nor PUSHD_ADMIN_KEY).
     let out = pushctl(&["--server", &server, "stats"], &[]).await;
     assert_eq!((out.code, out.stdout.as_str()), (1, ""), "{out:#?}");
-    assert!(out.stderr.contains("401") && out.stderr.contains("admin key"), "{out:#?}");
+    assert!(out.stderr.contains("401") && out.stderr.contains("missing admin key"), "{out:#?}");
     assert!(out.stderr.contains("--admin-key") && out.stderr.contains("PUSHD_ADMIN_KEY"), "{out:#?}");
     // A wrong key.
     let out = pushctl(&["--server", &server, "--admin-key", "nope", "--json", "stats"], &[]).await;
     assert_eq!((out.code, out.stdout.as_str()), (1, ""), "{out:#?}");
-    assert!(out.stderr.contains("admin key") && out.stderr.contains("--admin-key"), "{out:#?}");
+    assert!(out.stderr.contains("wrong admin key") && out.stderr.contains("--admin-key"), "{out:#?}");
     // The key and the server from the environment work.
     let out = pushctl(&["--json", "nodes"], &[("PUSHCTL_SERVER", server.as_str()), ("PUSHD_ADMIN_KEY", KEY)]).await;
     assert_eq!(json_of(&out, 0)["nodes"].as_array().unwrap().len(), 3, "{out:#?}");
