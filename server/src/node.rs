@@ -21,7 +21,9 @@ use crate::engine::{
 };
 use crate::hub::Hub;
 use crate::metrics::Metrics;
+use crate::http::HttpError;
 use crate::protocol::{CommandError, ErrorCode};
+use hyper::StatusCode;
 use crate::session::ConnId;
 use prometheus::core::Collector;
 
@@ -123,16 +125,17 @@ impl Node {
         format!("{}.{}", self.config.node_id, self.next_conn.fetch_add(1, Ordering::Relaxed)).into()
     }
 
-    /// Reserves a connection slot, or `None` at `--max-connections` or while draining.
-    pub fn reserve_connection(self: &Arc<Self>) -> Option<ConnectionSlot> {
+    /// Reserves a connection slot; refused at `--max-connections` or while draining.
+    pub fn reserve_connection(self: &Arc<Self>) -> Result<ConnectionSlot, HttpError> {
+        let refuse = |msg: &str| HttpError::new(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, msg);
         if self.is_draining() {
-            return None;
+            return Err(refuse("node is draining for a restart: connect to another node"));
         }
         let max = self.config.max_connections;
         self.connections
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < max).then_some(n + 1))
-            .ok()
             .map(|_| ConnectionSlot(self.clone()))
+            .map_err(|_| refuse("node is full (--max-connections): connect to another node"))
     }
 
     pub fn is_draining(&self) -> bool {

@@ -66,10 +66,7 @@ async fn start<B>(node: Arc<Node>, remote: SocketAddr, req: &Request<B>) -> Resu
     node.check_ban(&identity.user)
         .await
         .map_err(|e| HttpError { status: auth_status(&e), error: e.command_error() })?;
-    let Some(slot) = node.reserve_connection() else {
-        let msg = "node is full or draining: retry another node (--max-connections)";
-        return Err(HttpError::new(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, msg));
-    };
+    let slot = node.reserve_connection()?;
     let last_id = req.headers().get("last-event-id").and_then(|v| v.to_str().ok()).map(str::to_owned);
     let since = parse_cursor(last_id.or_else(|| http::query(req, "since")).as_deref(), channels.len());
     let mut session = Session::open(node.clone(), identity, Transport::Sse, Some(remote));
@@ -262,6 +259,7 @@ impl SseStream {
         if let Some(close) = close {
             if close.code == CloseCode::SlowConsumer {
                 session.node().metrics.slow_consumers.inc();
+                tracing::info!(conn = %session.conn(), user = %session.identity.user, "slow consumer closed with 4010");
             }
             self.close_event(&close);
             let _ = tx.try_send(self.out.split().freeze());

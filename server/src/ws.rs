@@ -45,10 +45,12 @@ pub fn upgrade(node: Arc<Node>, remote: SocketAddr, mut req: Request<Incoming>) 
         node.metrics.refused.with_label_values(&["origin"]).inc();
         return refused.into_response();
     }
-    let Some(slot) = node.reserve_connection() else {
-        node.metrics.refused.with_label_values(&["capacity"]).inc();
-        let msg = "node is full or draining: retry another node (--max-connections)";
-        return http::error(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, msg);
+    let slot = match node.reserve_connection() {
+        Ok(slot) => slot,
+        Err(refused) => {
+            node.metrics.refused.with_label_values(&["capacity"]).inc();
+            return refused.into_response();
+        }
     };
     let token = http::query(&req, "token").or_else(|| http::bearer(&req).map(str::to_owned));
     let identity = node.auth.authenticate(token.as_deref(), http::query(&req, "user").as_deref());
@@ -98,6 +100,7 @@ async fn run(node: Arc<Node>, mut ws: HyperWebsocketStream, identity: Result<Ide
         let WsConn { mut ws, session, .. } = conn;
         if ended.as_ref().is_some_and(|c| c.code == CloseCode::SlowConsumer) {
             session.node().metrics.slow_consumers.inc();
+            tracing::info!(conn = %session.conn(), user = %session.identity.user, "slow consumer closed with 4010");
         }
         // Leave the hub before the close handshake: a closed session must not be listed,
         // counted or kicked again while its client takes its time to answer.
