@@ -1,6 +1,7 @@
 //! The admin API (`/admin/*`, docs/ADMIN-API.md) behind `PUSHD_ADMIN_KEY`: any node answers for
 //! the whole cluster by surveying every registered node through the engine and merging the
-//! answers; nodes that stay silent past the timeout are named in `missing`.
+//! answers; nodes that stay silent past the timeout are named in `missing`. Every answer is a
+//! `pushd_wire` type, the one `pushctl` reads, so the two cannot drift apart.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -8,13 +9,17 @@ use std::time::Duration;
 
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
+use pushd_wire::{
+    ChannelDetail, ChannelRow, ChannelsAnswer, ConnectionInfo, ConnectionsAnswer, KickAnswer, KickedOnNode,
+    NodesAnswer, StatsAnswer, Subscriber, Totals,
+};
+use serde::Deserialize;
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
 
 use crate::api;
 use crate::auth::keys_match;
 use crate::channel::ChannelName;
-use crate::control::{ChannelOnNode, ConnectionInfo, ControlRequest, NodeStats, Subscriber, conn_order};
+use crate::control::{ChannelOnNode, ControlRequest, Kicked, NodeReport, conn_order};
 use crate::engine::{EngineError, now_ms};
 use crate::http::{self, Body, HttpError};
 use crate::node::Node;
@@ -115,28 +120,15 @@ async fn survey<T: DeserializeOwned>(
     Ok((answers, missing))
 }
 
-#[derive(Serialize, Default)]
-struct Totals {
-    nodes: usize,
-    connections: u64,
-    users: usize,
-    subscriptions: u64,
-    channels: usize,
-    msgs_in_per_s: f64,
-    msgs_out_per_s: f64,
-    replays: u64,
-    slow_consumers: u64,
-    uptime_s: u64,
-}
-
 async fn stats(node: &Node, req: &Request<Incoming>) -> AdminResult {
-    let (answers, missing) = survey::<NodeStats>(node, &ControlRequest::Stats, timeout(req)?).await?;
+    let (answers, missing) = survey::<NodeReport>(node, &ControlRequest::Stats, timeout(req)?).await?;
     let (mut users, mut channels) = (BTreeSet::new(), BTreeSet::new());
-    let mut totals = Totals { nodes: answers.len(), ..Totals::default() };
+    let mut totals = Totals { nodes: answers.len() as u64, ..Totals::default() };
     let mut nodes = Vec::with_capacity(answers.len());
-    for (_, mut s) in answers {
-        users.extend(std::mem::take(&mut s.user_ids));
-        channels.extend(std::mem::take(&mut s.channel_names));
+    for (_, report) in answers {
+        users.extend(report.user_ids);
+        channels.extend(report.channel_names);
+        let s = report.stats;
         totals.connections += s.info.connections;
         totals.subscriptions += s.info.subscriptions;
         totals.msgs_in_per_s += s.msgs_in_per_s;
@@ -146,21 +138,20 @@ async fn stats(node: &Node, req: &Request<Incoming>) -> AdminResult {
         totals.uptime_s = totals.uptime_s.max(s.uptime_s);
         nodes.push(s);
     }
-    (totals.users, totals.channels) = (users.len(), channels.len());
+    (totals.users, totals.channels) = (users.len() as u64, channels.len() as u64);
     let redis = node.engine.backend_stats().await.unwrap_or_else(|e| {
         tracing::warn!(error = %e, "backend stats unavailable");
         None
     });
     let engine = if node.config.redis_url.is_some() { "redis" } else { "memory" };
-    let body =
-        serde_json::json!({ "engine": engine, "totals": totals, "nodes": nodes, "missing": missing, "redis": redis });
+    let body = StatsAnswer { engine: engine.into(), totals, nodes, missing, redis };
     Ok(http::json(StatusCode::OK, &body))
 }
 
 async fn nodes(node: &Node) -> AdminResult {
     let mut nodes = node.engine.nodes().await.map_err(unavailable)?;
     nodes.sort_by(|a, b| a.id.cmp(&b.id));
-    Ok(http::json(StatusCode::OK, &serde_json::json!({ "nodes": nodes, "missing": [] })))
+    Ok(http::json(StatusCode::OK, &NodesAnswer { nodes, missing: Vec::new() }))
 }
 
 async fn connections(node: &Node, req: &Request<Incoming>) -> AdminResult {
@@ -176,20 +167,7 @@ async fn connections(node: &Node, req: &Request<Incoming>) -> AdminResult {
     all.sort_by_key(|c| conn_order(&c.conn));
     let truncated = all.len() > limit;
     all.truncate(limit);
-    Ok(http::json(
-        StatusCode::OK,
-        &serde_json::json!({ "connections": all, "truncated": truncated, "missing": missing }),
-    ))
-}
-
-#[derive(Serialize)]
-struct ChannelRow {
-    channel: String,
-    subscribers: u64,
-    nodes: usize,
-    history_len: Option<u64>,
-    last_offset: Option<u64>,
-    rate: f64,
+    Ok(http::json(StatusCode::OK, &ConnectionsAnswer { connections: all, truncated, missing }))
 }
 
 async fn channels(node: &Node, req: &Request<Incoming>) -> AdminResult {
@@ -203,14 +181,7 @@ async fn channels(node: &Node, req: &Request<Incoming>) -> AdminResult {
     let (answers, missing) = survey::<Vec<ChannelOnNode>>(node, &request, timeout(req)?).await?;
     let mut merged: BTreeMap<String, ChannelRow> = BTreeMap::new();
     for c in answers.into_iter().flat_map(|(_, list)| list) {
-        let row = merged.entry(c.channel.clone()).or_insert(ChannelRow {
-            channel: c.channel,
-            subscribers: 0,
-            nodes: 0,
-            history_len: None,
-            last_offset: None,
-            rate: 0.0,
-        });
+        let row = merged.entry(c.channel.clone()).or_insert(ChannelRow { channel: c.channel, ..ChannelRow::default() });
         row.subscribers += c.subscribers;
         row.nodes += 1;
         // Every subscribed node sees every message of the channel: the rate is the same.
@@ -231,7 +202,7 @@ async fn channels(node: &Node, req: &Request<Incoming>) -> AdminResult {
             (row.history_len, row.last_offset) = (Some(bounds.len), Some(bounds.last_offset));
         }
     }
-    Ok(http::json(StatusCode::OK, &serde_json::json!({ "channels": rows, "truncated": truncated, "missing": missing })))
+    Ok(http::json(StatusCode::OK, &ChannelsAnswer { channels: rows, truncated, missing }))
 }
 
 async fn channel(node: &Node, req: &Request<Incoming>, name: &str) -> AdminResult {
@@ -248,9 +219,7 @@ async fn channel(node: &Node, req: &Request<Incoming>, name: &str) -> AdminResul
         Err(e) => return Err(e.into()),
     };
     let history = node.engine.history_bounds(&ch).await.map_err(unavailable)?;
-    let body = serde_json::json!({
-        "channel": ch, "subscribers": subscribers, "presence": presence, "history": history, "missing": missing,
-    });
+    let body = ChannelDetail { channel: ch.to_string(), subscribers, presence, history, missing };
     Ok(http::json(StatusCode::OK, &body))
 }
 
@@ -261,11 +230,6 @@ struct KickBody {
     user: Option<String>,
     reason: Option<String>,
     ban_s: Option<u64>,
-}
-
-#[derive(Deserialize)]
-struct Kicked {
-    count: usize,
 }
 
 /// Closes sockets with 4009 wherever they are; with `ban_s`, refuses the user cluster-wide.
@@ -287,11 +251,7 @@ async fn kick(node: &Node, req: Request<Incoming>) -> AdminResult {
     let reason = body.reason.unwrap_or_else(|| "kicked by an operator".into());
     let request = ControlRequest::Kick { conns: body.conns, user: body.user, reason };
     let (answers, missing) = survey::<Kicked>(node, &request, timeout).await?;
-    let total: usize = answers.iter().map(|(_, k)| k.count).sum();
-    let closed: Vec<serde_json::Value> =
-        answers.iter().map(|(id, k)| serde_json::json!({ "node": id, "count": k.count })).collect();
-    let body = serde_json::json!({
-        "closed": closed, "total": total, "banned_until_ms": banned_until_ms, "missing": missing,
-    });
-    Ok(http::json(StatusCode::OK, &body))
+    let total = answers.iter().map(|(_, k)| k.count).sum();
+    let closed = answers.into_iter().map(|(node, k)| KickedOnNode { node, count: k.count }).collect();
+    Ok(http::json(StatusCode::OK, &KickAnswer { closed, total, banned_until_ms, missing }))
 }

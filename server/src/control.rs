@@ -5,10 +5,11 @@
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 
+use pushd_wire::{ConnectionInfo, NodeStats, Subscriber};
 use serde::{Deserialize, Serialize};
 
 use crate::channel::{ChannelName, ChannelPattern};
-use crate::engine::{ControlHandler, NodeInfo};
+use crate::engine::ControlHandler;
 use crate::node::Node;
 use crate::protocol::{Close, CloseCode};
 
@@ -23,33 +24,16 @@ pub enum ControlRequest {
     Kick { conns: Vec<String>, user: Option<String>, reason: String },
 }
 
-/// One node's stats, with what cluster totals need to count unique users and channels.
+/// One node's answer to `Stats`: its stats as the admin API lists them, plus what the cluster
+/// totals need to count unique users and channels (which the answer leaves out).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct NodeStats {
+pub struct NodeReport {
     #[serde(flatten)]
-    pub info: NodeInfo,
-    pub uptime_s: u64,
-    pub msgs_in_per_s: f64,
-    pub msgs_out_per_s: f64,
-    /// For unique cluster totals; dropped before the admin API answers.
+    pub stats: NodeStats,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub user_ids: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub channel_names: Vec<String>,
-}
-
-/// One client connection as operators see it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ConnectionInfo {
-    pub conn: String,
-    pub user: String,
-    pub node: String,
-    pub transport: String,
-    pub remote: Option<String>,
-    pub connected_ms: u64,
-    pub channels: Vec<String>,
-    pub queue: usize,
-    pub messages_out: u64,
 }
 
 /// A channel's local subscribers and message rate on one node.
@@ -60,12 +44,10 @@ pub struct ChannelOnNode {
     pub rate: f64,
 }
 
-/// One subscriber of a channel.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Subscriber {
-    pub conn: String,
-    pub user: String,
-    pub node: String,
+/// One node's answer to `Kick`: how many of its sockets it closed.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct Kicked {
+    pub count: u64,
 }
 
 impl ControlHandler for Node {
@@ -87,22 +69,16 @@ impl ControlHandler for Node {
 }
 
 impl Node {
-    /// This node's stats for `pushctl stats`.
-    pub fn stats(&self) -> NodeStats {
+    /// This node's stats for `pushctl stats`, with its users and channels for the totals.
+    pub fn stats(&self) -> NodeReport {
         let info = self.info(&self.addr());
         let (msgs_in_per_s, msgs_out_per_s) = *self.rates.lock().unwrap_or_else(|e| e.into_inner());
         let mut user_ids: Vec<String> = self.hub.sessions().iter().map(|s| s.info.user.to_string()).collect();
         user_ids.sort();
         user_ids.dedup();
         let channel_names = self.hub.channels().into_iter().map(|c| c.channel.to_string()).collect();
-        NodeStats {
-            info,
-            uptime_s: self.started.elapsed().as_secs(),
-            msgs_in_per_s,
-            msgs_out_per_s,
-            user_ids,
-            channel_names,
-        }
+        let stats = NodeStats { info, uptime_s: self.started.elapsed().as_secs(), msgs_in_per_s, msgs_out_per_s };
+        NodeReport { stats, user_ids, channel_names }
     }
 
     fn connections(&self, user: Option<&str>, channel: Option<&str>) -> Vec<ConnectionInfo> {
@@ -132,7 +108,7 @@ impl Node {
                         .duration_since(std::time::UNIX_EPOCH)
                         .map_or(0, |d| d.as_millis() as u64),
                     channels,
-                    queue: h.queue_depth(),
+                    queue: h.queue_depth() as u64,
                     messages_out: h.info.messages_out.load(Ordering::Relaxed),
                 }
             })
@@ -169,14 +145,14 @@ impl Node {
     }
 
     /// Closes the named connections and the user's sockets on this node with 4009.
-    fn kick(&self, conns: &[String], user: Option<&str>, reason: String) -> serde_json::Value {
+    fn kick(&self, conns: &[String], user: Option<&str>, reason: String) -> Kicked {
         let close = Close::new(CloseCode::Kicked, reason);
         let mut count = conns.iter().map(|c| self.hub.disconnect(None, Some(c), close.clone())).sum::<usize>();
         if let Some(user) = user {
             count += self.hub.disconnect(Some(user), None, close);
         }
         self.metrics.kicks.inc_by(count as u64);
-        serde_json::json!({ "count": count })
+        Kicked { count: count as u64 }
     }
 }
 

@@ -19,12 +19,12 @@ use crate::engine::{
     ClientInfo, ControlHandler, Deliver, Engine, MemoryEngine, NewMessage, NodeInfo, Publication, RedisEngine,
     RedisSettings,
 };
+use crate::http::HttpError;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
-use crate::http::HttpError;
 use crate::protocol::{CommandError, ErrorCode};
-use hyper::StatusCode;
 use crate::session::ConnId;
+use hyper::StatusCode;
 use prometheus::core::Collector;
 
 /// Shared state of one pushd node.

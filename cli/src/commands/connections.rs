@@ -1,37 +1,10 @@
 //! `pushctl connections`: GET /admin/connections, open client connections across the cluster.
 
-use serde::Deserialize;
+use pushd_wire::ConnectionsAnswer;
 
 use super::{Outcome, now_ms, show};
 use crate::client::Client;
 use crate::table::{self, Col, Hide};
-
-/// The answer of GET /admin/connections.
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-pub struct Connections {
-    pub connections: Vec<Connection>,
-    pub truncated: bool,
-    pub missing: Vec<String>,
-}
-
-/// One client connection on some node.
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-pub struct Connection {
-    pub conn: String,
-    pub user: String,
-    pub node: String,
-    pub transport: String,
-    /// `None` when the node does not know it.
-    pub remote: Option<String>,
-    /// When it connected, in milliseconds since the Unix epoch.
-    pub connected_ms: u64,
-    pub channels: Vec<String>,
-    /// Messages waiting in its send queue.
-    pub queue: u64,
-    pub messages_out: u64,
-}
 
 /// The filters of `pushctl connections`; they combine.
 #[derive(Debug, Default)]
@@ -52,13 +25,13 @@ pub async fn run(client: &Client, json: bool, filter: Filter) -> anyhow::Result<
     .into_iter()
     .filter_map(|(k, v)| v.map(|v| (k, v)))
     .collect();
-    let fetched = client.get::<Connections>(&["admin", "connections"], &query, true).await?;
+    let fetched = client.get::<ConnectionsAnswer>(&["admin", "connections"], &query, true).await?;
     let now = now_ms();
     show(&fetched, json, &fetched.body.missing, |c| render(c, now))
 }
 
 /// One row per connection; `now_ms` anchors the SINCE column.
-pub fn render(answer: &Connections, now_ms: u64) -> String {
+pub fn render(answer: &ConnectionsAnswer, now_ms: u64) -> String {
     const COLS: [Col; 9] = [
         Col::text("CONN"),
         Col::text("USER").hide(Hide::WhenBlank).wrap(),
@@ -115,7 +88,7 @@ mod tests {
 
     #[test]
     fn connections_table_snapshot() {
-        let answer: Connections = serde_json::from_str(
+        let answer: ConnectionsAnswer = serde_json::from_str(
             r#"{"connections": [
                  {"conn": "n0.17", "user": "u7", "node": "n0", "transport": "ws",
                   "remote": "127.0.0.1:50412", "connected_ms": 1795440000000,

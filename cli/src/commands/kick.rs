@@ -1,7 +1,8 @@
 //! `pushctl kick`: POST /admin/kick. Closes connections (4009) on whichever nodes hold them and
 //! optionally bans their user cluster-wide.
 
-use serde::{Deserialize, Serialize};
+use pushd_wire::KickAnswer;
+use serde::Serialize;
 
 use super::{Outcome, now_ms, show};
 use crate::client::Client;
@@ -29,36 +30,18 @@ struct KickRequest {
     ban_s: Option<u64>,
 }
 
-/// The answer of POST /admin/kick.
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-pub struct Kicked {
-    pub closed: Vec<Closed>,
-    pub total: u64,
-    pub banned_until_ms: Option<u64>,
-    pub missing: Vec<String>,
-}
-
-/// Sockets closed on one node.
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-pub struct Closed {
-    pub node: String,
-    pub count: u64,
-}
-
 pub async fn run(client: &Client, json: bool, target: Target, reason: Option<String>) -> anyhow::Result<Outcome> {
     let request = match target {
         Target::Conns(conns) => KickRequest { conns: Some(conns), reason, ..Default::default() },
         Target::User { user, ban_s } => KickRequest { user: Some(user), reason, ban_s, ..Default::default() },
     };
-    let fetched = client.post::<Kicked>(&["admin", "kick"], &request, true).await?;
+    let fetched = client.post::<KickAnswer>(&["admin", "kick"], &request, true).await?;
     let now = now_ms();
     show(&fetched, json, &fetched.body.missing, |k| render(k, now))
 }
 
 /// The total, the sockets closed per node, and the ban's end.
-pub fn render(kicked: &Kicked, now_ms: u64) -> String {
+pub fn render(kicked: &KickAnswer, now_ms: u64) -> String {
     let mut out = format!("closed {}", table::plural(kicked.total, "socket", "sockets"));
     if kicked.closed.iter().any(|c| c.count > 0) {
         const COLS: [Col; 2] = [Col::text("NODE"), Col::num("CLOSED")];
@@ -81,7 +64,7 @@ mod tests {
 
     #[test]
     fn kick_snapshot() {
-        let kicked: Kicked = serde_json::from_str(
+        let kicked: KickAnswer = serde_json::from_str(
             r#"{"closed": [{"node": "n0", "count": 2}, {"node": "n1", "count": 0}, {"node": "n2", "count": 1}],
                 "total": 3, "banned_until_ms": 1795440060000, "missing": []}"#,
         )

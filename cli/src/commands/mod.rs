@@ -1,5 +1,6 @@
-//! One module per subcommand, each mirroring one /admin/* route: fetch, then render. This file
-//! dispatches, writes to stdout, and re-indents the server's JSON for `--json`.
+//! One module per subcommand, each mirroring one /admin/* route: fetch, then render. The admin
+//! answers decode into `pushd_wire` types, the ones the server writes. This file dispatches,
+//! writes to stdout, and re-indents the server's JSON for `--json`.
 
 use std::io::Write;
 use std::time::{SystemTime, UNIX_EPOCH};

@@ -1,51 +1,19 @@
 //! `pushctl room <channel>`: GET /admin/channels/{channel}, one channel's subscribers, presence
 //! and history bounds.
 
-use serde::Deserialize;
+use pushd_wire::ChannelDetail;
 
 use super::{Outcome, show};
 use crate::client::Client;
 use crate::table::{self, Col};
 
-/// The answer of GET /admin/channels/{channel}.
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-pub struct RoomDetail {
-    pub channel: String,
-    pub subscribers: Vec<Member>,
-    /// `None` where presence is off for the channel.
-    pub presence: Option<Vec<Member>>,
-    pub history: History,
-    pub missing: Vec<String>,
-}
-
-/// A connection in a channel: in `subscribers` and in `presence`.
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-pub struct Member {
-    pub conn: String,
-    pub user: String,
-    pub node: String,
-}
-
-/// The bounds of a channel's stored history.
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-pub struct History {
-    pub epoch: String,
-    /// `None` when nothing is kept.
-    pub first_offset: Option<u64>,
-    pub last_offset: u64,
-    pub len: u64,
-}
-
 pub async fn run(client: &Client, json: bool, channel: &str) -> anyhow::Result<Outcome> {
-    let fetched = client.get::<RoomDetail>(&["admin", "channels", channel], &[], true).await?;
+    let fetched = client.get::<ChannelDetail>(&["admin", "channels", channel], &[], true).await?;
     show(&fetched, json, &fetched.body.missing, render)
 }
 
 /// History bounds, then the subscribers table, then presence by user.
-pub fn render(room: &RoomDetail) -> String {
+pub fn render(room: &ChannelDetail) -> String {
     let h = &room.history;
     let kept = match (h.len, h.first_offset) {
         (0, _) | (_, None) => "none kept".to_string(),
@@ -61,18 +29,20 @@ pub fn render(room: &RoomDetail) -> String {
     );
     out.push_str(&format!("\n{}\n", table::plural(room.subscribers.len() as u64, "subscriber", "subscribers")));
     if !room.subscribers.is_empty() {
-        out.push_str(&members(&room.subscribers, false));
+        let rows = room.subscribers.iter().map(|s| [&*s.conn, &*s.user, &*s.node]);
+        out.push_str(&members(["CONN", "USER", "NODE"], rows));
         out.push('\n');
     }
     match &room.presence {
         None => out.push_str("\npresence: off for this channel (--presence)\n"),
         Some(present) => {
-            let mut users: Vec<&str> = present.iter().map(|m| m.user.as_str()).collect();
+            let mut users: Vec<&str> = present.iter().map(|c| &*c.user).collect();
             users.sort_unstable();
             users.dedup();
             out.push_str(&format!("\npresence: {}\n", table::plural(users.len() as u64, "user", "users")));
             if !present.is_empty() {
-                out.push_str(&members(present, true));
+                let rows = present.iter().map(|c| [&*c.user, &*c.conn, &*c.node]);
+                out.push_str(&members(["USER", "CONN", "NODE"], rows));
                 out.push('\n');
             }
         }
@@ -80,15 +50,10 @@ pub fn render(room: &RoomDetail) -> String {
     out
 }
 
-fn members(list: &[Member], user_first: bool) -> String {
-    let (cols, rows): ([Col; 3], Vec<Vec<String>>) = if user_first {
-        let rows = list.iter().map(|m| vec![m.user.clone(), m.conn.clone(), m.node.clone()]).collect();
-        ([Col::text("USER"), Col::text("CONN"), Col::text("NODE")], rows)
-    } else {
-        let rows = list.iter().map(|m| vec![m.conn.clone(), m.user.clone(), m.node.clone()]).collect();
-        ([Col::text("CONN"), Col::text("USER"), Col::text("NODE")], rows)
-    };
-    table::render(&cols, &rows)
+/// A table of connections in the channel, with `headers` naming the three cells of each row.
+fn members<'a>(headers: [&'static str; 3], rows: impl Iterator<Item = [&'a str; 3]>) -> String {
+    let rows: Vec<Vec<String>> = rows.map(|row| row.map(str::to_owned).to_vec()).collect();
+    table::render(&headers.map(Col::text), &rows)
 }
 
 #[cfg(test)]
@@ -97,7 +62,7 @@ mod tests {
 
     #[test]
     fn room_snapshot() {
-        let room: RoomDetail = serde_json::from_str(
+        let room: ChannelDetail = serde_json::from_str(
             r#"{"channel": "room:1",
                 "subscribers": [{"conn": "n0.17", "user": "u7", "node": "n0"},
                                 {"conn": "n1.4", "user": "u8", "node": "n1"}],
@@ -128,7 +93,7 @@ u8    n1.4   n1
 
     #[test]
     fn presence_off_and_empty_history_say_so() {
-        let room: RoomDetail =
+        let room: ChannelDetail =
             serde_json::from_str(r#"{"channel":"news","subscribers":[],"presence":null,"history":{"epoch":"e"}}"#)
                 .unwrap();
         let got = render(&room);

@@ -1,35 +1,11 @@
 //! `pushctl rooms`: GET /admin/channels, channels with at least one subscriber somewhere.
 
-use serde::Deserialize;
+use pushd_wire::ChannelsAnswer;
 
 use super::{Outcome, show};
 use crate::cli::RoomSort;
 use crate::client::Client;
 use crate::table::{self, Col, Hide};
-
-/// The answer of GET /admin/channels.
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-pub struct Rooms {
-    pub channels: Vec<Room>,
-    pub truncated: bool,
-    pub missing: Vec<String>,
-}
-
-/// One channel across the cluster.
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-pub struct Room {
-    pub channel: String,
-    pub subscribers: u64,
-    /// Nodes with at least one subscriber.
-    pub nodes: u64,
-    /// `None` when the node could not read the channel's history.
-    pub history_len: Option<u64>,
-    pub last_offset: Option<u64>,
-    /// Messages per second over the last few seconds.
-    pub rate: f64,
-}
 
 pub async fn run(
     client: &Client,
@@ -46,12 +22,12 @@ pub async fn run(
     .into_iter()
     .filter_map(|(k, v)| v.map(|v| (k, v)))
     .collect();
-    let fetched = client.get::<Rooms>(&["admin", "channels"], &query, true).await?;
+    let fetched = client.get::<ChannelsAnswer>(&["admin", "channels"], &query, true).await?;
     show(&fetched, json, &fetched.body.missing, render)
 }
 
 /// One row per channel, in the server's order.
-pub fn render(answer: &Rooms) -> String {
+pub fn render(answer: &ChannelsAnswer) -> String {
     const COLS: [Col; 6] = [
         Col::text("CHANNEL").wrap(),
         Col::num("SUBSCRIBERS"),
@@ -90,7 +66,7 @@ mod tests {
 
     #[test]
     fn rooms_table_snapshot() {
-        let answer: Rooms = serde_json::from_str(
+        let answer: ChannelsAnswer = serde_json::from_str(
             r#"{"channels": [
                  {"channel": "room:1", "subscribers": 30, "nodes": 3, "history_len": 100,
                   "last_offset": 100, "rate": 2.5},

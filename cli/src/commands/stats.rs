@@ -3,96 +3,13 @@
 
 use std::time::Duration;
 
-use serde::Deserialize;
+use pushd_wire::{NodeStats, RedisStats, StatsAnswer};
 
 use super::{Outcome, now_ms, partial_warning, print, show};
 use crate::client::{Client, ClientError, Fetched};
 use crate::table::{self, Col, Hide};
 
-/// The answer of GET /admin/stats.
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-pub struct Stats {
-    pub engine: String,
-    pub totals: Totals,
-    pub nodes: Vec<Node>,
-    pub missing: Vec<String>,
-    /// `None` on the memory engine.
-    pub redis: Option<Redis>,
-}
-
-/// Sums over the nodes that answered; `users` and `channels` are unique across the cluster.
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-pub struct Totals {
-    pub nodes: u64,
-    pub connections: u64,
-    pub users: u64,
-    pub subscriptions: u64,
-    pub channels: u64,
-    pub msgs_in_per_s: f64,
-    pub msgs_out_per_s: f64,
-    pub replays: u64,
-    pub slow_consumers: u64,
-    pub uptime_s: u64,
-}
-
-/// One node, as in /admin/stats and /admin/nodes. The counters are optional because the
-/// registry (/admin/nodes) may hold only who and where a node is.
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-pub struct Node {
-    pub id: String,
-    pub addr: String,
-    pub version: String,
-    /// When the node started (Unix ms): /admin/nodes gives this instead of `uptime_s`.
-    pub started_ms: Option<u64>,
-    /// When the node last wrote its registry entry (Unix ms; /admin/nodes).
-    pub updated_ms: Option<u64>,
-    pub uptime_s: Option<u64>,
-    pub connections: Option<u64>,
-    pub users: Option<u64>,
-    pub subscriptions: Option<u64>,
-    pub channels: Option<u64>,
-    pub messages_in: Option<u64>,
-    pub messages_out: Option<u64>,
-    pub msgs_in_per_s: Option<f64>,
-    pub msgs_out_per_s: Option<f64>,
-    pub replays: Option<u64>,
-    pub slow_consumers: Option<u64>,
-    pub draining: bool,
-}
-
-/// Redis as the cluster's engine sees it.
-impl Node {
-    /// Seconds up: `uptime_s`, or else counted from `started_ms` to `now_ms`.
-    pub fn uptime(&self, now_ms: u64) -> Option<u64> {
-        self.uptime_s.or_else(|| self.started_ms.map(|s| now_ms.saturating_sub(s) / 1000))
-    }
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-pub struct Redis {
-    /// `None` (as the next three) when Redis's INFO lacked it.
-    pub version: Option<String>,
-    pub used_memory: Option<String>,
-    pub ops_per_sec: Option<f64>,
-    pub connected_clients: Option<u64>,
-    pub pubsub_channels: u64,
-    pub pubsub_patterns: u64,
-    pub top_channels: Vec<TopChannel>,
-}
-
-/// A pushd channel and how many nodes subscribe to it in Redis (`PUBSUB NUMSUB`).
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-pub struct TopChannel {
-    pub channel: String,
-    pub subscribers: u64,
-}
-
-async fn fetch(client: &Client) -> Result<Fetched<Stats>, ClientError> {
+async fn fetch(client: &Client) -> Result<Fetched<StatsAnswer>, ClientError> {
     client.get(&["admin", "stats"], &[], true).await
 }
 
@@ -138,7 +55,7 @@ pub async fn watch(client: &Client, json: bool, every: u64) -> anyhow::Result<Ou
 const CLEAR: &str = "\x1b[H\x1b[2J";
 
 /// The whole stats screen.
-pub fn render(stats: &Stats) -> String {
+pub fn render(stats: &StatsAnswer) -> String {
     let t = &stats.totals;
     let mut out = format!(
         "engine {} · {} · up {}\n{} · {} · {} · {}\nin {} msg/s · out {} msg/s · {} · {}\n",
@@ -167,30 +84,30 @@ pub fn render(stats: &Stats) -> String {
 /// One row per node with its load: the middle of `pushctl stats`. Users per node are left out
 /// (the totals count unique users); what is unusual about a node (draining, replays, slow
 /// consumers) shares one NOTES column, which wraps, so the table fits 80 columns.
-fn node_table(nodes: &[Node]) -> String {
+fn node_table(nodes: &[NodeStats]) -> String {
     const COLS: [Col; 9] = [
         Col::text("NODE"),
         Col::text("ADDR").hide(Hide::WhenBlank).wrap(),
-        Col::num("UP").hide(Hide::WhenBlank),
-        Col::num("CONNS").hide(Hide::WhenBlank),
-        Col::num("SUBS").hide(Hide::WhenBlank),
-        Col::num("CHANS").hide(Hide::WhenBlank),
-        Col::num("IN/S").hide(Hide::WhenBlank),
-        Col::num("OUT/S").hide(Hide::WhenBlank),
+        Col::num("UP"),
+        Col::num("CONNS"),
+        Col::num("SUBS"),
+        Col::num("CHANS"),
+        Col::num("IN/S"),
+        Col::num("OUT/S"),
         Col::text("NOTES").hide(Hide::WhenBlank).wrap(),
     ];
     let rows: Vec<Vec<String>> = nodes
         .iter()
         .map(|n| {
             vec![
-                n.id.clone(),
-                n.addr.clone(),
-                n.uptime_s.map(table::duration).unwrap_or_default(),
-                n.connections.map(table::count).unwrap_or_default(),
-                n.subscriptions.map(table::count).unwrap_or_default(),
-                n.channels.map(table::count).unwrap_or_default(),
-                n.msgs_in_per_s.map(table::rate).unwrap_or_default(),
-                n.msgs_out_per_s.map(table::rate).unwrap_or_default(),
+                n.info.id.clone(),
+                n.info.addr.clone(),
+                table::duration(n.uptime_s),
+                table::count(n.info.connections),
+                table::count(n.info.subscriptions),
+                table::count(n.info.channels),
+                table::rate(n.msgs_in_per_s),
+                table::rate(n.msgs_out_per_s),
                 notes(n),
             ]
         })
@@ -199,28 +116,29 @@ fn node_table(nodes: &[Node]) -> String {
 }
 
 /// `draining, 3 replays, 1 slow`: the node's unusual facts, empty when there are none.
-fn notes(n: &Node) -> String {
+fn notes(n: &NodeStats) -> String {
+    let n = &n.info;
     let mut notes = Vec::new();
     if n.draining {
         notes.push("draining".to_string());
     }
-    if let Some(r) = n.replays.filter(|&r| r > 0) {
-        notes.push(table::plural(r, "replay", "replays"));
+    if n.replays > 0 {
+        notes.push(table::plural(n.replays, "replay", "replays"));
     }
-    if let Some(s) = n.slow_consumers.filter(|&s| s > 0) {
-        notes.push(format!("{s} slow"));
+    if n.slow_consumers > 0 {
+        notes.push(format!("{} slow", n.slow_consumers));
     }
     notes.join(", ")
 }
 
 /// The Redis block: server, memory, load, pub/sub counts and the busiest channels.
-fn render_redis(redis: &Redis) -> String {
+fn render_redis(redis: &RedisStats) -> String {
     let unknown = || "?".to_string();
     let mut out = format!(
         "\nredis {} · {} used · {} ops/s · {}\npub/sub: {} · {}\n",
         redis.version.clone().unwrap_or_else(unknown),
         redis.used_memory.clone().unwrap_or_else(unknown),
-        redis.ops_per_sec.map_or_else(unknown, |o| format!("{o:.0}")),
+        redis.ops_per_sec.map_or_else(unknown, |o| o.to_string()),
         redis.connected_clients.map_or_else(unknown, |c| table::plural(c, "client", "clients")),
         table::plural(redis.pubsub_channels, "channel", "channels"),
         table::plural(redis.pubsub_patterns, "pattern", "patterns"),
@@ -262,7 +180,7 @@ mod tests {
 
     #[test]
     fn stats_screen_snapshot() {
-        let stats: Stats = serde_json::from_str(SAMPLE).unwrap();
+        let stats: StatsAnswer = serde_json::from_str(SAMPLE).unwrap();
         let want = "\
 engine redis · 3 nodes · up 1h00m
 60 connections · 20 users · 120 subscriptions · 10 channels
@@ -289,7 +207,7 @@ room:1                      3
         let node = r#"{"id":"prod-a-7f9c","addr":"10.200.30.40:8080","uptime_s":999999,"connections":123456,
             "subscriptions":1234567,"channels":12345,"msgs_in_per_s":12345.6,"msgs_out_per_s":123456.7,
             "replays":12345,"slow_consumers":123,"draining":true}"#;
-        let nodes: Vec<Node> = serde_json::from_str(&format!("[{node}]")).unwrap();
+        let nodes: Vec<NodeStats> = serde_json::from_str(&format!("[{node}]")).unwrap();
         let got = node_table(&nodes);
         table::assert_fits(&got);
         assert!(got.contains("prod-a-7f9c"), "ids do not wrap:\n{got}");
@@ -297,11 +215,14 @@ room:1                      3
     }
 
     #[test]
-    fn memory_engine_and_sparse_nodes_render() {
-        let stats: Stats =
+    fn memory_engine_and_absent_node_fields_render() {
+        let stats: StatsAnswer =
             serde_json::from_str(r#"{"engine":"memory","nodes":[{"id":"dev"}],"missing":[],"redis":null}"#).unwrap();
         let got = render(&stats);
-        assert!(got.contains("NODE\ndev\n"), "{got}");
+        assert!(
+            got.contains("\nNODE  UP  CONNS  SUBS  CHANS  IN/S  OUT/S\ndev   0s      0     0      0   0.0    0.0\n"),
+            "{got}"
+        );
         assert!(got.ends_with("redis: none (memory engine)\n"), "{got}");
     }
 }

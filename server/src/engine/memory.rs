@@ -309,7 +309,7 @@ impl Engine for MemoryEngine {
         let mut log = lock(&log);
         log.expire(now_ms(), self.ttl_ms());
         Ok(HistoryBounds {
-            epoch: log.epoch.clone(),
+            epoch: log.epoch.to_string(),
             last_offset: log.top,
             len: log.ring.len() as u64,
             first_offset: log.ring.front().map(|p| p.offset),

@@ -21,6 +21,9 @@ use serde_json::value::RawValue;
 use crate::channel::ChannelName;
 
 pub use memory::MemoryEngine;
+/// The engine's answers that the admin API passes on as they are: one definition, shared with
+/// `pushctl` (`pushd-wire`).
+pub use pushd_wire::{ClientInfo, HistoryBounds, NodeInfo, RedisStats};
 pub use redis::{RedisEngine, RedisSettings};
 
 /// Position of a message within its channel: contiguous, starting at 1 in each epoch.
@@ -166,36 +169,6 @@ pub enum HistoryQuery {
     Latest { limit: usize },
 }
 
-/// One subscriber as presence sees it. Shared strings: a node holds one per subscription.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ClientInfo {
-    pub user: Arc<str>,
-    pub conn: Arc<str>,
-    pub node: Arc<str>,
-}
-
-/// One node as the registry knows it: who it is and its latest stats, refreshed every second.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct NodeInfo {
-    pub id: String,
-    /// Address the node listens on.
-    pub addr: String,
-    pub version: String,
-    /// Unix ms when the node started.
-    pub started_ms: u64,
-    /// Unix ms of this report.
-    pub updated_ms: u64,
-    pub connections: u64,
-    pub users: u64,
-    pub subscriptions: u64,
-    pub channels: u64,
-    pub messages_in: u64,
-    pub messages_out: u64,
-    pub replays: u64,
-    pub slow_consumers: u64,
-    pub draining: bool,
-}
-
 /// A join or leave of a channel subscriber, fanned out where join/leave events are on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -223,15 +196,6 @@ pub trait ControlHandler: Send + Sync + 'static {
 pub struct Survey {
     pub answers: Vec<(String, String)>,
     pub missing: Vec<String>,
-}
-
-/// A channel's stored history as operators see it.
-#[derive(Debug, Clone, Serialize)]
-pub struct HistoryBounds {
-    pub epoch: Epoch,
-    pub last_offset: Offset,
-    pub len: u64,
-    pub first_offset: Option<Offset>,
 }
 
 /// Where an engine hands live traffic on this node: implemented by the hub.
@@ -301,7 +265,7 @@ pub trait Engine: Send + Sync + 'static {
     async fn history_bounds(&self, channel: &ChannelName) -> Result<HistoryBounds, EngineError>;
 
     /// The shared store's own stats (Redis INFO and pub/sub); `None` without one.
-    async fn backend_stats(&self) -> Result<Option<serde_json::Value>, EngineError> {
+    async fn backend_stats(&self) -> Result<Option<RedisStats>, EngineError> {
         Ok(None)
     }
 

@@ -23,6 +23,7 @@ use async_trait::async_trait;
 use fred::clients::SubscriberClient;
 use fred::prelude::*;
 use fred::types::scripts::Script;
+use pushd_wire::TopChannel;
 use serde_json::value::RawValue;
 
 pub use keys::Keys;
@@ -30,7 +31,7 @@ use pubsub::LiveChannels;
 
 use super::{
     ClientInfo, ControlHandler, Deliver, Engine, EngineError, Epoch, HistoryBounds, HistoryPage, HistoryQuery,
-    NewMessage, NodeInfo, Offset, PresenceChange, Publication, Survey, now_ms, now_us, presence_frame,
+    NewMessage, NodeInfo, Offset, PresenceChange, Publication, RedisStats, Survey, now_ms, now_us, presence_frame,
 };
 use crate::channel::ChannelName;
 
@@ -340,10 +341,10 @@ impl Engine for RedisEngine {
         // Reads never go below top - size (see history.lua), whatever MAXLEN ~ kept.
         let len = len.min(size);
         let first_offset = page.publications.first().map(|p| p.offset.max(page.top.saturating_sub(size) + 1));
-        Ok(HistoryBounds { epoch: page.epoch, last_offset: page.top, len, first_offset })
+        Ok(HistoryBounds { epoch: page.epoch.to_string(), last_offset: page.top, len, first_offset })
     }
 
-    async fn backend_stats(&self) -> Result<Option<serde_json::Value>, EngineError> {
+    async fn backend_stats(&self) -> Result<Option<RedisStats>, EngineError> {
         backend_stats(self).await.map(Some)
     }
 
@@ -413,7 +414,7 @@ fn parse_entry(channel: &ChannelName, epoch: &Epoch, entry: Value) -> Result<Pub
 }
 
 /// Redis' own view: version, memory, load, and pub/sub subscriber counts of our channels.
-async fn backend_stats(engine: &RedisEngine) -> Result<serde_json::Value, EngineError> {
+async fn backend_stats(engine: &RedisEngine) -> Result<RedisStats, EngineError> {
     let c = engine.client()?;
     let info: String = c.info(None).await.map_err(unavailable)?;
     let field = |name: &str| {
@@ -425,7 +426,7 @@ async fn backend_stats(engine: &RedisEngine) -> Result<serde_json::Value, Engine
     let ours: Vec<String> = c.pubsub_channels(format!("{}{{*", engine.settings.prefix)).await.map_err(unavailable)?;
     let all: Vec<String> = c.pubsub_channels("*").await.map_err(unavailable)?;
     let numpat: i64 = c.pubsub_numpat().await.map_err(unavailable)?;
-    let mut top: Vec<(String, i64)> = Vec::new();
+    let mut top: Vec<TopChannel> = Vec::new();
     if !ours.is_empty() {
         let counts: Vec<Value> = c.pubsub_numsub(ours.clone()).await.map_err(unavailable)?;
         for pair in counts.chunks(2) {
@@ -433,21 +434,19 @@ async fn backend_stats(engine: &RedisEngine) -> Result<serde_json::Value, Engine
                 && let (Some(name), Some(count)) = (name.as_string(), count.as_i64())
                 && let Some(channel) = engine.keys.channel_of(&name)
             {
-                top.push((channel.to_string(), count));
+                top.push(TopChannel { channel: channel.to_string(), subscribers: count.max(0) as u64 });
             }
         }
     }
-    top.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    top.sort_by(|a, b| b.subscribers.cmp(&a.subscribers).then_with(|| a.channel.cmp(&b.channel)));
     top.truncate(10);
-    let top: Vec<serde_json::Value> =
-        top.into_iter().map(|(channel, n)| serde_json::json!({"channel": channel, "subscribers": n})).collect();
-    Ok(serde_json::json!({
-        "version": field("redis_version"),
-        "used_memory": field("used_memory_human"),
-        "ops_per_sec": field("instantaneous_ops_per_sec").and_then(|v| v.parse::<u64>().ok()),
-        "connected_clients": field("connected_clients").and_then(|v| v.parse::<u64>().ok()),
-        "pubsub_channels": all.len(),
-        "pubsub_patterns": numpat,
-        "top_channels": top,
-    }))
+    Ok(RedisStats {
+        version: field("redis_version"),
+        used_memory: field("used_memory_human"),
+        ops_per_sec: field("instantaneous_ops_per_sec").and_then(|v| v.parse::<u64>().ok()),
+        connected_clients: field("connected_clients").and_then(|v| v.parse::<u64>().ok()),
+        pubsub_channels: all.len() as u64,
+        pubsub_patterns: numpat.max(0) as u64,
+        top_channels: top,
+    })
 }
