@@ -20,7 +20,7 @@ use crate::api;
 use crate::auth::keys_match;
 use crate::channel::ChannelName;
 use crate::control::{ChannelOnNode, ControlRequest, Kicked, NodeReport, conn_order};
-use crate::engine::{EngineError, now_ms};
+use crate::engine::{EngineError, Survey, now_ms};
 use crate::http::{self, Body, HttpError};
 use crate::node::Node;
 use crate::protocol::ErrorCode;
@@ -104,7 +104,16 @@ async fn survey<T: DeserializeOwned>(
     timeout: Duration,
 ) -> Result<(Vec<(String, T)>, Vec<String>), HttpError> {
     let request = serde_json::to_string(request).expect("control requests serialise");
-    let survey = node.engine.survey(&request, timeout).await.map_err(unavailable)?;
+    let survey = match node.engine.survey(&request, timeout).await {
+        Ok(survey) => survey,
+        // The store that carries surveys is away: answer for this node, and say the rest are
+        // unknown rather than failing the operator outright.
+        Err(e) => {
+            tracing::warn!(error = %e, "survey failed; answering for this node only");
+            let own = (node.config.node_id.clone(), crate::engine::ControlHandler::answer(node, &request));
+            Survey { answers: vec![own], missing: vec![format!("other nodes unknown: {e}")] }
+        }
+    };
     let mut missing = survey.missing;
     let mut answers = Vec::with_capacity(survey.answers.len());
     for (id, body) in survey.answers {

@@ -540,3 +540,23 @@ async fn history_wiped_while_the_node_is_unsubscribed_resets_to_the_new_epoch_an
     assert!(alice.pending_is_empty());
     node.stop().await;
 }
+
+#[tokio::test]
+async fn with_redis_down_the_admin_api_answers_for_its_own_node_and_says_the_rest_are_unknown() {
+    let mut redis = RedisServer::start().await;
+    let config = pushd::Config { admin_key: Some("adm".into()), ..redis_config(&redis, "n0") };
+    let node = TestNode::start(config).await;
+    let mut alice = node.ws(&token("alice")).await;
+    assert_eq!(alice.subscribe("faults:admin", None).await["ok"], true);
+    redis.kill().await;
+    await_readiness(&node, 503).await;
+
+    let resp = reqwest::Client::new().get(node.url("/admin/stats")).bearer_auth("adm").send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let stats: Value = resp.json().await.unwrap();
+    assert_eq!(stats["nodes"][0]["id"], "n0", "{stats}");
+    assert_eq!(stats["totals"]["connections"], 1, "{stats}");
+    let missing = stats["missing"].as_array().unwrap();
+    assert_eq!(missing.len(), 1, "{stats}");
+    assert!(missing[0].as_str().unwrap().contains("other nodes unknown"), "{stats}");
+}

@@ -41,11 +41,21 @@ pub fn render(nodes: &NodesAnswer, now_ms: u64) -> String {
                 n.connections.to_string(),
                 n.channels.to_string(),
                 table::ago(n.updated_ms, now_ms),
-                if n.draining { "draining" } else { "serving" }.into(),
+                state(n, now_ms).into(),
             ]
         })
         .collect();
     table::render(&COLS, &rows)
+}
+
+/// Nodes heartbeat every second: one quiet for longer is probably dead, and leaves the registry
+/// when its entry lapses (`--node-ttl`).
+fn state(n: &pushd_wire::NodeInfo, now_ms: u64) -> &'static str {
+    match (n.draining, now_ms.saturating_sub(n.updated_ms) > 2_500) {
+        (_, true) => "silent",
+        (true, false) => "draining",
+        (false, false) => "serving",
+    }
 }
 
 /// Time since the node started, counted to `now_ms`; blank when the entry lacks the start
