@@ -79,6 +79,11 @@ impl Checker {
         true
     }
 
+    /// The offset this subscriber joined at.
+    pub fn start(&self) -> u64 {
+        self.start
+    }
+
     /// The highest offset seen: where a resubscribe resumes (`since`).
     pub fn last(&self) -> u64 {
         self.next - 1

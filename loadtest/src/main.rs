@@ -16,7 +16,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use crate::cli::{Cli, Command, Fanout};
+use crate::cli::{Cli, Command, Fanout, PublishRun};
+use crate::report::Verdict;
 
 /// Exit status for flags pushload refuses to run with (EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
@@ -24,15 +25,22 @@ const EXIT_CONFIG: u8 = 64;
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    let Command::Fanout(args) = cli.command;
-    let plan = match Fanout::try_from(args) {
+    let plan = match cli.command {
+        Command::Fanout(args) => Fanout::try_from(args).map(Plan::Fanout),
+        Command::Publish(args) => PublishRun::try_from(args).map(Plan::Publish),
+    };
+    let plan = match plan {
         Ok(plan) => plan,
         Err(e) => {
             eprintln!("pushload: {e:#}");
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let report = match workload::fanout(plan).await {
+    let report: anyhow::Result<Box<dyn Verdict>> = match plan {
+        Plan::Fanout(plan) => workload::fanout(plan).await.map(|r| Box::new(r) as _),
+        Plan::Publish(plan) => workload::publish(plan).await.map(|r| Box::new(r) as _),
+    };
+    let report = match report {
         Ok(report) => report,
         Err(e) => {
             eprintln!("pushload: {e:#}");
@@ -48,4 +56,10 @@ async fn main() -> ExitCode {
         _ => {}
     }
     if report.failures().is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+}
+
+/// A checked plan of either subcommand.
+enum Plan {
+    Fanout(Fanout),
+    Publish(PublishRun),
 }

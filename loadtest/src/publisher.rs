@@ -1,53 +1,92 @@
 //! The HTTP side of a run: `--publishers` tasks sharing one sequence counter and one client,
 //! each POSTing `{"seq":n,"ts":<unix micros>,"pad":"xx.."}` to `/api/publish`, paced to `--rate`.
-//! A failed publish is counted, never retried: the node said it did not store it.
+//! Publish `n` goes to the node and channel of `Load::slot(n)`. A failed publish is counted,
+//! never retried: the node said it did not store it.
+//!
+//! Each task keeps its own latency histogram and offsets, merged once at the end.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
+use hdrhistogram::Histogram;
 use serde::Deserialize;
 
-use crate::cli::Fanout;
+use crate::cli::Load;
+use crate::report::Latency;
 
 /// The shared publisher state: the next sequence number, the pacing clock and one HTTP client.
 pub struct Publisher {
-    plan: Fanout,
+    load: Load,
     client: reqwest::Client,
     next_seq: AtomicU64,
     /// Publishes answered 2xx so far, for progress lines.
     pub ok: AtomicU64,
     started: Instant,
     started_us: u64,
-    channel_json: String,
+    /// Each channel's name as a JSON string.
+    channel_json: Vec<String>,
     pad: String,
 }
 
 /// What the publishers achieved, per task or merged.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Published {
     pub ok: u64,
     pub failed: u64,
     pub first_error: Option<String>,
-    /// The highest offset a publish returned: where every subscriber must get to.
-    pub max_offset: Option<u64>,
+    /// Per channel, every offset a publish returned (unsorted).
+    pub offsets: Vec<Vec<u64>>,
     pub started: Option<Instant>,
     /// `started` on the clock the payload's `ts` uses.
     pub started_us: Option<u64>,
     /// When the last publish was answered.
     pub finished: Option<Instant>,
+    /// Request sent to response read, in microseconds, for every publish answered 2xx.
+    pub latency: Histogram<u64>,
+}
+
+/// What the offsets returned for one channel say about the publish path.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct OffsetCheck {
+    /// The highest offset returned: where every subscriber of the channel must get to.
+    pub max: Option<u64>,
+    /// Offsets returned to more than one publish: two messages stored under one offset.
+    pub duplicated: u64,
+    /// Offsets between the lowest and the highest returned that no publish got: a failed
+    /// publish that was stored anyway, or someone else publishing to the channel.
+    pub gaps: u64,
 }
 
 impl Published {
+    fn new(channels: usize, started: Instant, started_us: u64) -> Self {
+        Published {
+            ok: 0,
+            failed: 0,
+            first_error: None,
+            offsets: vec![Vec::new(); channels],
+            started: Some(started),
+            started_us: Some(started_us),
+            finished: None,
+            latency: Latency::histogram(),
+        }
+    }
+
     pub fn merge(&mut self, o: Published) {
         self.ok += o.ok;
         self.failed += o.failed;
         self.first_error = self.first_error.take().or(o.first_error);
-        self.max_offset = self.max_offset.max(o.max_offset);
+        if self.offsets.len() < o.offsets.len() {
+            self.offsets.resize_with(o.offsets.len(), Vec::new);
+        }
+        for (mine, theirs) in self.offsets.iter_mut().zip(o.offsets) {
+            mine.extend(theirs);
+        }
         self.started = self.started.or(o.started);
         self.started_us = self.started_us.or(o.started_us);
         self.finished = self.finished.max(o.finished);
+        self.latency.add(&o.latency).expect("same bounds");
     }
 
     /// First publish sent to last publish answered.
@@ -57,6 +96,21 @@ impl Published {
             _ => 0.0,
         }
     }
+
+    /// The offsets of each channel, checked.
+    pub fn check(&self) -> Vec<OffsetCheck> {
+        self.offsets.iter().map(|o| check_offsets(o)).collect()
+    }
+}
+
+fn check_offsets(offsets: &[u64]) -> OffsetCheck {
+    let mut sorted = offsets.to_vec();
+    sorted.sort_unstable();
+    let (Some(&lo), Some(&hi)) = (sorted.first(), sorted.last()) else { return OffsetCheck::default() };
+    let before = sorted.len() as u64;
+    sorted.dedup();
+    let distinct = sorted.len() as u64;
+    OffsetCheck { max: Some(hi), duplicated: before - distinct, gaps: hi - lo + 1 - distinct }
 }
 
 #[derive(Deserialize)]
@@ -66,23 +120,24 @@ struct PublishReply {
 
 impl Publisher {
     /// Builds the client; the pacing clock starts now.
-    pub fn new(plan: &Fanout) -> anyhow::Result<Self> {
+    pub fn new(load: &Load) -> anyhow::Result<Self> {
         let client = reqwest::Client::builder()
             .no_proxy()
             .tcp_nodelay(true)
-            .pool_max_idle_per_host(plan.publishers)
+            .pool_max_idle_per_host(load.publishers)
             .timeout(Duration::from_secs(30))
             .build()
             .context("building the HTTP client")?;
+        let channel_json = load.channels.iter().map(serde_json::to_string).collect::<Result<_, _>>()?;
         Ok(Self {
-            plan: plan.clone(),
+            load: load.clone(),
             client,
             next_seq: AtomicU64::new(0),
             ok: AtomicU64::new(0),
             started: Instant::now(),
             started_us: unix_micros(),
-            channel_json: serde_json::to_string(&plan.channel)?,
-            pad: "x".repeat(plan.payload_bytes),
+            channel_json,
+            pad: "x".repeat(load.payload_bytes),
         })
     }
 
@@ -94,22 +149,24 @@ impl Publisher {
     /// One publisher task: publishes sequence numbers until none are left, pacing to `--rate`
     /// in total (sequence `n` is due `n / rate` seconds after the start).
     pub async fn run(self: Arc<Self>) -> Published {
-        let mut out =
-            Published { started: Some(self.started), started_us: Some(self.started_us), ..Default::default() };
+        let mut out = Published::new(self.load.channels.len(), self.started, self.started_us);
         loop {
             let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
-            if seq >= self.plan.messages {
+            if seq >= self.load.messages {
                 break;
             }
-            if let Some(rate) = self.plan.rate {
+            if let Some(rate) = self.load.rate {
                 let at = self.started + Duration::from_secs_f64(seq as f64 / rate as f64);
                 tokio::time::sleep_until(at.into()).await;
             }
-            match self.publish(seq).await {
+            let (node, channel) = self.load.slot(seq);
+            let sent = Instant::now();
+            match self.publish(seq, node, channel).await {
                 Ok(offset) => {
+                    out.latency.saturating_record((sent.elapsed().as_micros() as u64).max(1));
                     out.ok += 1;
                     self.ok.fetch_add(1, Ordering::Relaxed);
-                    out.max_offset = out.max_offset.max(Some(offset));
+                    out.offsets[channel].push(offset);
                 }
                 Err(e) => {
                     out.failed += 1;
@@ -121,27 +178,28 @@ impl Publisher {
         out
     }
 
-    async fn publish(&self, seq: u64) -> anyhow::Result<u64> {
-        let body = self.body(seq, unix_micros());
-        let mut req = self.client.post(self.plan.publish_url.clone()).header("content-type", "application/json");
-        if let Some(key) = &self.plan.api_key {
+    async fn publish(&self, seq: u64, node: usize, channel: usize) -> anyhow::Result<u64> {
+        let body = self.body(seq, channel, unix_micros());
+        let url = &self.load.nodes[node].publish_url;
+        let mut req = self.client.post(url.clone()).header("content-type", "application/json");
+        if let Some(key) = &self.load.api_key {
             req = req.bearer_auth(key);
         }
-        let resp = req.body(body).send().await.context("POST /api/publish")?;
+        let resp = req.body(body).send().await.with_context(|| format!("POST {url}"))?;
         let status = resp.status();
         let bytes = resp.bytes().await.context("reading the publish response")?;
         if !status.is_success() {
-            bail!("POST /api/publish answered {status}: {}", String::from_utf8_lossy(&bytes).trim());
+            bail!("POST {url} answered {status}: {}", String::from_utf8_lossy(&bytes).trim());
         }
         let reply: PublishReply = serde_json::from_slice(&bytes).context("malformed publish response")?;
         Ok(reply.offset)
     }
 
     /// The request body; `data` is padded to `--payload-bytes` when that is larger than it.
-    fn body(&self, seq: u64, ts: u64) -> String {
+    fn body(&self, seq: u64, channel: usize, ts: u64) -> String {
         let bare = format!(r#"{{"seq":{seq},"ts":{ts},"pad":""}}"#).len();
-        let pad = &self.pad[..self.plan.payload_bytes.saturating_sub(bare)];
-        format!(r#"{{"channel":{},"data":{{"seq":{seq},"ts":{ts},"pad":"{pad}"}}}}"#, self.channel_json)
+        let pad = &self.pad[..self.load.payload_bytes.saturating_sub(bare)];
+        format!(r#"{{"channel":{},"data":{{"seq":{seq},"ts":{ts},"pad":"{pad}"}}}}"#, self.channel_json[channel])
     }
 }
 
@@ -156,16 +214,18 @@ mod tests {
     use clap::Parser;
 
     use super::*;
-    use crate::cli::{Cli, Command};
+    use crate::cli::{Cli, Command, Fanout};
 
-    fn publisher(payload_bytes: &str) -> Publisher {
-        let Command::Fanout(args) = Cli::parse_from(["pushload", "fanout", "--payload-bytes", payload_bytes]).command;
-        Publisher::new(&Fanout::try_from(args).unwrap()).unwrap()
+    fn publisher(args: &[&str]) -> Publisher {
+        let mut all = vec!["pushload", "fanout"];
+        all.extend_from_slice(args);
+        let Command::Fanout(args) = Cli::parse_from(all).command else { panic!("not fanout") };
+        Publisher::new(&Fanout::try_from(args).unwrap().load).unwrap()
     }
 
     #[test]
     fn data_is_padded_to_the_payload_size() {
-        let body = publisher("64").body(7, 1_700_000_000_000_000);
+        let body = publisher(&["--payload-bytes", "64"]).body(7, 0, 1_700_000_000_000_000);
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(v["channel"], "bench");
         assert_eq!((v["data"]["seq"].as_u64(), v["data"]["ts"].as_u64()), (Some(7), Some(1_700_000_000_000_000)));
@@ -174,8 +234,38 @@ mod tests {
 
     #[test]
     fn small_payloads_are_never_truncated() {
-        let body = publisher("1").body(7, 1);
+        let body = publisher(&["--payload-bytes", "1"]).body(7, 0, 1);
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(v["data"]["pad"], "");
+    }
+
+    #[test]
+    fn bodies_name_their_channel() {
+        let p = publisher(&["--channels", "3"]);
+        let v: serde_json::Value = serde_json::from_str(&p.body(1, 2, 1)).unwrap();
+        assert_eq!(v["channel"], "bench-2");
+    }
+
+    #[test]
+    fn offsets_are_checked_per_channel() {
+        assert_eq!(check_offsets(&[]), OffsetCheck::default());
+        assert_eq!(check_offsets(&[12, 10, 11]), OffsetCheck { max: Some(12), duplicated: 0, gaps: 0 });
+        assert_eq!(check_offsets(&[5, 9, 5, 7]), OffsetCheck { max: Some(9), duplicated: 1, gaps: 2 });
+    }
+
+    #[test]
+    fn merged_results_keep_every_offset_and_sample() {
+        let t = Instant::now();
+        let mut a = Published::new(2, t, 1);
+        a.offsets[0].push(1);
+        a.latency.record(100).unwrap();
+        let mut b = Published::new(2, t, 1);
+        b.offsets[0].push(2);
+        b.offsets[1].push(1);
+        b.latency.record(300).unwrap();
+        a.merge(b);
+        assert_eq!(a.offsets, [vec![1, 2], vec![1]]);
+        assert_eq!(a.latency.len(), 2);
+        assert_eq!(a.check()[0].max, Some(2));
     }
 }

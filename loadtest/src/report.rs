@@ -15,8 +15,9 @@ use crate::usage::Usage;
 /// Everything one `pushload fanout` run measured.
 #[derive(Debug, Serialize)]
 pub struct Report {
-    pub url: String,
-    pub channel: String,
+    /// The nodes' origins, in `--url` order.
+    pub urls: Vec<String>,
+    pub channels: Vec<String>,
     pub subscribers: usize,
     pub messages: u64,
     pub payload_bytes: usize,
@@ -31,8 +32,11 @@ pub struct Report {
     /// First publish sent to last publish answered.
     pub publish_seconds: f64,
     pub publish_rate: f64,
-    /// The last offset a publish returned: every subscriber must reach it.
-    pub last_offset: Option<u64>,
+    /// Request sent to response read, per publish answered 2xx.
+    pub publish_latency_us: Latency,
+    /// Per channel, the last offset a publish returned: every subscriber of the channel must
+    /// reach it (`None`: nothing was published to the channel).
+    pub last_offsets: Vec<Option<u64>>,
     pub tally: Tally,
     /// First publish sent to last message delivered.
     pub wall_seconds: f64,
@@ -48,6 +52,44 @@ pub struct Report {
     /// Subscribers that never saw the last offset.
     pub unfinished: u64,
     pub subscriber_error: Option<String>,
+    pub timed_out: bool,
+    /// The delivery counts of each node's subscribers, in `--url` order.
+    pub nodes: Vec<NodeTally>,
+    pub usage: Usage,
+}
+
+/// What the subscribers connected to one node saw.
+#[derive(Debug, Default, Serialize)]
+pub struct NodeTally {
+    pub url: String,
+    pub tally: Tally,
+    pub unfinished: u64,
+    pub rejoins: u64,
+    /// Sockets this node (or the network) closed.
+    pub closes: u64,
+}
+
+/// Everything one `pushload publish` run measured.
+#[derive(Debug, Serialize)]
+pub struct PublishReport {
+    pub urls: Vec<String>,
+    pub channels: Vec<String>,
+    pub messages: u64,
+    pub payload_bytes: usize,
+    pub publishers: usize,
+    pub rate: Option<u64>,
+    pub published: u64,
+    pub failed: u64,
+    pub first_error: Option<String>,
+    /// First publish sent to last publish answered.
+    pub seconds: f64,
+    pub publishes_per_second: f64,
+    /// Request sent to response read, per publish answered 2xx.
+    pub latency_us: Latency,
+    /// Offsets returned to more than one publish (summed over channels).
+    pub duplicated_offsets: u64,
+    /// Offsets no publish got between a channel's lowest and highest (summed over channels).
+    pub offset_gaps: u64,
     pub timed_out: bool,
     pub usage: Usage,
 }
@@ -96,9 +138,39 @@ impl From<&Histogram<u64>> for Latency {
     }
 }
 
-impl Report {
+/// A finished run: its verdict and both ways of showing it.
+pub trait Verdict {
     /// Why this run failed, one phrase each; empty when it passed.
-    pub fn failures(&self) -> Vec<String> {
+    fn failures(&self) -> Vec<String>;
+
+    /// The report as aligned text; non-zero error counts are marked `<-- FAIL`.
+    fn render(&self) -> String;
+
+    /// The report as one JSON object, with `ok` and `failures` first.
+    fn to_json(&self) -> String;
+}
+
+/// `report` as one JSON object, with `ok` and `failures` first.
+fn json<R: Serialize>(report: &R, failures: Vec<String>) -> String {
+    #[derive(Serialize)]
+    struct Json<'a, R> {
+        ok: bool,
+        failures: Vec<String>,
+        #[serde(flatten)]
+        report: &'a R,
+    }
+    let verdict = Json { ok: failures.is_empty(), failures, report };
+    let mut s = serde_json::to_string_pretty(&verdict).expect("reports serialise");
+    s.push('\n');
+    s
+}
+
+impl Verdict for Report {
+    fn to_json(&self) -> String {
+        json(self, self.failures())
+    }
+
+    fn failures(&self) -> Vec<String> {
         let t = &self.tally;
         let counts = [
             (t.lost, "lost"),
@@ -117,44 +189,25 @@ impl Report {
         if self.published == 0 {
             out.push("nothing was published".into());
         }
-        if self.usage.server.as_ref().is_some_and(|s| s.gone) {
+        if self.usage.gone() {
             out.push("server process gone".into());
         }
         out
     }
 
-    /// The report as one JSON object, with `ok` and `failures` first.
-    pub fn to_json(&self) -> String {
-        #[derive(Serialize)]
-        struct Verdict<'a> {
-            ok: bool,
-            failures: Vec<String>,
-            #[serde(flatten)]
-            report: &'a Report,
-        }
-        let failures = self.failures();
-        let verdict = Verdict { ok: failures.is_empty(), failures, report: self };
-        let mut s = serde_json::to_string_pretty(&verdict).expect("reports serialise");
-        s.push('\n');
-        s
-    }
-
-    /// The report as aligned text; non-zero error counts are marked `<-- FAIL`.
-    pub fn render(&self) -> String {
+    fn render(&self) -> String {
         let mut r = Text::default();
-        let rate = self.rate.map_or("unpaced".into(), |r| format!("{r}/s requested"));
-        r.head(&format!("pushload fanout  {}  channel {:?}", self.url, self.channel));
+        r.head(&format!("pushload fanout  {}  {}", nodes(&self.urls), channels(&self.channels)));
         r.row("subscribers", format!("{} (joined in {:.1} s)", self.subscribers, self.connect_seconds));
-        r.row(
-            "messages",
-            format!("{} x {} B, {} publishers, {rate}", self.messages, self.payload_bytes, self.publishers),
-        );
+        r.row("messages", messages(self.messages, self.payload_bytes, self.publishers, self.rate));
         r.head("publish (POST /api/publish)");
         r.row("published", format!("{} in {:.2} s = {:.0}/s", self.published, self.publish_seconds, self.publish_rate));
         r.flag("failed", self.publish_failed);
         if let Some(e) = &self.publish_error {
             r.row("first error", e.clone());
         }
+        let l = &self.publish_latency_us;
+        r.row("publish latency", format!("p50 {}, p99 {}, max {}", ms(l.p50), ms(l.p99), ms(l.max)));
         r.head("delivery");
         let t = &self.tally;
         r.row("deliveries", format!("{} of {} expected", t.received, t.expected));
@@ -163,7 +216,7 @@ impl Report {
         r.head("latency, publish to delivery (us)");
         let l = &self.latency_us;
         for (name, v) in [("p50", l.p50), ("p90", l.p90), ("p99", l.p99), ("p99.9", l.p999), ("max", l.max)] {
-            r.row(name, format!("{v:>9}  ({:.2} ms)", v as f64 / 1000.0));
+            r.row(name, format!("{v:>9}  ({})", ms(v)));
         }
         r.head("correctness");
         r.flag("lost", t.lost);
@@ -180,16 +233,105 @@ impl Report {
         if let Some(e) = &self.subscriber_error {
             r.row("subscriber error", e.clone());
         }
-        self.usage.render(&mut r);
-        let failures = self.failures();
-        r.line(String::new());
-        if failures.is_empty() {
-            r.line("RESULT: PASS".into());
-        } else {
-            r.line(format!("RESULT: FAIL ({})", failures.join(", ")));
+        if self.nodes.len() > 1 {
+            r.head("per node (subscribers connected to it)");
+            for n in &self.nodes {
+                let t = &n.tally;
+                let bad = t.lost + t.duplicated + t.out_of_order + n.unfinished;
+                let mut line = format!(
+                    "{} subs, {} of {} received, {} lost, {} dup, {} reordered, {} unfinished",
+                    t.subscribers, t.received, t.expected, t.lost, t.duplicated, t.out_of_order, n.unfinished
+                );
+                if n.closes > 0 || n.rejoins > 0 {
+                    line += &format!(", {} closed, {} rejoined", n.closes, n.rejoins);
+                }
+                if bad > 0 {
+                    line += "  <-- FAIL";
+                }
+                r.row(&n.url, line);
+            }
         }
+        self.usage.render(&mut r);
+        r.verdict(&self.failures());
         r.0
     }
+}
+
+impl Verdict for PublishReport {
+    fn to_json(&self) -> String {
+        json(self, self.failures())
+    }
+
+    fn failures(&self) -> Vec<String> {
+        let counts = [(self.failed, "publishes failed"), (self.duplicated_offsets, "offsets returned twice")];
+        let mut out: Vec<String> =
+            counts.iter().filter(|(n, _)| *n > 0).map(|(n, what)| format!("{n} {what}")).collect();
+        if self.timed_out {
+            out.push("timed out".into());
+        }
+        if self.published == 0 {
+            out.push("nothing was published".into());
+        }
+        if self.usage.gone() {
+            out.push("server process gone".into());
+        }
+        out
+    }
+
+    fn render(&self) -> String {
+        let mut r = Text::default();
+        r.head(&format!("pushload publish  {}  {}", nodes(&self.urls), channels(&self.channels)));
+        r.row("messages", messages(self.messages, self.payload_bytes, self.publishers, self.rate));
+        r.head("publish (POST /api/publish)");
+        r.row("published", format!("{} in {:.2} s", self.published, self.seconds));
+        r.row("throughput", format!("{:.0} publishes/s", self.publishes_per_second));
+        r.flag("failed", self.failed);
+        if let Some(e) = &self.first_error {
+            r.row("first error", e.clone());
+        }
+        r.head("latency, request sent to response read (us)");
+        let l = &self.latency_us;
+        for (name, v) in [("p50", l.p50), ("p90", l.p90), ("p99", l.p99), ("p99.9", l.p999), ("max", l.max)] {
+            r.row(name, format!("{v:>9}  ({})", ms(v)));
+        }
+        r.head("offsets returned");
+        r.flag("returned twice", self.duplicated_offsets);
+        let gaps = if self.offset_gaps == 0 {
+            "0".into()
+        } else {
+            format!("{}  <-- WARN (failed publishes stored anyway, or another publisher)", self.offset_gaps)
+        };
+        r.row("gaps", gaps);
+        self.usage.render(&mut r);
+        r.verdict(&self.failures());
+        r.0
+    }
+}
+
+/// `http://a` or `3 nodes: http://a, http://b, http://c`.
+fn nodes(urls: &[String]) -> String {
+    match urls {
+        [one] => one.clone(),
+        many => format!("{} nodes: {}", many.len(), many.join(", ")),
+    }
+}
+
+/// `channel "bench"` or `10 channels "bench-0".."bench-9"`.
+fn channels(names: &[String]) -> String {
+    match names {
+        [one] => format!("channel {one:?}"),
+        [first, .., last] => format!("{} channels {first:?}..{last:?}", names.len()),
+        [] => "no channel".into(),
+    }
+}
+
+fn messages(messages: u64, payload_bytes: usize, publishers: usize, rate: Option<u64>) -> String {
+    let rate = rate.map_or("unpaced".into(), |r| format!("{r}/s requested"));
+    format!("{messages} x {payload_bytes} B, {publishers} publishers, {rate}")
+}
+
+fn ms(us: u64) -> String {
+    format!("{:.2} ms", us as f64 / 1000.0)
 }
 
 /// Aligned `label  value` lines under headings.
@@ -210,6 +352,16 @@ impl Text {
 
     fn flag(&mut self, label: &str, n: u64) {
         self.row(label, if n == 0 { "0".into() } else { format!("{n}  <-- FAIL") });
+    }
+
+    /// The closing `RESULT:` line.
+    fn verdict(&mut self, failures: &[String]) {
+        self.line(String::new());
+        if failures.is_empty() {
+            self.line("RESULT: PASS".into());
+        } else {
+            self.line(format!("RESULT: FAIL ({})", failures.join(", ")));
+        }
     }
 
     fn line(&mut self, s: String) {

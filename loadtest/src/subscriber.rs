@@ -1,6 +1,7 @@
 //! The WebSocket side of a run: one task per subscriber that joins (connect, welcome,
 //! subscribe), feeds every delivered offset to its `Checker`, and rejoins with `since` when the
-//! server closes it with a reconnect code.
+//! server closes it with a reconnect code. Subscriber `n` joins the node and channel of
+//! `Load::slot(n)`, and rejoins the same node.
 //!
 //! pushload shares the machine with the node it measures, so the per-message path is small:
 //! frames are parsed into a borrowed struct, `ts` is read only from fresh messages, latencies go
@@ -23,7 +24,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use crate::checker::{Checker, Seen};
-use crate::cli::Fanout;
+use crate::cli::{Fanout, Node};
 use crate::publisher::unix_micros;
 use crate::report::Latency;
 
@@ -44,10 +45,11 @@ const FINAL_CLOSES: [u16; 4] = [4001, 4003, 4009, 4011];
 
 type Ws = WebSocketStream<TcpStream>;
 
-/// What every subscriber watches: the last published offset once known, and the stop signal.
-#[derive(Debug, Clone, Copy, Default)]
+/// What every subscriber watches: the last published offset of each channel once known (`None`
+/// for a channel nothing was published to), and the stop signal.
+#[derive(Debug, Clone, Default)]
 pub struct Goal {
-    pub target: Option<u64>,
+    pub targets: Option<Arc<[Option<u64>]>>,
     pub stop: bool,
 }
 
@@ -95,6 +97,9 @@ impl Shared {
 /// One subscriber's results, returned when the run stops.
 #[derive(Debug)]
 pub struct Outcome {
+    /// Index of the node (`--url`) and of the channel this subscriber joined.
+    pub node: usize,
+    pub channel: usize,
     pub checker: Checker,
     /// Close codes the server (or the network, 1006) ended this subscriber's sockets with.
     pub closes: Vec<(u16, String)>,
@@ -125,7 +130,8 @@ pub async fn run(
     let _ = ready.send(Ok(())).await;
     drop(ready);
     let epoch = reply.epoch.unwrap_or_default();
-    let mut sub = Subscriber::new(n, shared.clone(), Checker::new(reply.offset.unwrap_or(0)));
+    let (node, channel) = shared.plan.load.slot(n as u64);
+    let mut sub = Subscriber::new(n, channel, shared.clone(), Checker::new(reply.offset.unwrap_or(0)));
     let (mut closes, mut rejoins, mut unrecovered, mut error) = (Vec::new(), 0, 0, None);
     loop {
         let (code, reason) = match sub.read(&mut ws, &mut goal).await {
@@ -161,7 +167,7 @@ pub async fn run(
     sub.latency.flush(&shared);
     shared.delivered.fetch_add(sub.unreported, Ordering::Relaxed);
     let (checker, resets, last_delivery) = (sub.checker, sub.resets, sub.last_delivery);
-    Some(Outcome { checker, closes, rejoins, unrecovered, resets, last_delivery, error })
+    Some(Outcome { node, channel, checker, closes, rejoins, unrecovered, resets, last_delivery, error })
 }
 
 /// Reconnects and resubscribes from `last`, with backoff; the last error after `MAX_REJOINS`
@@ -216,7 +222,11 @@ enum Ended {
 struct Subscriber {
     checker: Checker,
     latency: LatencyBuf,
-    target: Option<u64>,
+    /// This subscriber's channel index.
+    channel: usize,
+    /// `None` until the targets are announced; then the channel's last offset, `None` if
+    /// nothing was published to it.
+    target: Option<Option<u64>>,
     settled: bool,
     shared: Arc<Shared>,
     /// Deliveries not yet added to the shared progress counter.
@@ -226,10 +236,10 @@ struct Subscriber {
 }
 
 impl Subscriber {
-    fn new(n: usize, shared: Arc<Shared>, checker: Checker) -> Self {
+    fn new(n: usize, channel: usize, shared: Arc<Shared>, checker: Checker) -> Self {
         let latency = LatencyBuf { shard: n % SHARDS, samples: Vec::new() };
         let (target, settled, unreported, resets, last_delivery) = (None, false, 0, 0, None);
-        Self { checker, latency, target, settled, shared, unreported, resets, last_delivery }
+        Self { checker, latency, channel, target, settled, shared, unreported, resets, last_delivery }
     }
 
     /// Reads frames until the run stops or the socket closes. The `changed` future lives across
@@ -238,11 +248,14 @@ impl Subscriber {
         let mut open = true;
         loop {
             // Also catches a change a rejoin consumed while this loop was not running.
-            let g = *goal.borrow_and_update();
-            if g.stop || !open {
+            let (stop, target) = {
+                let g = goal.borrow_and_update();
+                (g.stop, g.targets.as_ref().map(|t| t[self.channel]))
+            };
+            if stop || !open {
                 return Ended::Stop;
             }
-            self.target = g.target;
+            self.target = target;
             self.check_settled();
             let changed = goal.changed();
             tokio::pin!(changed);
@@ -299,7 +312,12 @@ impl Subscriber {
     }
 
     fn check_settled(&mut self) {
-        if !self.settled && self.target.is_some_and(|t| self.checker.reached(t)) {
+        let reached = match self.target {
+            Some(Some(t)) => self.checker.reached(t),
+            Some(None) => true,
+            None => false,
+        };
+        if !self.settled && reached {
             self.settled = true;
             self.shared.settle();
         }
@@ -347,30 +365,38 @@ impl LatencyBuf {
 /// the socket with the subscribe reply. Holds a connect-gate permit throughout.
 async fn join(shared: &Shared, n: usize, since: Option<(&str, u64)>) -> anyhow::Result<(Ws, Reply)> {
     let _permit = shared.gate.acquire().await.context("connect gate closed")?;
-    tokio::time::timeout(JOIN_TIMEOUT, join_now(&shared.plan, n, since))
+    let (node, channel) = shared.plan.load.slot(n as u64);
+    let (node, channel) = (&shared.plan.load.nodes[node], &shared.plan.load.channels[channel]);
+    tokio::time::timeout(JOIN_TIMEOUT, join_now(&shared.plan, node, channel, n, since))
         .await
-        .map_err(|_| anyhow!("no welcome or subscribe reply within {}s", JOIN_TIMEOUT.as_secs()))?
+        .map_err(|_| anyhow!("{}: no welcome or subscribe reply within {}s", node.origin, JOIN_TIMEOUT.as_secs()))?
 }
 
-async fn join_now(plan: &Fanout, n: usize, since: Option<(&str, u64)>) -> anyhow::Result<(Ws, Reply)> {
-    let stream = TcpStream::connect(&plan.authority).await.map_err(|e| io_error(e, &plan.authority))?;
+async fn join_now(
+    plan: &Fanout,
+    node: &Node,
+    channel: &str,
+    n: usize,
+    since: Option<(&str, u64)>,
+) -> anyhow::Result<(Ws, Reply)> {
+    let stream = TcpStream::connect(&node.authority).await.map_err(|e| io_error(e, &node.authority))?;
     stream.set_nodelay(true)?;
     let url = match &plan.token {
-        Some(token) => format!("{}?token={token}", plan.ws_url),
-        None => format!("{}?user=load-{n}", plan.ws_url),
+        Some(token) => format!("{}?token={token}", node.ws_url),
+        None => format!("{}?user=load-{n}", node.ws_url),
     };
     let config = WebSocketConfig::default()
         .read_buffer_size(READ_BUFFER)
         .write_buffer_size(0)
-        .max_message_size(Some(plan.payload_bytes + 64 * 1024));
+        .max_message_size(Some(plan.load.payload_bytes + 64 * 1024));
     let (mut ws, _) = tokio_tungstenite::client_async_with_config(url, stream, Some(config))
         .await
-        .map_err(|e| ws_error(e, &plan.authority))?;
+        .map_err(|e| ws_error(e, &node.authority))?;
     let welcome = next_reply(&mut ws).await.context("waiting for the welcome frame")?;
     if welcome.kind != "welcome" {
         bail!("expected a welcome frame first, got type {:?}", welcome.kind);
     }
-    let mut cmd = serde_json::json!({"id": 1, "op": "subscribe", "channel": plan.channel});
+    let mut cmd = serde_json::json!({"id": 1, "op": "subscribe", "channel": channel});
     if let Some((epoch, offset)) = since {
         cmd["since"] = serde_json::json!({"epoch": epoch, "offset": offset});
     }
@@ -378,7 +404,7 @@ async fn join_now(plan: &Fanout, n: usize, since: Option<(&str, u64)>) -> anyhow
     let reply = next_reply(&mut ws).await.context("waiting for the subscribe reply")?;
     match (reply.kind.as_str(), reply.ok) {
         ("reply", Some(true)) if reply.offset.is_some() => Ok((ws, reply)),
-        ("reply", _) => bail!("subscribe to {:?} refused: {}", plan.channel, reply.error.unwrap_or_default()),
+        ("reply", _) => bail!("subscribe to {channel:?} refused: {}", reply.error.unwrap_or_default()),
         (kind, _) => bail!("expected the subscribe reply, got a {kind:?} frame first"),
     }
 }

@@ -1,6 +1,7 @@
 //! The fanout workload, phase by phase: open every subscriber (bounded concurrency), read the
-//! node's idle memory, publish, wait until every subscriber has seen the last published offset
-//! (or `--timeout`), then fold what each task saw into one `Report`.
+//! nodes' idle memory, publish, wait until every subscriber has seen the last offset published
+//! to its channel (or `--timeout`), then fold what each task saw into one `Report`. And the
+//! publish workload: the publishers alone, folded into a `PublishReport`.
 //!
 //! This module owns the timeline and the progress lines on stderr; the sockets live in
 //! `subscriber`, the HTTP requests in `publisher`, the verdict in `checker` and `report`.
@@ -15,20 +16,24 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::checker::Tally;
-use crate::cli::Fanout;
+use crate::cli::{Fanout, Load, PublishRun};
 use crate::publisher::{Published, Publisher};
-use crate::report::{CloseCount, Latency, Report};
+use crate::report::{CloseCount, Latency, NodeTally, PublishReport, Report};
 use crate::subscriber::{self, Goal, Outcome, Shared};
 use crate::usage::Usage;
 
-/// How long every subscriber sits idle before the node's memory is read.
+/// How long every subscriber sits idle before the nodes' memory is read.
 const SETTLE: Duration = Duration::from_secs(1);
 /// How long to keep listening after the last delivery, to catch late duplicates.
 const GRACE: Duration = Duration::from_millis(500);
 
 /// Runs `pushload fanout` and returns its report.
 pub async fn fanout(plan: Fanout) -> anyhow::Result<Report> {
-    let mut usage = Usage::start(plan.pid, plan.subscribers)?;
+    let mut per_node = vec![0; plan.load.nodes.len()];
+    for n in 0..plan.subscribers {
+        per_node[plan.load.slot(n as u64).0] += 1;
+    }
+    let mut usage = Usage::start(&plan.watch, &plan.load.nodes, &per_node)?;
     let shared = Arc::new(Shared::new(&plan));
     let (goal_tx, goal_rx) = watch::channel(Goal::default());
     let (ready_tx, ready_rx) = mpsc::channel(plan.subscribers.min(4096));
@@ -39,7 +44,7 @@ pub async fn fanout(plan: Fanout) -> anyhow::Result<Report> {
 
     let connect_started = Instant::now();
     if let Err(e) = connect_all(&plan, ready_rx).await {
-        goal_tx.send_replace(Goal { target: None, stop: true });
+        goal_tx.send_replace(Goal { targets: None, stop: true });
         return Err(e);
     }
     let connect_seconds = connect_started.elapsed().as_secs_f64();
@@ -51,18 +56,59 @@ pub async fn fanout(plan: Fanout) -> anyhow::Result<Report> {
         tokio::time::sleep(GRACE).await;
     }
     usage.end();
-    goal_tx.send_replace(Goal { target: published.max_offset, stop: true });
+    let targets = targets(&published);
+    goal_tx.send_replace(Goal { targets: Some(targets.clone().into()), stop: true });
     let mut outcomes = Vec::with_capacity(tasks.len());
     for task in tasks {
         outcomes.extend(task.await.context("a subscriber task panicked")?);
     }
     let run = Run { connect_seconds, timed_out, latency: shared.latency(), usage };
-    Ok(summarise(&plan, outcomes, published, run))
+    Ok(summarise(&plan, outcomes, published, targets, run))
+}
+
+/// Runs `pushload publish` and returns its report.
+pub async fn publish(plan: PublishRun) -> anyhow::Result<PublishReport> {
+    let mut usage = Usage::start(&plan.watch, &plan.load.nodes, &[])?;
+    usage.idle();
+    let publisher = Arc::new(Publisher::new(&plan.load)?);
+    let started = Instant::now();
+    let progress = |published: u64| {
+        let rate = published as f64 / started.elapsed().as_secs_f64().max(1e-9);
+        eprintln!("published {published}/{} ({rate:.0}/s)", plan.load.messages);
+    };
+    let (published, timed_out) = run_publishers(&plan.load, &publisher, &mut usage, progress).await?;
+    usage.end();
+    let seconds = published.seconds();
+    let checks = published.check();
+    Ok(PublishReport {
+        urls: plan.load.nodes.iter().map(|n| n.origin.clone()).collect(),
+        channels: plan.load.channels.clone(),
+        messages: plan.load.messages,
+        payload_bytes: plan.load.payload_bytes,
+        publishers: plan.load.publishers,
+        rate: plan.load.rate,
+        published: published.ok,
+        failed: published.failed,
+        first_error: published.first_error,
+        seconds,
+        publishes_per_second: per_second(published.ok, seconds),
+        latency_us: Latency::from(&published.latency),
+        duplicated_offsets: checks.iter().map(|c| c.duplicated).sum(),
+        offset_gaps: checks.iter().map(|c| c.gaps).sum(),
+        timed_out,
+        usage,
+    })
+}
+
+/// Each channel's last published offset.
+fn targets(published: &Published) -> Vec<Option<u64>> {
+    published.offsets.iter().map(|o| o.iter().copied().max()).collect()
 }
 
 /// Phase 1: waits until every subscriber has joined, printing progress each second.
 async fn connect_all(plan: &Fanout, mut ready: mpsc::Receiver<anyhow::Result<()>>) -> anyhow::Result<()> {
-    let deadline = tokio::time::Instant::now() + plan.timeout;
+    let timeout = plan.load.timeout;
+    let deadline = tokio::time::Instant::now() + timeout;
     let mut tick = every_second();
     let (mut joined, mut failed, mut first_error) = (0, 0, None);
     while joined + failed < plan.subscribers {
@@ -77,7 +123,7 @@ async fn connect_all(plan: &Fanout, mut ready: mpsc::Receiver<anyhow::Result<()>
             },
             _ = tick.tick() => eprintln!("connected {joined}/{}", plan.subscribers),
             _ = tokio::time::sleep_until(deadline) => {
-                bail!("only {joined}/{} subscribers joined within --timeout {}s", plan.subscribers, plan.timeout.as_secs())
+                bail!("only {joined}/{} subscribers joined within --timeout {}s", plan.subscribers, timeout.as_secs())
             }
         }
     }
@@ -88,28 +134,19 @@ async fn connect_all(plan: &Fanout, mut ready: mpsc::Receiver<anyhow::Result<()>
     }
 }
 
-/// Phase 2: publishes every message, announces the target, and waits for every subscriber to
-/// settle or for the deadline. Returns what was published and whether the deadline passed.
-async fn publish_all(
-    plan: &Fanout,
-    shared: &Shared,
-    goal: &watch::Sender<Goal>,
+/// Runs every publisher task to the end (or `--timeout`, which stops them after their request
+/// in flight), sampling usage and calling `progress` each second. Returns what was published and
+/// whether the deadline passed.
+async fn run_publishers(
+    load: &Load,
+    publisher: &Arc<Publisher>,
     usage: &mut Usage,
+    progress: impl Fn(u64),
 ) -> anyhow::Result<(Published, bool)> {
-    let publisher = Arc::new(Publisher::new(plan)?);
-    let deadline = tokio::time::Instant::now() + plan.timeout;
-    let expected = plan.messages * plan.subscribers as u64;
-    let progress = |published: u64| {
-        let delivered = shared.delivered.load(Ordering::Relaxed);
-        let settled = shared.settled.load(Ordering::Relaxed);
-        eprintln!(
-            "published {published}/{}, delivered {delivered}/{expected}, done {settled}/{}",
-            plan.messages, plan.subscribers
-        );
-    };
+    let deadline = tokio::time::Instant::now() + load.timeout;
     let mut tick = every_second();
     let handles: Vec<JoinHandle<Published>> =
-        (0..plan.publishers).map(|_| tokio::spawn(publisher.clone().run())).collect();
+        (0..load.publishers).map(|_| tokio::spawn(publisher.clone().run())).collect();
     let mut all = futures_util::future::join_all(handles);
     let mut late = false;
     let results = loop {
@@ -126,14 +163,43 @@ async fn publish_all(
             }
         }
     };
-    let mut published = Published::default();
+    let mut results = results.into_iter();
+    let mut published = results.next().context("no publisher ran")?.context("a publisher task panicked")?;
     for r in results {
         published.merge(r.context("a publisher task panicked")?);
     }
-    goal.send_replace(Goal { target: published.max_offset, stop: false });
-    if published.max_offset.is_none() {
+    Ok((published, late))
+}
+
+/// Phase 2: publishes every message, announces the targets, and waits for every subscriber to
+/// settle or for the deadline. Returns what was published and whether the deadline passed.
+async fn publish_all(
+    plan: &Fanout,
+    shared: &Shared,
+    goal: &watch::Sender<Goal>,
+    usage: &mut Usage,
+) -> anyhow::Result<(Published, bool)> {
+    let publisher = Arc::new(Publisher::new(&plan.load)?);
+    let deadline = tokio::time::Instant::now() + plan.load.timeout;
+    let expected = plan.load.messages * plan.subscribers as u64 / plan.load.channels.len() as u64;
+    let progress = |published: u64| {
+        let delivered = shared.delivered.load(Ordering::Relaxed);
+        let settled = shared.settled.load(Ordering::Relaxed);
+        eprintln!(
+            "published {published}/{}, delivered {delivered}/~{expected}, done {settled}/{}",
+            plan.load.messages, plan.subscribers
+        );
+    };
+    let (published, late) = run_publishers(&plan.load, &publisher, usage, progress).await?;
+    let targets = targets(&published);
+    goal.send_replace(Goal { targets: Some(targets.clone().into()), stop: false });
+    if late {
+        return Ok((published, true));
+    }
+    if targets.iter().all(Option::is_none) {
         return Ok((published, false));
     }
+    let mut tick = every_second();
     loop {
         tokio::select! {
             _ = shared.all_settled.notified() => return Ok((published, false)),
@@ -155,15 +221,32 @@ struct Run {
 }
 
 /// Folds the subscribers' outcomes and the publishers' results into the report.
-fn summarise(plan: &Fanout, outcomes: Vec<Outcome>, published: Published, run: Run) -> Report {
-    let target = published.max_offset.unwrap_or(0);
+fn summarise(
+    plan: &Fanout,
+    outcomes: Vec<Outcome>,
+    published: Published,
+    targets: Vec<Option<u64>>,
+    run: Run,
+) -> Report {
+    let load = &plan.load;
     let mut tally = Tally::default();
+    let mut nodes: Vec<NodeTally> =
+        load.nodes.iter().map(|n| NodeTally { url: n.origin.clone(), ..Default::default() }).collect();
     let mut closes: BTreeMap<u16, (u64, String)> = BTreeMap::new();
     let (mut rejoins, mut unrecovered, mut resets, mut unfinished) = (0, 0, 0, 0);
     let (mut last_delivery, mut first_error) = (None, None);
     for o in outcomes {
-        tally = tally + o.checker.tally(target);
-        unfinished += u64::from(!o.checker.reached(target));
+        // A channel nothing was published to: the subscriber should be where it started.
+        let target = targets[o.channel].unwrap_or_else(|| o.checker.start());
+        let t = o.checker.tally(target);
+        let stuck = u64::from(!o.checker.reached(target));
+        tally = tally + t;
+        unfinished += stuck;
+        let node = &mut nodes[o.node];
+        node.tally = node.tally + t;
+        node.unfinished += stuck;
+        node.rejoins += o.rejoins;
+        node.closes += o.closes.len() as u64;
         for (code, reason) in o.closes {
             closes.entry(code).or_insert((0, reason)).0 += 1;
         }
@@ -179,20 +262,21 @@ fn summarise(plan: &Fanout, outcomes: Vec<Outcome>, published: Published, run: R
     };
     let publish_seconds = published.seconds();
     Report {
-        url: plan.publish_url.origin().ascii_serialization(),
-        channel: plan.channel.clone(),
+        urls: load.nodes.iter().map(|n| n.origin.clone()).collect(),
+        channels: load.channels.clone(),
         subscribers: plan.subscribers,
-        messages: plan.messages,
-        payload_bytes: plan.payload_bytes,
-        publishers: plan.publishers,
-        rate: plan.rate,
+        messages: load.messages,
+        payload_bytes: load.payload_bytes,
+        publishers: load.publishers,
+        rate: load.rate,
         connect_seconds: run.connect_seconds,
         published: published.ok,
         publish_failed: published.failed,
         publish_error: published.first_error,
         publish_seconds,
         publish_rate: per_second(published.ok, publish_seconds),
-        last_offset: published.max_offset,
+        publish_latency_us: Latency::from(&published.latency),
+        last_offsets: targets,
         tally,
         wall_seconds: wall,
         deliveries_per_second: per_second(tally.received, wall),
@@ -204,6 +288,7 @@ fn summarise(plan: &Fanout, outcomes: Vec<Outcome>, published: Published, run: R
         unfinished,
         subscriber_error: first_error,
         timed_out: run.timed_out,
+        nodes,
         usage: run.usage,
     }
 }

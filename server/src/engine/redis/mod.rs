@@ -85,12 +85,7 @@ impl RedisEngine {
             .with_context(|| format!("bad --redis-url {:?}", settings.url))?;
         let mut builder = Builder::from_config(config);
         builder
-            .with_performance_config(|p| {
-                p.default_command_timeout = COMMAND_TIMEOUT;
-                // A lagging receiver is a gap we fill from the stream, but a large buffer keeps
-                // that rare.
-                p.broadcast_channel_capacity = 1 << 16;
-            })
+            .with_performance_config(|p| p.default_command_timeout = COMMAND_TIMEOUT)
             .with_connection_config(|c| {
                 // A publish must not be silently retried after Redis may have run it.
                 c.max_command_attempts = 1;
@@ -98,6 +93,10 @@ impl RedisEngine {
             })
             .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2));
         let pool = builder.build_pool(settings.pool_size.max(1))?;
+        // Only the subscriber's pub/sub receiver needs a deep buffer: a lagging receiver is a gap
+        // we fill from the stream, but depth keeps that rare. fred preallocates every client's
+        // notification channels at this size, so the pool keeps the small default.
+        builder.with_performance_config(|p| p.broadcast_channel_capacity = 1 << 14);
         let subscriber = builder.build_subscriber_client()?;
         let connect = async {
             pool.init().await?;
