@@ -138,6 +138,15 @@ impl From<&Histogram<u64>> for Latency {
     }
 }
 
+/// The failure phrases every report shares: each non-zero count, a timeout, nothing published,
+/// a server process that vanished.
+fn failure_lines(counts: &[(u64, &str)], timed_out: bool, published: u64, gone: bool) -> Vec<String> {
+    let mut out: Vec<String> = counts.iter().filter(|(n, _)| *n > 0).map(|(n, what)| format!("{n} {what}")).collect();
+    let flags = [(timed_out, "timed out"), (published == 0, "nothing was published"), (gone, "server process gone")];
+    out.extend(flags.iter().filter(|(on, _)| *on).map(|(_, what)| (*what).to_owned()));
+    out
+}
+
 /// A finished run: its verdict and both ways of showing it.
 pub trait Verdict {
     /// Why this run failed, one phrase each; empty when it passed.
@@ -181,18 +190,7 @@ impl Verdict for Report {
             (self.unrecovered, "rejoins unrecovered"),
             (self.resets, "resets"),
         ];
-        let mut out: Vec<String> =
-            counts.iter().filter(|(n, _)| *n > 0).map(|(n, what)| format!("{n} {what}")).collect();
-        if self.timed_out {
-            out.push("timed out".into());
-        }
-        if self.published == 0 {
-            out.push("nothing was published".into());
-        }
-        if self.usage.gone() {
-            out.push("server process gone".into());
-        }
-        out
+        failure_lines(&counts, self.timed_out, self.published, self.usage.gone())
     }
 
     fn render(&self) -> String {
@@ -264,18 +262,7 @@ impl Verdict for PublishReport {
 
     fn failures(&self) -> Vec<String> {
         let counts = [(self.failed, "publishes failed"), (self.duplicated_offsets, "offsets returned twice")];
-        let mut out: Vec<String> =
-            counts.iter().filter(|(n, _)| *n > 0).map(|(n, what)| format!("{n} {what}")).collect();
-        if self.timed_out {
-            out.push("timed out".into());
-        }
-        if self.published == 0 {
-            out.push("nothing was published".into());
-        }
-        if self.usage.gone() {
-            out.push("server process gone".into());
-        }
-        out
+        failure_lines(&counts, self.timed_out, self.published, self.usage.gone())
     }
 
     fn render(&self) -> String {
