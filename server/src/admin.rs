@@ -258,6 +258,7 @@ async fn kick(node: &Node, req: Request<Incoming>) -> AdminResult {
         banned_until_ms = Some(until);
     }
     let reason = body.reason.unwrap_or_else(|| "kicked by an operator".into());
+    tracing::info!(user = ?body.user, conns = ?body.conns, ?banned_until_ms, %reason, "operator kick");
     let request = ControlRequest::Kick { conns: body.conns, user: body.user, reason };
     let (answers, missing) = survey::<Kicked>(node, &request, timeout).await?;
     let total = answers.iter().map(|(_, k)| k.count).sum();
