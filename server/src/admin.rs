@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
@@ -31,33 +31,89 @@ const MAX_TIMEOUT: Duration = Duration::from_secs(10);
 
 type AdminResult = Result<Response<Body>, HttpError>;
 
-/// Dispatches one `/admin/*` request.
-pub async fn handle(node: Arc<Node>, req: Request<Incoming>) -> Response<Body> {
-    if let Err(refused) = check_key(&node, &req) {
-        return refused.into_response();
+/// The admin API's routes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    Stats,
+    Nodes,
+    Connections,
+    Channels,
+    /// `/admin/channels/{channel}`.
+    Channel,
+    History,
+    Publish,
+    Kick,
+}
+
+impl Route {
+    fn parse(path: &str) -> Option<Route> {
+        Some(match path {
+            "/admin/stats" => Route::Stats,
+            "/admin/nodes" => Route::Nodes,
+            "/admin/connections" => Route::Connections,
+            "/admin/channels" => Route::Channels,
+            "/admin/history" => Route::History,
+            "/admin/publish" => Route::Publish,
+            "/admin/kick" => Route::Kick,
+            p if p.starts_with(CHANNEL_PREFIX) => Route::Channel,
+            _ => return None,
+        })
     }
+
+    /// The `route` label of the request metrics.
+    fn name(self) -> &'static str {
+        match self {
+            Route::Stats => "stats",
+            Route::Nodes => "nodes",
+            Route::Connections => "connections",
+            Route::Channels => "channels",
+            Route::Channel => "channel",
+            Route::History => "history",
+            Route::Publish => "publish",
+            Route::Kick => "kick",
+        }
+    }
+
+    fn method(self) -> Method {
+        match self {
+            Route::Publish | Route::Kick => Method::POST,
+            _ => Method::GET,
+        }
+    }
+}
+
+const CHANNEL_PREFIX: &str = "/admin/channels/";
+
+/// Dispatches one `/admin/*` request, counting it by route and status.
+pub async fn handle(node: Arc<Node>, req: Request<Incoming>) -> Response<Body> {
+    let started = Instant::now();
+    let route = Route::parse(req.uri().path());
+    let response = respond(&node, route, req).await.unwrap_or_else(HttpError::into_response);
+    let name = route.map_or("unknown", Route::name);
+    node.metrics.observe_http("admin", name, response.status().as_str(), started.elapsed());
+    response
+}
+
+async fn respond(node: &Node, route: Option<Route>, req: Request<Incoming>) -> AdminResult {
+    check_key(node, &req)?;
     let path = req.uri().path().to_owned();
-    let result = match (req.method(), path.as_str()) {
-        (&Method::GET, "/admin/stats") => stats(&node, &req).await,
-        (&Method::GET, "/admin/nodes") => nodes(&node).await,
-        (&Method::GET, "/admin/connections") => connections(&node, &req).await,
-        (&Method::GET, "/admin/channels") => channels(&node, &req).await,
-        (&Method::GET, p) if p.starts_with("/admin/channels/") => {
-            channel(&node, &req, &p["/admin/channels/".len()..]).await
-        }
-        (&Method::GET, "/admin/history") => api::history(&node, &req).await,
-        (&Method::POST, "/admin/publish") => api::publish(&node, req).await,
-        (&Method::POST, "/admin/kick") => kick(&node, req).await,
-        (method, path @ ("/admin/publish" | "/admin/kick")) => Err(HttpError::wrong_method(method, path, "POST")),
-        (
-            method,
-            path @ ("/admin/stats" | "/admin/nodes" | "/admin/connections" | "/admin/channels" | "/admin/history"),
-        ) => Err(HttpError::wrong_method(method, path, "GET")),
-        (method, path) => {
-            Err(HttpError::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, format!("no admin route {method} {path}")))
-        }
+    let Some(route) = route else {
+        let text = format!("no admin route {} {path}", req.method());
+        return Err(HttpError::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, text));
     };
-    result.unwrap_or_else(HttpError::into_response)
+    if req.method() != route.method() {
+        return Err(HttpError::wrong_method(req.method(), &path, route.method().as_str()));
+    }
+    match route {
+        Route::Stats => stats(node, &req).await,
+        Route::Nodes => nodes(node).await,
+        Route::Connections => connections(node, &req).await,
+        Route::Channels => channels(node, &req).await,
+        Route::Channel => channel(node, &req, &path[CHANNEL_PREFIX.len()..]).await,
+        Route::History => api::history(node, &req).await,
+        Route::Publish => api::publish(node, req, "admin").await,
+        Route::Kick => kick(node, req).await,
+    }
 }
 
 fn check_key<B>(node: &Node, req: &Request<B>) -> Result<(), HttpError> {

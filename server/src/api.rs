@@ -3,6 +3,7 @@
 //! JSON in and out; every error is `{"error":{"code","message"}}` with a fitting status.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};
@@ -24,27 +25,77 @@ const MAX_HISTORY_LIMIT: usize = 1000;
 
 type ApiResult = Result<Response<Body>, HttpError>;
 
-/// Dispatches one `/api/*` request.
+/// The server API's routes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    Publish,
+    Broadcast,
+    History,
+    Presence,
+    Disconnect,
+}
+
+impl Route {
+    fn parse(path: &str) -> Option<Route> {
+        Some(match path {
+            "/api/publish" => Route::Publish,
+            "/api/broadcast" => Route::Broadcast,
+            "/api/history" => Route::History,
+            "/api/presence" => Route::Presence,
+            "/api/disconnect" => Route::Disconnect,
+            _ => return None,
+        })
+    }
+
+    /// The `route` label of the request metrics.
+    fn name(self) -> &'static str {
+        match self {
+            Route::Publish => "publish",
+            Route::Broadcast => "broadcast",
+            Route::History => "history",
+            Route::Presence => "presence",
+            Route::Disconnect => "disconnect",
+        }
+    }
+
+    fn method(self) -> Method {
+        match self {
+            Route::History | Route::Presence => Method::GET,
+            Route::Publish | Route::Broadcast | Route::Disconnect => Method::POST,
+        }
+    }
+}
+
+/// Dispatches one `/api/*` request, counting it by route and status.
 pub async fn handle(node: Arc<Node>, req: Request<Incoming>) -> Response<Body> {
-    let origin = match http::allowed_origin(&node, &req) {
+    let started = Instant::now();
+    let route = Route::parse(req.uri().path());
+    let response = respond(&node, route, req).await;
+    let name = route.map_or("unknown", Route::name);
+    node.metrics.observe_http("api", name, response.status().as_str(), started.elapsed());
+    response
+}
+
+async fn respond(node: &Node, route: Option<Route>, req: Request<Incoming>) -> Response<Body> {
+    let origin = match http::allowed_origin(node, &req) {
         Ok(origin) => origin,
         Err(refused) => return refused.into_response(),
     };
-    let result = match check_key(&node, &req) {
-        Err(refused) => Err(refused),
-        Ok(()) => match (req.method(), req.uri().path()) {
-            (&Method::POST, "/api/publish") => publish(&node, req).await,
-            (&Method::POST, "/api/broadcast") => broadcast(&node, req).await,
-            (&Method::GET, "/api/history") => history(&node, &req).await,
-            (&Method::GET, "/api/presence") => presence(&node, &req).await,
-            (&Method::POST, "/api/disconnect") => disconnect(&node, req).await,
-            (method, path @ ("/api/publish" | "/api/broadcast" | "/api/disconnect")) => {
-                Err(HttpError::wrong_method(method, path, "POST"))
-            }
-            (method, path @ ("/api/history" | "/api/presence")) => Err(HttpError::wrong_method(method, path, "GET")),
-            (method, path) => {
-                Err(HttpError::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, format!("no API route {method} {path}")))
-            }
+    let result = match (check_key(node, &req), route) {
+        (Err(refused), _) => Err(refused),
+        (Ok(()), None) => {
+            let text = format!("no API route {} {}", req.method(), req.uri().path());
+            Err(HttpError::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, text))
+        }
+        (Ok(()), Some(route)) if req.method() != route.method() => {
+            Err(HttpError::wrong_method(req.method(), req.uri().path(), route.method().as_str()))
+        }
+        (Ok(()), Some(route)) => match route {
+            Route::Publish => publish(node, req, "api").await,
+            Route::Broadcast => broadcast(node, req).await,
+            Route::History => history(node, &req).await,
+            Route::Presence => presence(node, &req).await,
+            Route::Disconnect => disconnect(node, req).await,
         },
     };
     http::with_cors(result.unwrap_or_else(HttpError::into_response), origin)
@@ -108,14 +159,15 @@ struct Published {
     offset: Offset,
 }
 
-pub(crate) async fn publish(node: &Node, req: Request<Incoming>) -> ApiResult {
+/// Stores one message; `route` says which API it came through (`api`, `admin`).
+pub(crate) async fn publish(node: &Node, req: Request<Incoming>, route: &str) -> ApiResult {
     let body: PublishBody = read_json(node, req).await?;
     let channel = channel(&body.channel)?;
     let msg = NewMessage {
         idempotency_key: idempotency_key(body.idempotency_key)?,
         ..NewMessage::new(body.event, body.data)
     };
-    let p = node.publish(&channel, msg, "api").await.map_err(HttpError::from)?;
+    let p = node.publish(&channel, msg, route).await.map_err(HttpError::from)?;
     Ok(http::json(StatusCode::OK, &Published { channel, epoch: p.epoch.clone(), offset: p.offset }))
 }
 

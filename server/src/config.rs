@@ -22,6 +22,12 @@ pub struct Args {
     #[arg(long, env = "PUSHD_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
 
+    /// Address for the operator plane: /admin/* (pushctl), /metrics and health checks. When set,
+    /// the --listen address no longer serves /admin/* or /metrics, so a load balancer or port
+    /// published to the internet can never expose them. Unset = everything on --listen.
+    #[arg(long, env = "PUSHD_ADMIN_LISTEN")]
+    pub admin_listen: Option<SocketAddr>,
+
     /// This node's id in logs, welcome frames and metrics. Default: "node-" + random hex.
     #[arg(long, env = "PUSHD_NODE_ID")]
     pub node_id: Option<String>,
@@ -135,6 +141,12 @@ pub struct Args {
     #[arg(long, env = "PUSHD_DRAIN_WINDOW", default_value_t = 10)]
     pub drain_window: u64,
 
+    /// Seconds between SIGTERM and the first close: /readyz answers 503 and new clients are still
+    /// served, so a load balancer stops sending clients here before the node starts closing its
+    /// own (set it to the balancer's time to mark a node down, e.g. check interval x fall + 1).
+    #[arg(long, env = "PUSHD_DRAIN_GRACE", default_value_t = 0)]
+    pub drain_grace: u64,
+
     /// Log format.
     #[arg(long, env = "PUSHD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
     pub log_format: LogFormat,
@@ -167,6 +179,8 @@ pub enum Origins {
 pub struct Config {
     /// Listen address (the caller binds it; kept for logs and the loopback check).
     pub listen: SocketAddr,
+    /// Operator-plane address (/admin/*, /metrics); `None` = served on `listen`.
+    pub admin_listen: Option<SocketAddr>,
     /// Node id. Default: random.
     pub node_id: String,
     /// Redis URL; `None` = memory engine.
@@ -221,6 +235,8 @@ pub struct Config {
     pub join_leave: Vec<ChannelPattern>,
     /// Drain window on shutdown. Default 10 s.
     pub drain_window: Duration,
+    /// Readiness-off time before the drain closes anyone. Default 0.
+    pub drain_grace: Duration,
 }
 
 impl Config {
@@ -257,6 +273,15 @@ impl TryFrom<Args> for Config {
                  and --api-key (PUSHD_API_KEY), or listen on 127.0.0.1",
                 a.listen
             );
+        }
+        if let Some(admin) = a.admin_listen
+            && dev
+            && !admin.ip().is_loopback()
+        {
+            bail!("refusing --admin-listen {admin} in dev mode: set --token-secret and --admin-key, or use 127.0.0.1");
+        }
+        if a.admin_listen.is_some_and(|admin| admin == a.listen && admin.port() != 0) {
+            bail!("--admin-listen must differ from --listen");
         }
         if let Some(secret) = &a.token_secret
             && secret.len() < 16
@@ -309,6 +334,7 @@ impl TryFrom<Args> for Config {
         };
         Ok(Config {
             listen: a.listen,
+            admin_listen: a.admin_listen,
             node_id: a.node_id.unwrap_or_else(|| format!("node-{:06x}", rand::random::<u32>() >> 8)),
             redis_url: a.redis_url.filter(|u| !u.is_empty()),
             redis_prefix: a.redis_prefix,
@@ -336,6 +362,7 @@ impl TryFrom<Args> for Config {
             presence: patterns(&a.presence, "--presence")?,
             join_leave: patterns(&a.join_leave, "--join-leave")?,
             drain_window: Duration::from_secs(a.drain_window),
+            drain_grace: Duration::from_secs(a.drain_grace),
         })
     }
 }
@@ -372,6 +399,16 @@ mod tests {
         assert!(err.contains("--api-key"), "{err}");
         let c = parse(&["--token-secret", "0123456789abcdef0123", "--api-key", "k", "--listen", "0.0.0.0:1"]);
         assert_eq!(c.unwrap().allowed_origins, Origins::SameHost);
+    }
+
+    #[test]
+    fn the_admin_listener_follows_the_same_rules() {
+        let err = parse(&["--admin-listen", "0.0.0.0:9091"]).unwrap_err().to_string();
+        assert!(err.contains("dev mode"), "{err}");
+        let err = parse(&["--admin-listen", "127.0.0.1:8080"]).unwrap_err().to_string();
+        assert!(err.contains("must differ"), "{err}");
+        let c = parse(&["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]).unwrap();
+        assert_eq!(c.admin_listen.map(|a| a.port()), Some(0));
     }
 
     #[test]

@@ -18,15 +18,38 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 
 use crate::config::Origins;
-use crate::node::Node;
+use crate::node::{Node, Refusal};
 use crate::protocol::{CommandError, ErrorCode};
 use crate::{admin, api, sse, ws};
 
 /// The body type of every response: buffered JSON or a streaming SSE body.
 pub type Body = BoxBody<Bytes, Infallible>;
 
+/// Which routes a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Plane {
+    /// Everything: the only listener when no `--admin-listen` is set.
+    All,
+    /// Clients and backends (`--listen` beside an `--admin-listen`): /ws, /sse, /api/*.
+    Public,
+    /// Operators (`--admin-listen`): /admin/* and /metrics.
+    Admin,
+}
+
+impl Plane {
+    /// Whether a request for `path` belongs on this listener; health checks are on both.
+    fn serves(self, path: &str) -> bool {
+        let operator = path.starts_with("/admin/") || path == "/metrics";
+        match self {
+            Plane::All => true,
+            Plane::Public => !operator,
+            Plane::Admin => operator || path == "/healthz" || path == "/readyz",
+        }
+    }
+}
+
 /// Accepts connections until `node.stopping` is cancelled.
-pub async fn accept_loop(listener: TcpListener, node: Arc<Node>) {
+pub async fn accept_loop(listener: TcpListener, node: Arc<Node>, plane: Plane) {
     loop {
         let (stream, remote) = tokio::select! {
             _ = node.stopping.cancelled() => return,
@@ -42,13 +65,13 @@ pub async fn accept_loop(listener: TcpListener, node: Arc<Node>) {
         };
         let _ = stream.set_nodelay(true);
         let node = node.clone();
-        tokio::spawn(serve_connection(stream, remote, node));
+        tokio::spawn(serve_connection(stream, remote, node, plane));
     }
 }
 
-async fn serve_connection(stream: tokio::net::TcpStream, remote: SocketAddr, node: Arc<Node>) {
+async fn serve_connection(stream: tokio::net::TcpStream, remote: SocketAddr, node: Arc<Node>, plane: Plane) {
     let svc_node = node.clone();
-    let svc = service_fn(move |req| route(svc_node.clone(), remote, req));
+    let svc = service_fn(move |req| route(svc_node.clone(), remote, plane, req));
     let conn = http1::Builder::new().keep_alive(true).serve_connection(TokioIo::new(stream), svc).with_upgrades();
     tokio::pin!(conn);
     let result = tokio::select! {
@@ -64,8 +87,18 @@ async fn serve_connection(stream: tokio::net::TcpStream, remote: SocketAddr, nod
 }
 
 /// The route table.
-async fn route(node: Arc<Node>, remote: SocketAddr, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+async fn route(
+    node: Arc<Node>,
+    remote: SocketAddr,
+    plane: Plane,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path().to_owned();
+    if !plane.serves(&path) {
+        let other = if plane == Plane::Admin { "--listen" } else { "--admin-listen" };
+        let text = format!("no route for {} {path} on this address: it is served on the node's {other}", req.method());
+        return Ok(error(StatusCode::NOT_FOUND, ErrorCode::NotFound, text));
+    }
     let response = match (req.method(), path.as_str()) {
         (&Method::GET, "/ws") => ws::upgrade(node, remote, req),
         (&Method::GET, "/sse") => sse::open(node, remote, req).await,
@@ -77,13 +110,20 @@ async fn route(node: Arc<Node>, remote: SocketAddr, req: Request<Incoming>) -> R
         (_, p) if p.starts_with("/admin/") => admin::handle(node, req).await,
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
         (&Method::GET, "/readyz") => readyz(&node),
-        (&Method::GET, "/metrics") => text(StatusCode::OK, node.metrics.render()),
+        (&Method::GET, "/metrics") => metrics(&node),
         (&Method::GET, "/") => {
             text(StatusCode::OK, "pushd: connect to /ws (WebSocket) or /sse; publish with POST /api/publish\n")
         }
         _ => error(StatusCode::NOT_FOUND, ErrorCode::NotFound, format!("no route for {} {path}", req.method())),
     };
     Ok(response)
+}
+
+/// The Prometheus text format, with the content type Prometheus expects of it.
+fn metrics(node: &Node) -> Response<Body> {
+    let mut r = text(StatusCode::OK, node.render_metrics());
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
+    r
 }
 
 fn readyz(node: &Node) -> Response<Body> {
@@ -139,6 +179,13 @@ impl HttpError {
 
     pub fn into_response(self) -> Response<Body> {
         json(self.status, &serde_json::json!({ "error": self.error }))
+    }
+}
+
+impl From<Refusal> for HttpError {
+    /// A connection the node cannot take now: try another node.
+    fn from(refusal: Refusal) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, refusal.message())
     }
 }
 

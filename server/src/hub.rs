@@ -80,7 +80,7 @@ impl Hub {
             Arc::default()
         });
         if write(&subs.subs).insert(handle.conn.clone(), handle.clone()).is_none() {
-            self.metrics.subscriptions.inc();
+            self.metrics.subscriptions.with_label_values(&[handle.info.transport.as_str()]).inc();
         }
     }
 
@@ -89,8 +89,8 @@ impl Hub {
         let mut shard = write(&self.channels[self.index(channel)]);
         let Some(subs) = shard.get(channel) else { return };
         let mut subs_w = write(&subs.subs);
-        if subs_w.remove(conn).is_some() {
-            self.metrics.subscriptions.dec();
+        if let Some(handle) = subs_w.remove(conn) {
+            self.metrics.subscriptions.with_label_values(&[handle.info.transport.as_str()]).dec();
         }
         if subs_w.is_empty() {
             drop(subs_w);

@@ -30,7 +30,10 @@ pub mod ws;
 
 use std::future::Future;
 
+use anyhow::Context;
 use tokio::net::TcpListener;
+
+use crate::http::Plane;
 
 pub use config::{Args, Config};
 pub use node::Node;
@@ -45,14 +48,32 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Ou
              and /api/* is open unless --api-key is set. Loopback only. Never run this in production."
         );
     }
+    let admin =
+        match config.admin_listen {
+            Some(admin) => Some(TcpListener::bind(admin).await.with_context(|| {
+                format!("cannot listen on {admin}: is another process using it? set --admin-listen")
+            })?),
+            None => None,
+        };
     let engine = if config.redis_url.is_some() { "redis" } else { "memory" };
     let node = Node::start(config, addr).await?;
-    tracing::info!(%addr, node = %node.config.node_id, engine, "pushd listening");
-    let accept = tokio::spawn(http::accept_loop(listener, node.clone()));
+    let public_plane = if admin.is_some() { Plane::Public } else { Plane::All };
+    let mut accepts = vec![tokio::spawn(http::accept_loop(listener, node.clone(), public_plane))];
+    let admin_addr = match admin {
+        Some(admin) => {
+            let admin_addr = admin.local_addr()?;
+            accepts.push(tokio::spawn(http::accept_loop(admin, node.clone(), Plane::Admin)));
+            Some(admin_addr)
+        }
+        None => None,
+    };
+    tracing::info!(%addr, admin_addr = admin_addr.map(tracing::field::display), node = %node.config.node_id, engine, "pushd listening");
     let heartbeat = tokio::spawn(node.clone().heartbeat());
     shutdown.await;
     shutdown::drain(&node).await;
-    accept.await?;
+    for accept in accepts {
+        accept.await?;
+    }
     heartbeat.await?;
     node.engine.close().await;
     tracing::info!("pushd stopped");

@@ -4,7 +4,7 @@
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -19,12 +19,10 @@ use crate::engine::{
     ClientInfo, ControlHandler, Deliver, Engine, MemoryEngine, NewMessage, NodeInfo, Publication, RedisEngine,
     RedisSettings,
 };
-use crate::http::HttpError;
 use crate::hub::Hub;
-use crate::metrics::Metrics;
+use crate::metrics::{Identity, Metrics, TRANSPORTS};
 use crate::protocol::{CommandError, ErrorCode};
 use crate::session::ConnId;
-use hyper::StatusCode;
 use prometheus::core::Collector;
 
 /// Shared state of one pushd node.
@@ -46,9 +44,44 @@ pub struct Node {
     pub started: Instant,
     /// Unix ms when the node started, for the registry.
     pub started_ms: u64,
-    draining: AtomicBool,
+    /// `SERVING`, `UNREADY` or `CLOSING` (see `shutdown.rs`).
+    drain: AtomicU8,
     connections: AtomicUsize,
     next_conn: AtomicU64,
+}
+
+/// The node takes traffic and /readyz says so.
+const SERVING: u8 = 0;
+/// Draining, first phase: /readyz answers 503, new clients are still served.
+const UNREADY: u8 = 1;
+/// Draining, second phase: new clients are refused and sessions are being closed.
+const CLOSING: u8 = 2;
+
+/// Why a client connection was refused before its session started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The node is draining for a restart.
+    Draining,
+    /// `--max-connections` reached.
+    Full,
+}
+
+impl Refusal {
+    /// The `reason` label of `pushd_connections_refused_total`.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Refusal::Draining => "draining",
+            Refusal::Full => "full",
+        }
+    }
+
+    /// What the client should do, for the 503 body.
+    pub fn message(self) -> &'static str {
+        match self {
+            Refusal::Draining => "node is draining for a restart: connect to another node",
+            Refusal::Full => "node is full (--max-connections): connect to another node",
+        }
+    }
 }
 
 /// One reserved connection slot; dropping it frees the slot.
@@ -63,7 +96,12 @@ impl Drop for ConnectionSlot {
 impl Node {
     /// Builds the node on the engine the config names: Redis with `--redis-url`, else memory.
     pub async fn start(config: Config, addr: SocketAddr) -> anyhow::Result<Arc<Self>> {
-        let metrics = Metrics::new(&config.node_id);
+        let engine_name = if config.redis_url.is_some() { "redis" } else { "memory" };
+        let metrics = Metrics::new(&Identity {
+            node_id: &config.node_id,
+            engine: engine_name,
+            max_connections: config.max_connections,
+        });
         let hub = Arc::new(Hub::new(metrics.clone()));
         let deliver: Arc<dyn Deliver> = hub.clone();
         let engine: Arc<dyn Engine> = match &config.redis_url {
@@ -80,7 +118,7 @@ impl Node {
                     node_ttl: config.node_ttl,
                     node_id: config.node_id.clone(),
                 };
-                RedisEngine::connect(settings, Arc::downgrade(&deliver)).await?
+                RedisEngine::connect(settings, Arc::downgrade(&deliver), metrics.redis.clone()).await?
             }
             None => {
                 let settings = MemorySettings {
@@ -106,7 +144,7 @@ impl Node {
             stopping: CancellationToken::new(),
             started: Instant::now(),
             started_ms: crate::engine::now_ms(),
-            draining: AtomicBool::new(false),
+            drain: AtomicU8::new(SERVING),
             connections: AtomicUsize::new(0),
             next_conn: AtomicU64::new(1),
         });
@@ -125,27 +163,33 @@ impl Node {
         format!("{}.{}", self.config.node_id, self.next_conn.fetch_add(1, Ordering::Relaxed)).into()
     }
 
-    /// Reserves a connection slot; refused at `--max-connections` or while draining.
-    pub fn reserve_connection(self: &Arc<Self>) -> Result<ConnectionSlot, HttpError> {
-        let refuse = |msg: &str| HttpError::new(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, msg);
-        if self.is_draining() {
-            return Err(refuse("node is draining for a restart: connect to another node"));
+    /// Reserves a connection slot; refused at `--max-connections` or while the drain closes
+    /// sessions.
+    pub fn reserve_connection(self: &Arc<Self>) -> Result<ConnectionSlot, Refusal> {
+        if self.drain.load(Ordering::Relaxed) == CLOSING {
+            return Err(Refusal::Draining);
         }
         let max = self.config.max_connections;
         self.connections
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < max).then_some(n + 1))
             .map(|_| ConnectionSlot(self.clone()))
-            .map_err(|_| refuse("node is full (--max-connections): connect to another node"))
+            .map_err(|_| Refusal::Full)
     }
 
+    /// True from the start of a drain: /readyz answers 503 from then on.
     pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Relaxed)
+        self.drain.load(Ordering::Relaxed) != SERVING
     }
 
-    /// Turns readiness off for good and refuses new client connections; the listener stays
-    /// open during the drain so load balancers can read the 503 from /readyz.
+    /// Turns readiness off for good; clients are still served until `stop_accepting`. The
+    /// listener stays open so load balancers can read the 503 from /readyz.
     pub fn start_draining(&self) {
-        self.draining.store(true, Ordering::Relaxed);
+        let _ = self.drain.compare_exchange(SERVING, UNREADY, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    /// Refuses new client connections from now on (the drain is closing sessions).
+    pub fn stop_accepting(&self) {
+        self.drain.store(CLOSING, Ordering::Relaxed);
     }
 
     /// Refuses a banned user (`pushctl kick --ban`). If the ban store cannot be asked, the user
@@ -166,6 +210,11 @@ impl Node {
         !self.is_draining() && self.engine.ready()
     }
 
+    /// The `/metrics` text, with the readiness gauges as they stand now.
+    pub fn render_metrics(&self) -> String {
+        self.metrics.render(self.is_ready(), self.is_draining(), self.engine.ready())
+    }
+
     /// This node's registry entry: identity and current stats.
     pub fn info(&self, addr: &str) -> NodeInfo {
         let m = &self.metrics;
@@ -182,10 +231,10 @@ impl Node {
             updated_ms: crate::engine::now_ms(),
             connections: sessions.len() as u64,
             users: users.len() as u64,
-            subscriptions: m.subscriptions.get().max(0) as u64,
+            subscriptions: TRANSPORTS.iter().map(|t| m.subscriptions.with_label_values(&[t]).get().max(0) as u64).sum(),
             channels: m.channels.get().max(0) as u64,
             messages_in: sum(&m.published),
-            messages_out: m.delivered.get(),
+            messages_out: sum(&m.delivered),
             replays: sum(&m.replays),
             slow_consumers: m.slow_consumers.get(),
             draining: self.is_draining(),

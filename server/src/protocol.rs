@@ -28,6 +28,19 @@ pub enum Op {
     Presence { channel: String },
 }
 
+impl Op {
+    /// The op's name, as clients send it and metrics label it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Subscribe { .. } => "subscribe",
+            Op::Unsubscribe { .. } => "unsubscribe",
+            Op::Publish { .. } => "publish",
+            Op::Ping => "ping",
+            Op::Presence { .. } => "presence",
+        }
+    }
+}
+
 /// The wire shape of every command; unknown fields are ignored.
 #[derive(Deserialize)]
 struct Envelope {
@@ -110,6 +123,46 @@ pub enum ErrorCode {
     NotFound,
 }
 
+impl ErrorCode {
+    /// Every code, for metrics that start each series at 0.
+    pub const ALL: [ErrorCode; 14] = [
+        Self::BadRequest,
+        Self::UnknownOp,
+        Self::BadChannel,
+        Self::Forbidden,
+        Self::Unauthorized,
+        Self::TokenExpired,
+        Self::AlreadySubscribed,
+        Self::NotSubscribed,
+        Self::TooManyChannels,
+        Self::PayloadTooLarge,
+        Self::PresenceDisabled,
+        Self::RateLimited,
+        Self::Unavailable,
+        Self::NotFound,
+    ];
+
+    /// The code as it appears on the wire and in metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::BadRequest => "bad_request",
+            Self::UnknownOp => "unknown_op",
+            Self::BadChannel => "bad_channel",
+            Self::Forbidden => "forbidden",
+            Self::Unauthorized => "unauthorized",
+            Self::TokenExpired => "token_expired",
+            Self::AlreadySubscribed => "already_subscribed",
+            Self::NotSubscribed => "not_subscribed",
+            Self::TooManyChannels => "too_many_channels",
+            Self::PayloadTooLarge => "payload_too_large",
+            Self::PresenceDisabled => "presence_disabled",
+            Self::RateLimited => "rate_limited",
+            Self::Unavailable => "unavailable",
+            Self::NotFound => "not_found",
+        }
+    }
+}
+
 /// A refused command or API request: a code and a sentence saying what to do.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, thiserror::Error)]
 #[error("{code:?}: {message}")]
@@ -132,8 +185,6 @@ impl CommandError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u16)]
 pub enum CloseCode {
-    /// Normal close (client asked).
-    Normal = 1000,
     /// Going away: idle timeout. Reconnect and replay.
     GoingAway = 1001,
     /// Binary or otherwise unsupported data. Fix the client.
@@ -163,6 +214,25 @@ pub enum CloseCode {
 pub struct Close {
     pub code: CloseCode,
     pub reason: Cow<'static, str>,
+}
+
+impl CloseCode {
+    /// The code as a metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::GoingAway => "1001",
+            Self::Unsupported => "1003",
+            Self::InvalidData => "1007",
+            Self::TooBig => "1009",
+            Self::Restart => "1012",
+            Self::Unauthorized => "4001",
+            Self::Forbidden => "4003",
+            Self::RateLimited => "4008",
+            Self::Kicked => "4009",
+            Self::SlowConsumer => "4010",
+            Self::TokenExpired => "4011",
+        }
+    }
 }
 
 impl Close {
@@ -262,6 +332,15 @@ mod tests {
         assert_eq!((e.id, e.error.code), (None, ErrorCode::BadRequest));
         let e = Command::parse(r#"[1,2]"#).unwrap_err();
         assert_eq!(e.error.code, ErrorCode::BadRequest);
+    }
+
+    #[test]
+    fn metric_labels_cover_every_code() {
+        let codes: Vec<&str> = ErrorCode::ALL.iter().map(|c| c.as_str()).collect();
+        assert_eq!(codes, crate::metrics::ERROR_CODES);
+        for code in ErrorCode::ALL {
+            assert_eq!(serde_json::to_value(code).unwrap(), code.as_str());
+        }
     }
 
     #[test]

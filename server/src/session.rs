@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
 use hyper_tungstenite::tungstenite::Utf8Bytes;
+use prometheus::IntCounter;
 use serde_json::value::RawValue;
 use tokio::sync::{Notify, mpsc};
 
@@ -155,6 +156,58 @@ impl RateLimiter {
     }
 }
 
+/// Frames a session has ready for its transport to write, with how many of them are messages;
+/// the rest are control frames (welcome, replies, join/leave, reset), counted apart.
+#[derive(Default)]
+pub struct Frames {
+    list: Vec<Utf8Bytes>,
+    messages: usize,
+}
+
+impl Frames {
+    /// Queues a message frame (live or replayed).
+    pub fn message(&mut self, frame: Utf8Bytes) {
+        self.messages += 1;
+        self.list.push(frame);
+    }
+
+    /// Queues any other frame.
+    pub fn control(&mut self, frame: Utf8Bytes) {
+        self.list.push(frame);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
+    /// Takes every frame out, in order, with the tally `Session::sent` counts once they are written.
+    pub fn take(&mut self) -> (std::vec::Drain<'_, Utf8Bytes>, Tally) {
+        let tally = Tally { frames: self.list.len(), messages: std::mem::take(&mut self.messages) };
+        (self.list.drain(..), tally)
+    }
+
+    /// Gives back what a burst grew beyond `keep` frames: idle connections should cost little.
+    pub fn shrink(&mut self, keep: usize) {
+        if self.list.capacity() > keep {
+            self.list = Vec::new();
+        }
+    }
+}
+
+/// How many frames were written, and how many of them were messages.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tally {
+    pub frames: usize,
+    pub messages: usize,
+}
+
+/// This session's counters, looked up once per session instead of once per write.
+struct Counters {
+    delivered: IntCounter,
+    control: IntCounter,
+    resets: IntCounter,
+}
+
 /// One client connection's state, owned by its transport task.
 pub struct Session {
     node: Arc<Node>,
@@ -163,6 +216,7 @@ pub struct Session {
     rx: mpsc::Receiver<Out>,
     subs: HashMap<ChannelName, Subscription>,
     rate: RateLimiter,
+    counters: Counters,
 }
 
 impl Session {
@@ -180,9 +234,33 @@ impl Session {
         });
         let handle = SessionHandle { conn: node.next_conn_id(), info, tx };
         node.hub.register(handle.clone());
-        node.metrics.connections.with_label_values(&[transport.as_str()]).inc();
+        let m = &node.metrics;
+        let t = [transport.as_str()];
+        m.connections.with_label_values(&t).inc();
+        let counters = Counters {
+            delivered: m.delivered.with_label_values(&t),
+            control: m.control_frames.with_label_values(&t),
+            resets: m.resets.with_label_values(&t),
+        };
         let rate = RateLimiter::new(node.config.rate_limit, node.config.rate_burst);
-        Session { node, handle, identity, rx, subs: HashMap::new(), rate }
+        Session { node, handle, identity, rx, subs: HashMap::new(), rate, counters }
+    }
+
+    /// Counts the session as opened: the transport is about to send its welcome.
+    pub fn started(&self) {
+        self.node.metrics.connections_opened.with_label_values(&[self.handle.info.transport.as_str()]).inc();
+    }
+
+    /// Counts how a started session ended: the close code the server sends, or `None` when the client
+    /// left. A slow consumer is also logged: it tells an operator a client cannot keep up.
+    pub fn ended(&self, close: Option<&Close>) {
+        let m = &self.node.metrics;
+        let code = close.map_or("peer", |c| c.code.label());
+        m.connections_closed.with_label_values(&[self.handle.info.transport.as_str(), code]).inc();
+        if close.is_some_and(|c| c.code == CloseCode::SlowConsumer) {
+            m.slow_consumers.inc();
+            tracing::info!(conn = %self.handle.conn, user = %self.identity.user, "slow consumer closed with 4010");
+        }
     }
 
     pub fn conn(&self) -> &ConnId {
@@ -235,8 +313,12 @@ impl Session {
             }
         };
         let recovered = since.as_ref().map(|_| replay.is_some());
+        let metrics = &self.node.metrics;
         if let Some(ok) = recovered {
-            self.node.metrics.replays.with_label_values(&[if ok { "recovered" } else { "not_recovered" }]).inc();
+            metrics.replays.with_label_values(&[if ok { "recovered" } else { "not_recovered" }]).inc();
+        }
+        if let Some(replay) = &replay {
+            metrics.replayed_messages.observe(replay.len() as f64);
         }
         let replay = replay.unwrap_or_default();
         self.subs.insert(channel.clone(), Subscription { epoch: position.epoch.clone(), last: position.offset });
@@ -335,13 +417,14 @@ impl Session {
     /// Filters one queued item into the frames to send: drops what is not subscribed or already
     /// seen, turns an epoch change into a `reset`. A gap the engine did not fill closes the
     /// session so the client replays instead of silently missing messages.
-    pub fn accept(&mut self, out: Out, frames: &mut Vec<Utf8Bytes>) -> Result<(), Close> {
+    pub fn accept(&mut self, out: Out, frames: &mut Frames) -> Result<(), Close> {
         match out {
             Out::Message(p) => {
                 let Some(sub) = self.subs.get_mut(&p.channel) else { return Ok(()) };
                 if p.epoch != sub.epoch {
                     *sub = Subscription { epoch: p.epoch.clone(), last: p.offset - 1 };
-                    frames.push(reset_frame(&p.channel, &p.epoch, p.offset - 1));
+                    self.counters.resets.inc();
+                    frames.control(reset_frame(&p.channel, &p.epoch, p.offset - 1));
                 }
                 if p.offset <= sub.last {
                     return Ok(());
@@ -351,30 +434,24 @@ impl Session {
                     return Err(Close::new(CloseCode::SlowConsumer, "missed messages: reconnect and replay"));
                 }
                 sub.last = p.offset;
-                frames.push(p.frame().clone());
+                frames.message(p.frame().clone());
             }
             Out::Event(event) => {
                 let (channel, frame) = *event;
                 if self.subs.contains_key(&channel) {
-                    frames.push(frame);
+                    frames.control(frame);
                 }
             }
             Out::Reset(reset) => {
                 let (channel, position) = *reset;
                 if let Some(sub) = self.subs.get_mut(&channel) {
-                    frames.push(reset_frame(&channel, &position.epoch, position.offset));
+                    self.counters.resets.inc();
+                    frames.control(reset_frame(&channel, &position.epoch, position.offset));
                     *sub = Subscription { epoch: position.epoch, last: position.offset };
                 }
             }
         }
         Ok(())
-    }
-
-    /// Records that `replay` was sent, so live duplicates of it are dropped.
-    pub fn replayed(&mut self, channel: &ChannelName, last: Offset) {
-        if let Some(sub) = self.subs.get_mut(channel) {
-            sub.last = sub.last.max(last);
-        }
     }
 
     /// The subscriber's position in `channel`, if subscribed.
@@ -391,10 +468,11 @@ impl Session {
         }
     }
 
-    /// Counts frames written to the client.
-    pub fn sent(&self, n: usize) {
-        self.handle.info.messages_out.fetch_add(n as u64, Ordering::Relaxed);
-        self.node.metrics.delivered.inc_by(n as u64);
+    /// Counts frames written to the client: messages, and everything else apart.
+    pub fn sent(&self, tally: Tally) {
+        self.handle.info.messages_out.fetch_add(tally.messages as u64, Ordering::Relaxed);
+        self.counters.delivered.inc_by(tally.messages as u64);
+        self.counters.control.inc_by((tally.frames - tally.messages) as u64);
     }
 }
 

@@ -1,8 +1,10 @@
-//! Graceful drain: readiness goes false and new client connections are refused (the listener
-//! stays up so health checks see the 503), then every session is closed with 1012 (reconnect
-//! elsewhere and replay), spread over 60% of the drain window so the clients do not all
-//! reconnect at once; the node waits for its session tasks until the window ends, then stops
-//! listening.
+//! Graceful drain: readiness goes false at once (the listener stays up so health checks see the
+//! 503). For `--drain-grace` the node keeps serving, new clients included, so a load balancer
+//! marks it down before anyone is closed: clients closed later reconnect through the balancer to
+//! other nodes instead of bouncing off this one. Then new client connections are refused and
+//! every session is closed with 1012 (reconnect elsewhere and replay), spread over 60% of the
+//! drain window so the clients do not all reconnect at once; the node waits for its session
+//! tasks until the window ends, then stops listening.
 
 use std::time::Duration;
 
@@ -15,6 +17,12 @@ const DRAIN_TICK: Duration = Duration::from_millis(50);
 /// Drains `node`; returns when every session task ended or the deadline passed.
 pub async fn drain(node: &Node) {
     node.start_draining();
+    let grace = node.config.drain_grace;
+    if !grace.is_zero() {
+        tracing::info!(grace_s = grace.as_secs_f64(), "draining: readiness off, closing clients after the grace");
+        tokio::time::sleep(grace).await;
+    }
+    node.stop_accepting();
     let window = node.config.drain_window;
     let deadline = tokio::time::Instant::now() + window.max(Duration::from_millis(500));
     let sessions = node.hub.sessions();

@@ -25,8 +25,7 @@ use crate::engine::{Epoch, Position};
 use crate::http::{self, Body, HttpError};
 use crate::node::{ConnectionSlot, Node};
 use crate::protocol::{Close, CloseCode, ErrorCode, Reply, to_frame};
-use crate::session::{Out, Session, SessionInfo, Subscribed, Transport};
-use hyper_tungstenite::tungstenite::Utf8Bytes;
+use crate::session::{Frames, Out, Session, SessionInfo, Subscribed, Tally, Transport};
 
 /// Events buffered between the session task and hyper; small, so a stalled client backs up
 /// into the session's queue, where the slow-consumer rule applies.
@@ -44,36 +43,41 @@ pub async fn open<B>(node: Arc<Node>, remote: SocketAddr, req: Request<B>) -> Re
         }
     };
     let metrics = node.metrics.clone();
-    let response = start(node, remote, &req).await.unwrap_or_else(|e| {
-        let reason = match e.status {
-            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => "auth",
-            StatusCode::SERVICE_UNAVAILABLE => "capacity",
-            _ => "bad_request",
-        };
+    let response = start(node, remote, &req).await.unwrap_or_else(|(reason, e)| {
         metrics.refused.with_label_values(&[reason]).inc();
         e.into_response()
     });
     http::with_cors(response, origin)
 }
 
-async fn start<B>(node: Arc<Node>, remote: SocketAddr, req: &Request<B>) -> Result<Response<Body>, HttpError> {
-    let channels = channels(&node, req)?;
+/// A refused stream: the `reason` label of the refusal metric and the answer.
+type Refused = (&'static str, HttpError);
+
+async fn start<B>(node: Arc<Node>, remote: SocketAddr, req: &Request<B>) -> Result<Response<Body>, Refused> {
+    let channels = channels(&node, req).map_err(|e| ("bad_request", e))?;
     let token = http::query(req, "token").or_else(|| http::bearer(req).map(str::to_owned));
-    let identity = node
-        .auth
-        .authenticate(token.as_deref(), http::query(req, "user").as_deref())
-        .map_err(|e| HttpError { status: auth_status(&e), error: e.command_error() })?;
-    node.check_ban(&identity.user)
-        .await
-        .map_err(|e| HttpError { status: auth_status(&e), error: e.command_error() })?;
-    let slot = node.reserve_connection()?;
+    let refused = |e: AuthError| {
+        let reason = if matches!(e, AuthError::Banned { .. }) { "banned" } else { "auth" };
+        (reason, HttpError { status: auth_status(&e), error: e.command_error() })
+    };
+    let identity = node.auth.authenticate(token.as_deref(), http::query(req, "user").as_deref()).map_err(refused)?;
+    node.check_ban(&identity.user).await.map_err(refused)?;
+    let slot = node.reserve_connection().map_err(|r| (r.reason(), HttpError::from(r)))?;
     let last_id = req.headers().get("last-event-id").and_then(|v| v.to_str().ok()).map(str::to_owned);
     let since = parse_cursor(last_id.or_else(|| http::query(req, "since")).as_deref(), channels.len());
     let mut session = Session::open(node.clone(), identity, Transport::Sse, Some(remote));
-    let mut stream = SseStream { cursor: Vec::new(), channels, out: BytesMut::new(), events: 0 };
-    stream.subscribe_all(&mut session, since).await?;
+    let mut stream = SseStream { cursor: Vec::new(), channels, out: BytesMut::new(), tally: Tally::default() };
+    if let Err(e) = stream.subscribe_all(&mut session, since).await {
+        let reason = match e.status {
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => "auth",
+            StatusCode::SERVICE_UNAVAILABLE => "unavailable",
+            _ => "bad_request",
+        };
+        return Err((reason, e));
+    }
+    session.started();
     let (tx, rx) = mpsc::channel(BODY_BUFFER);
-    session.sent(stream.events);
+    session.sent(std::mem::take(&mut stream.tally));
     let first = stream.out.split().freeze();
     tx.try_send(first).expect("a new channel has room");
     node.tracker.spawn(stream.run(session, tx, slot));
@@ -163,8 +167,8 @@ struct SseStream {
     channels: Vec<ChannelName>,
     cursor: Vec<Position>,
     out: BytesMut,
-    /// Events written so far (for the delivered-frames metric).
-    events: usize,
+    /// Events in `out` not yet counted by `Session::sent`.
+    tally: Tally,
 }
 
 impl SseStream {
@@ -198,6 +202,7 @@ impl SseStream {
         for (i, replay) in replays.into_iter().enumerate() {
             for p in replay {
                 self.cursor[i].offset = p.offset;
+                self.tally.messages += 1;
                 self.event(p.frame());
             }
         }
@@ -211,7 +216,7 @@ impl SseStream {
 
     /// Appends one event. Frames are compact JSON (no newlines), so one `data:` line carries it.
     fn named_event(&mut self, name: &str, frame: &str) {
-        self.events += 1;
+        self.tally.frames += 1;
         self.out.put_slice(b"id: ");
         self.out.put_slice(format_cursor(&self.cursor).as_bytes());
         self.out.put_slice(b"\nevent: ");
@@ -234,7 +239,7 @@ impl SseStream {
         let info = session.info_arc();
         let ping_every = session.node().config.ping_interval;
         let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
-        let (mut batch, mut frames) = (Vec::new(), Vec::new());
+        let (mut batch, mut frames) = (Vec::new(), Frames::default());
         let expiry = session.identity.expired();
         tokio::pin!(expiry);
         let close = loop {
@@ -252,51 +257,51 @@ impl SseStream {
                     }
                 }
             }
-            if let Err(close) = self.send(&tx, &info).await {
+            if let Err(close) = self.send(&session, &tx, &info).await {
                 break close;
             }
         };
+        session.ended(close.as_ref());
         if let Some(close) = close {
-            if close.code == CloseCode::SlowConsumer {
-                session.node().metrics.slow_consumers.inc();
-                tracing::info!(conn = %session.conn(), user = %session.identity.user, "slow consumer closed with 4010");
-            }
             self.close_event(&close);
-            let _ = tx.try_send(self.out.split().freeze());
+            if tx.try_send(self.out.split().freeze()).is_ok() {
+                session.sent(self.tally);
+            }
         }
     }
 
     /// Turns queued items into events, each with the cursor as it stands after it.
-    fn encode(
-        &mut self,
-        session: &mut Session,
-        batch: &mut Vec<Out>,
-        frames: &mut Vec<Utf8Bytes>,
-    ) -> Result<(), Close> {
-        let mut sent = 0;
+    fn encode(&mut self, session: &mut Session, batch: &mut Vec<Out>, frames: &mut Frames) -> Result<(), Close> {
         session.observe_latency(batch);
         for out in batch.drain(..) {
             session.accept(out, frames)?;
             self.sync_cursor(session);
-            for frame in frames.drain(..) {
-                sent += 1;
+            let (list, tally) = frames.take();
+            for frame in list {
                 self.event(&frame);
             }
+            self.tally.messages += tally.messages;
         }
-        session.sent(sent);
         Ok(())
     }
 
     /// Hands the pending bytes to hyper, unless the session is closed first.
-    async fn send(&mut self, tx: &mpsc::Sender<Bytes>, info: &SessionInfo) -> Result<(), Option<Close>> {
+    async fn send(
+        &mut self,
+        session: &Session,
+        tx: &mpsc::Sender<Bytes>,
+        info: &SessionInfo,
+    ) -> Result<(), Option<Close>> {
         if self.out.is_empty() {
             return Ok(());
         }
         let bytes = self.out.split().freeze();
         tokio::select! {
-            sent = tx.send(bytes) => sent.map_err(|_| None),
-            close = info.closed() => Err(Some(close)),
+            sent = tx.send(bytes) => sent.map_err(|_| None)?,
+            close = info.closed() => return Err(Some(close)),
         }
+        session.sent(std::mem::take(&mut self.tally));
+        Ok(())
     }
 
     /// A last `close` event, so the client knows whether to reconnect (same codes as WebSocket).

@@ -15,14 +15,14 @@ use hyper::{Request, Response, StatusCode};
 use hyper_tungstenite::HyperWebsocketStream;
 use hyper_tungstenite::tungstenite::protocol::frame::CloseFrame;
 use hyper_tungstenite::tungstenite::protocol::{WebSocketConfig, frame::coding::CloseCode as WsCloseCode};
-use hyper_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes, error::CapacityError};
+use hyper_tungstenite::tungstenite::{Error as WsError, Message, error::CapacityError};
 use tracing::Instrument;
 
 use crate::auth::{AuthError, Identity};
-use crate::http::{self, Body};
+use crate::http::{self, Body, HttpError};
 use crate::node::Node;
 use crate::protocol::{Close, CloseCode, Command, CommandError, ErrorCode, Op, Reply, Welcome, to_frame};
-use crate::session::{Out, Session, SessionInfo, Subscribed, Transport};
+use crate::session::{Frames, Out, Session, SessionInfo, Subscribed, Transport};
 
 /// Bytes tungstenite reads per syscall; small, because every idle connection holds one buffer
 /// (commands are small; a bigger frame grows it while it is read).
@@ -48,8 +48,8 @@ pub fn upgrade(node: Arc<Node>, remote: SocketAddr, mut req: Request<Incoming>) 
     let slot = match node.reserve_connection() {
         Ok(slot) => slot,
         Err(refused) => {
-            node.metrics.refused.with_label_values(&["capacity"]).inc();
-            return refused.into_response();
+            node.metrics.refused.with_label_values(&[refused.reason()]).inc();
+            return HttpError::from(refused).into_response();
         }
     };
     let token = http::query(&req, "token").or_else(|| http::bearer(&req).map(str::to_owned));
@@ -85,7 +85,8 @@ async fn run(node: Arc<Node>, mut ws: HyperWebsocketStream, identity: Result<Ide
     let identity = match identity {
         Ok(identity) => identity,
         Err(e) => {
-            node.metrics.refused.with_label_values(&["auth"]).inc();
+            let reason = if matches!(e, AuthError::Banned { .. }) { "banned" } else { "auth" };
+            node.metrics.refused.with_label_values(&[reason]).inc();
             tracing::debug!(%remote, error = %e, "websocket refused");
             return send_close(&mut ws, Close::new(e.close_code(), e.to_string())).await;
         }
@@ -95,13 +96,10 @@ async fn run(node: Arc<Node>, mut ws: HyperWebsocketStream, identity: Result<Ide
     async move {
         tracing::debug!(%remote, "connected");
         let info = session.info_arc();
-        let mut conn = WsConn { ws, session, frames: Vec::new(), last_seen: Instant::now() };
+        let mut conn = WsConn { ws, session, frames: Frames::default(), last_seen: Instant::now() };
         let ended = conn.serve(&info).await;
         let WsConn { mut ws, session, .. } = conn;
-        if ended.as_ref().is_some_and(|c| c.code == CloseCode::SlowConsumer) {
-            session.node().metrics.slow_consumers.inc();
-            tracing::info!(conn = %session.conn(), user = %session.identity.user, "slow consumer closed with 4010");
-        }
+        session.ended(ended.as_ref());
         // Leave the hub before the close handshake: a closed session must not be listed,
         // counted or kicked again while its client takes its time to answer.
         drop(session);
@@ -119,7 +117,7 @@ async fn run(node: Arc<Node>, mut ws: HyperWebsocketStream, identity: Result<Ide
 struct WsConn {
     ws: HyperWebsocketStream,
     session: Session,
-    frames: Vec<Utf8Bytes>,
+    frames: Frames,
     last_seen: Instant,
 }
 
@@ -143,7 +141,8 @@ impl WsConn {
             user: &self.session.identity.user,
             ping_interval: ping_every.as_secs(),
         });
-        self.frames.push(welcome);
+        self.session.started();
+        self.frames.control(welcome);
         if let Err(close) = self.flush(info, false).await {
             return close;
         }
@@ -179,9 +178,7 @@ impl WsConn {
             if batch.capacity() > BATCH {
                 batch = Vec::new();
             }
-            if self.frames.capacity() > BATCH {
-                self.frames = Vec::new();
-            }
+            self.frames.shrink(BATCH);
         }
     }
 
@@ -229,13 +226,20 @@ impl WsConn {
     async fn on_command(&mut self, text: &str) {
         let cmd = match Command::parse(text) {
             Ok(cmd) => cmd,
-            Err(bad) => return self.frames.push(to_frame(&Reply::error(bad.id, bad.error))),
+            Err(bad) => {
+                self.count_command("invalid", Err(&bad.error));
+                return self.frames.control(to_frame(&Reply::error(bad.id, bad.error)));
+            }
         };
+        let op = cmd.op.name();
         let result: Result<Reply, CommandError> = match cmd.op {
             Op::Subscribe { channel, since } => match self.session.subscribe(&channel, since).await {
                 Ok(Subscribed { reply, replay }) => {
-                    self.frames.push(to_frame(&Reply { id: cmd.id, ..reply }));
-                    self.frames.extend(replay.iter().map(|p| p.frame().clone()));
+                    self.count_command(op, Ok(()));
+                    self.frames.control(to_frame(&Reply { id: cmd.id, ..reply }));
+                    for p in &replay {
+                        self.frames.message(p.frame().clone());
+                    }
                     return;
                 }
                 Err(e) => Err(e),
@@ -245,11 +249,17 @@ impl WsConn {
             Op::Presence { channel } => self.session.presence(&channel).await,
             Op::Ping => Ok(Reply::ok(None)),
         };
+        self.count_command(op, result.as_ref().map(|_| ()));
         let reply = match result {
             Ok(reply) => Reply { id: cmd.id, ..reply },
             Err(e) => Reply::error(cmd.id, e),
         };
-        self.frames.push(to_frame(&reply));
+        self.frames.control(to_frame(&reply));
+    }
+
+    fn count_command(&self, op: &str, result: Result<(), &CommandError>) {
+        let result = result.map_or_else(|e| e.code.as_str(), |()| "ok");
+        self.session.node().metrics.commands.with_label_values(&[op, result]).inc();
     }
 
     /// Writes every pending frame (and a ping) with one flush, unless the session is closed
@@ -258,9 +268,9 @@ impl WsConn {
         if self.frames.is_empty() && !ping {
             return Ok(());
         }
-        let n = self.frames.len();
+        let (frames, tally) = self.frames.take();
         let write = async {
-            for frame in self.frames.drain(..) {
+            for frame in frames {
                 self.ws.feed(Message::Text(frame)).await?;
             }
             if ping {
@@ -275,7 +285,7 @@ impl WsConn {
             })?,
             close = info.closed() => return Err(Some(close)),
         }
-        self.session.sent(n);
+        self.session.sent(tally);
         Ok(())
     }
 }

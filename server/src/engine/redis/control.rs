@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 
-use super::{RedisEngine, lock, unavailable};
+use super::{Operation, RedisEngine, lock};
 use crate::engine::{ControlHandler, Engine, EngineError, Survey};
 
 /// Surveys in flight and the local handler.
@@ -61,8 +61,7 @@ pub(super) fn on_request(engine: &Arc<RedisEngine>, text: &str) {
     let channel = engine.keys.control_reply(request.from);
     let engine = engine.clone();
     tokio::spawn(async move {
-        let Ok(client) = engine.client() else { return };
-        if let Err(e) = client.publish::<(), _, _>(channel, reply).await {
+        if let Err(e) = engine.call(Operation::Control, |c| c.publish::<(), _, _>(channel, reply)).await {
             tracing::debug!(error = %e, "control reply not published");
         }
     });
@@ -105,7 +104,7 @@ async fn collect(
     let body = RawValue::from_string(request.to_owned()).map_err(|e| EngineError::Unavailable(e.to_string()))?;
     let message = serde_json::to_string(&Request { id, from: &engine.settings.node_id, body: &body })
         .expect("requests serialise");
-    let _: () = engine.client()?.publish(engine.keys.control(), message).await.map_err(unavailable)?;
+    let _: () = engine.call(Operation::Control, |c| c.publish(engine.keys.control(), message)).await?;
     let deadline = tokio::time::Instant::now() + timeout;
     let mut answers: Vec<(String, String)> = Vec::new();
     while !expected.iter().all(|n| answers.iter().any(|(a, _)| a == n)) {

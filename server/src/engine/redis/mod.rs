@@ -9,14 +9,17 @@
 //!   its own entries, so a dead node's clients lapse on their own.
 //!
 //! A command that Redis did not acknowledge is an `EngineError`: a publish is then answered 503.
+//! Every round trip goes through `call` (or `timed`), which times it and counts its failure
+//! under an operation label (`pushd_redis_*` metrics).
 
 mod control;
 mod keys;
 mod pubsub;
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use async_trait::async_trait;
@@ -34,6 +37,7 @@ use super::{
     NewMessage, NodeInfo, Offset, PresenceChange, Publication, RedisStats, Survey, now_ms, now_us, presence_frame,
 };
 use crate::channel::ChannelName;
+use crate::metrics::RedisMetrics;
 
 /// How long one Redis command may take before it counts as failed.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(3);
@@ -62,6 +66,29 @@ pub struct RedisSettings {
     pub node_id: String,
 }
 
+/// What a Redis round trip is for: the `operation` label of the engine's metrics.
+#[derive(Debug, Clone, Copy)]
+enum Operation {
+    Publish,
+    History,
+    Subscribe,
+    Presence,
+    /// Registry, bans, surveys and Redis' own stats.
+    Control,
+}
+
+impl Operation {
+    fn label(self) -> &'static str {
+        match self {
+            Operation::Publish => "publish",
+            Operation::History => "history",
+            Operation::Subscribe => "subscribe",
+            Operation::Presence => "presence",
+            Operation::Control => "control",
+        }
+    }
+}
+
 /// The Redis-backed engine.
 pub struct RedisEngine {
     settings: RedisSettings,
@@ -76,11 +103,16 @@ pub struct RedisEngine {
     control: control::Control,
     /// This node's presence entries, refreshed every third of `presence_ttl`.
     present: Mutex<HashMap<(ChannelName, Arc<str>), ClientInfo>>,
+    metrics: RedisMetrics,
 }
 
 impl RedisEngine {
     /// Connects the pool and the subscriber, loads the scripts and starts the background tasks.
-    pub async fn connect(settings: RedisSettings, deliver: Weak<dyn Deliver>) -> anyhow::Result<Arc<Self>> {
+    pub async fn connect(
+        settings: RedisSettings,
+        deliver: Weak<dyn Deliver>,
+        metrics: RedisMetrics,
+    ) -> anyhow::Result<Arc<Self>> {
         let config = fred::prelude::Config::from_url(&settings.url)
             .with_context(|| format!("bad --redis-url {:?}", settings.url))?;
         let mut builder = Builder::from_config(config);
@@ -120,6 +152,7 @@ impl RedisEngine {
             live: LiveChannels::default(),
             control: control::Control::default(),
             present: Mutex::new(HashMap::new()),
+            metrics,
         });
         for script in [&engine.publish_script, &engine.history_script, &engine.presence_script] {
             script.load(engine.pool.next()).await.context("loading Lua scripts into Redis")?;
@@ -138,6 +171,34 @@ impl RedisEngine {
         if client.is_connected() { Ok(client) } else { Err(EngineError::Unavailable("redis is not connected".into())) }
     }
 
+    /// Runs `command` on a connected client as one round trip of `operation`.
+    async fn call<'a, T, F>(
+        &'a self,
+        operation: Operation,
+        command: impl FnOnce(&'a Client) -> F,
+    ) -> Result<T, EngineError>
+    where
+        F: Future<Output = Result<T, fred::error::Error>> + 'a,
+    {
+        let client = self.client().inspect_err(|_| self.metrics.error(operation.label(), "disconnected"))?;
+        self.timed(operation, command(client)).await
+    }
+
+    /// Times one round trip and counts its failure by kind.
+    async fn timed<T>(
+        &self,
+        operation: Operation,
+        command: impl Future<Output = Result<T, fred::error::Error>>,
+    ) -> Result<T, EngineError> {
+        let started = Instant::now();
+        let result = command.await;
+        self.metrics.observe(operation.label(), started.elapsed());
+        result.map_err(|e| {
+            self.metrics.error(operation.label(), error_kind(&e));
+            unavailable(e)
+        })
+    }
+
     /// Runs the history script: position and entries in one snapshot.
     async fn read_history(&self, channel: &ChannelName, query: HistoryQuery) -> Result<HistoryPage, EngineError> {
         let (mode, after, limit) = match query {
@@ -154,16 +215,19 @@ impl RedisEngine {
         ];
         let keys = vec![self.keys.stream(channel), self.keys.meta(channel)];
         let value: Value =
-            self.history_script.evalsha_with_reload(self.client()?, keys, args).await.map_err(unavailable)?;
-        parse_history(channel, value).map_err(|e| EngineError::Unavailable(format!("unexpected history reply: {e}")))
+            self.call(Operation::History, |c| self.history_script.evalsha_with_reload(c, keys, args)).await?;
+        parse_history(channel, value).map_err(|e| {
+            self.metrics.error(Operation::History.label(), "protocol");
+            EngineError::Unavailable(format!("unexpected history reply: {e}"))
+        })
     }
 
     /// Announces a join or leave to every node's subscribers of `channel`.
     async fn announce(&self, change: PresenceChange, channel: &ChannelName, client: &ClientInfo) {
         let frame = presence_frame(change, channel, client);
         let message = format!(r#"{{"k":"p","f":{}}}"#, frame.as_str());
-        let Ok(client) = self.client() else { return };
-        if let Err(e) = client.publish::<(), _, _>(self.keys.pubsub(channel), message).await {
+        let published = self.call(Operation::Presence, |c| c.publish::<(), _, _>(self.keys.pubsub(channel), message));
+        if let Err(e) = published.await {
             tracing::warn!(%channel, error = %e, "presence event not published");
         }
     }
@@ -176,11 +240,13 @@ impl RedisEngine {
         let lapse = (now_ms() + self.settings.presence_ttl.as_millis() as u64) as f64;
         let (hash, zset) = (self.keys.presence(channel), self.keys.presence_expiry(channel));
         let keep = secs(self.settings.presence_ttl) * 2;
-        let c = self.client()?;
-        let _: () = c.hset(&hash, (&*client.conn, json)).await.map_err(unavailable)?;
-        let _: () = c.zadd(&zset, None, None, false, false, (lapse, &*client.conn)).await.map_err(unavailable)?;
-        let _: () = c.expire(&hash, keep, None).await.map_err(unavailable)?;
-        c.expire(&zset, keep, None).await.map_err(unavailable)
+        self.call(Operation::Presence, |c| async move {
+            let _: () = c.hset(&hash, (&*client.conn, json)).await?;
+            let _: () = c.zadd(&zset, None, None, false, false, (lapse, &*client.conn)).await?;
+            let _: () = c.expire(&hash, keep, None).await?;
+            c.expire(&zset, keep, None).await
+        })
+        .await
     }
 
     /// Refreshes every presence entry this node holds.
@@ -232,7 +298,7 @@ impl Engine for RedisEngine {
             secs(self.settings.idempotency_ttl).into(),
         ];
         let (offset, epoch, _duplicate): (i64, String, i64) =
-            self.publish_script.evalsha_with_reload(self.client()?, keys, args).await.map_err(unavailable)?;
+            self.call(Operation::Publish, |c| self.publish_script.evalsha_with_reload(c, keys, args)).await?;
         Ok(Arc::new(Publication::new(channel.clone(), Epoch::new(&epoch), offset as Offset, msg, time_us)))
     }
 
@@ -259,9 +325,13 @@ impl Engine for RedisEngine {
 
     async fn leave(&self, channel: &ChannelName, client: &ClientInfo, announce: bool) {
         lock(&self.present).remove(&(channel.clone(), client.conn.clone()));
-        let Ok(c) = self.client() else { return };
-        let removed: Result<i64, _> = c.hdel(self.keys.presence(channel), &*client.conn).await;
-        let _: Result<(), _> = c.zrem(self.keys.presence_expiry(channel), &*client.conn).await;
+        let removed: Result<i64, _> = self
+            .call(Operation::Presence, |c| async move {
+                let removed = c.hdel(self.keys.presence(channel), &*client.conn).await?;
+                let _: () = c.zrem(self.keys.presence_expiry(channel), &*client.conn).await?;
+                Ok(removed)
+            })
+            .await;
         if announce && removed.is_ok_and(|n| n > 0) {
             self.announce(PresenceChange::Leave, channel, client).await;
         }
@@ -269,11 +339,9 @@ impl Engine for RedisEngine {
 
     async fn presence(&self, channel: &ChannelName) -> Result<Vec<ClientInfo>, EngineError> {
         let keys = vec![self.keys.presence(channel), self.keys.presence_expiry(channel)];
-        let values: Vec<String> = self
-            .presence_script
-            .evalsha_with_reload(self.client()?, keys, vec![now_ms() as i64])
-            .await
-            .map_err(unavailable)?;
+        let args = vec![now_ms() as i64];
+        let values: Vec<String> =
+            self.call(Operation::Presence, |c| self.presence_script.evalsha_with_reload(c, keys, args)).await?;
         let mut clients: Vec<ClientInfo> = values.iter().filter_map(|v| serde_json::from_str(v).ok()).collect();
         clients.sort_by(|a, b| (&a.user, &a.conn).cmp(&(&b.user, &b.conn)));
         Ok(clients)
@@ -287,30 +355,27 @@ impl Engine for RedisEngine {
     async fn heartbeat(&self, info: &NodeInfo) -> Result<(), EngineError> {
         let json = serde_json::to_string(info).expect("node info serialises");
         let ttl = Expiration::PX(self.settings.node_ttl.as_millis() as i64);
-        let c = self.client()?;
-        let _: () = c.set(self.keys.node(&info.id), json, Some(ttl), None, false).await.map_err(unavailable)?;
         // Scored by when the entry lapses, so any live node's heartbeat prunes dead nodes.
         let lapse = (info.updated_ms + self.settings.node_ttl.as_millis() as u64) as f64;
-        let _: () = c
-            .zadd(self.keys.nodes(), None, None, false, false, (lapse, info.id.as_str()))
-            .await
-            .map_err(unavailable)?;
-        let _: () =
-            c.zremrangebyscore(self.keys.nodes(), f64::NEG_INFINITY, now_ms() as f64).await.map_err(unavailable)?;
-        Ok(())
+        self.call(Operation::Control, |c| async move {
+            let _: () = c.set(self.keys.node(&info.id), json, Some(ttl), None, false).await?;
+            let _: () = c.zadd(self.keys.nodes(), None, None, false, false, (lapse, info.id.as_str())).await?;
+            c.zremrangebyscore(self.keys.nodes(), f64::NEG_INFINITY, now_ms() as f64).await
+        })
+        .await
     }
 
     async fn nodes(&self) -> Result<Vec<NodeInfo>, EngineError> {
-        let c = self.client()?;
-        let _: () =
-            c.zremrangebyscore(self.keys.nodes(), f64::NEG_INFINITY, now_ms() as f64).await.map_err(unavailable)?;
-        let ids: Vec<String> =
-            c.zrange(self.keys.nodes(), 0, -1, None, false, None, false).await.map_err(unavailable)?;
-        if ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        let keys: Vec<String> = ids.iter().map(|id| self.keys.node(id)).collect();
-        let infos: Vec<Option<String>> = c.mget(keys).await.map_err(unavailable)?;
+        let infos: Vec<Option<String>> = self
+            .call(Operation::Control, |c| async move {
+                let _: () = c.zremrangebyscore(self.keys.nodes(), f64::NEG_INFINITY, now_ms() as f64).await?;
+                let ids: Vec<String> = c.zrange(self.keys.nodes(), 0, -1, None, false, None, false).await?;
+                if ids.is_empty() {
+                    return Ok(Vec::new());
+                }
+                c.mget(ids.iter().map(|id| self.keys.node(id)).collect::<Vec<_>>()).await
+            })
+            .await?;
         Ok(infos.iter().flatten().filter_map(|j| serde_json::from_str(j).ok()).collect())
     }
 
@@ -325,18 +390,18 @@ impl Engine for RedisEngine {
     async fn ban(&self, user: &str, until_ms: u64) -> Result<(), EngineError> {
         let ttl = until_ms.saturating_sub(now_ms()).max(1) as i64;
         let expiry = Some(Expiration::PX(ttl));
-        self.client()?.set(self.keys.ban(user), until_ms as i64, expiry, None, false).await.map_err(unavailable)
+        self.call(Operation::Control, |c| c.set(self.keys.ban(user), until_ms as i64, expiry, None, false)).await
     }
 
     async fn banned_until(&self, user: &str) -> Result<Option<u64>, EngineError> {
-        let until: Option<u64> = self.client()?.get(self.keys.ban(user)).await.map_err(unavailable)?;
+        let until: Option<u64> = self.call(Operation::Control, |c| c.get(self.keys.ban(user))).await?;
         Ok(until.filter(|u| *u > now_ms()))
     }
 
     async fn history_bounds(&self, channel: &ChannelName) -> Result<HistoryBounds, EngineError> {
         let page = self.read_history(channel, HistoryQuery::After { after: 0, limit: 1 }).await?;
         let size = self.settings.history_size as u64;
-        let len: u64 = self.client()?.xlen(self.keys.stream(channel)).await.map_err(unavailable)?;
+        let len: u64 = self.call(Operation::History, |c| c.xlen(self.keys.stream(channel))).await?;
         // Reads never go below top - size (see history.lua), whatever MAXLEN ~ kept.
         let len = len.min(size);
         let first_offset = page.publications.first().map(|p| p.offset.max(page.top.saturating_sub(size) + 1));
@@ -348,9 +413,13 @@ impl Engine for RedisEngine {
     }
 
     async fn deregister(&self, node: &str) {
-        let Ok(c) = self.client() else { return };
-        let _: Result<(), _> = c.zrem(self.keys.nodes(), node).await;
-        let _: Result<(), _> = c.del(self.keys.node(node)).await;
+        let removed = self.call(Operation::Control, |c| async move {
+            let _: () = c.zrem(self.keys.nodes(), node).await?;
+            c.del::<(), _>(self.keys.node(node)).await
+        });
+        if let Err(e) = removed.await {
+            tracing::debug!(error = %e, "registry entry not removed; it lapses on its own");
+        }
     }
 
     async fn close(&self) {
@@ -365,6 +434,16 @@ fn secs(d: Duration) -> i64 {
 
 fn unavailable(e: fred::error::Error) -> EngineError {
     EngineError::Unavailable(format!("redis: {e}"))
+}
+
+/// The `kind` label of a failed round trip.
+fn error_kind(e: &fred::error::Error) -> &'static str {
+    match e.kind() {
+        ErrorKind::Timeout => "timeout",
+        ErrorKind::IO | ErrorKind::Canceled => "connection",
+        ErrorKind::Protocol | ErrorKind::Parse => "protocol",
+        _ => "server",
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -414,27 +493,30 @@ fn parse_entry(channel: &ChannelName, epoch: &Epoch, entry: Value) -> Result<Pub
 
 /// Redis' own view: version, memory, load, and pub/sub subscriber counts of our channels.
 async fn backend_stats(engine: &RedisEngine) -> Result<RedisStats, EngineError> {
-    let c = engine.client()?;
-    let info: String = c.info(None).await.map_err(unavailable)?;
+    let prefix = &engine.settings.prefix;
+    let (info, all, numpat, counts) = engine
+        .call(Operation::Control, |c| async move {
+            let info: String = c.info(None).await?;
+            let ours: Vec<String> = c.pubsub_channels(format!("{prefix}{{*")).await?;
+            let all: Vec<String> = c.pubsub_channels("*").await?;
+            let numpat: i64 = c.pubsub_numpat().await?;
+            let counts: Vec<Value> = if ours.is_empty() { Vec::new() } else { c.pubsub_numsub(ours.clone()).await? };
+            Ok((info, all, numpat, counts))
+        })
+        .await?;
     let field = |name: &str| {
         info.lines()
             .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(':')))
             .map(str::trim)
             .map(str::to_owned)
     };
-    let ours: Vec<String> = c.pubsub_channels(format!("{}{{*", engine.settings.prefix)).await.map_err(unavailable)?;
-    let all: Vec<String> = c.pubsub_channels("*").await.map_err(unavailable)?;
-    let numpat: i64 = c.pubsub_numpat().await.map_err(unavailable)?;
     let mut top: Vec<TopChannel> = Vec::new();
-    if !ours.is_empty() {
-        let counts: Vec<Value> = c.pubsub_numsub(ours.clone()).await.map_err(unavailable)?;
-        for pair in counts.chunks(2) {
-            if let [name, count] = pair
-                && let (Some(name), Some(count)) = (name.as_string(), count.as_i64())
-                && let Some(channel) = engine.keys.channel_of(&name)
-            {
-                top.push(TopChannel { channel: channel.to_string(), subscribers: count.max(0) as u64 });
-            }
+    for pair in counts.chunks(2) {
+        if let [name, count] = pair
+            && let (Some(name), Some(count)) = (name.as_string(), count.as_i64())
+            && let Some(channel) = engine.keys.channel_of(&name)
+        {
+            top.push(TopChannel { channel: channel.to_string(), subscribers: count.max(0) as u64 });
         }
     }
     top.sort_by(|a, b| b.subscribers.cmp(&a.subscribers).then_with(|| a.channel.cmp(&b.channel)));

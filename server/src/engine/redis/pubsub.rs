@@ -20,7 +20,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio::sync::broadcast::error::RecvError;
 
-use super::{RedisEngine, lock, unavailable};
+use super::{Operation, RedisEngine, lock};
 use crate::channel::ChannelName;
 use crate::engine::{
     Deliver, EngineError, Epoch, HistoryPage, HistoryQuery, NewMessage, Offset, Position, Publication,
@@ -119,10 +119,11 @@ pub(super) async fn subscribe(engine: &RedisEngine, channel: &ChannelName) -> Re
 /// returned has everything up to it.
 async fn subscribe_batch(engine: &RedisEngine, batch: &[ChannelName]) -> Result<Vec<HistoryPage>, EngineError> {
     if !engine.subscriber.is_connected() {
+        engine.metrics.error(Operation::Subscribe.label(), "disconnected");
         return Err(EngineError::Unavailable("redis pub/sub is not connected".into()));
     }
     let names: Vec<String> = batch.iter().map(|c| engine.keys.pubsub(c)).collect();
-    engine.subscriber.subscribe(names).await.map_err(unavailable)?;
+    engine.timed(Operation::Subscribe, engine.subscriber.subscribe(names)).await?;
     let tops = batch.iter().map(|c| engine.read_history(c, HistoryQuery::Latest { limit: 0 }));
     futures_util::future::join_all(tops).await.into_iter().collect()
 }
@@ -131,7 +132,10 @@ async fn subscribe_batch(engine: &RedisEngine, batch: &[ChannelName]) -> Result<
 pub(super) async fn unsubscribe(engine: &RedisEngine, channel: &ChannelName) {
     let _change = engine.live.changes.lock().await;
     let last = release(&mut lock(&engine.live.channels), channel);
-    if last && let Err(e) = engine.subscriber.unsubscribe(engine.keys.pubsub(channel)).await {
+    if last
+        && let Err(e) =
+            engine.timed(Operation::Subscribe, engine.subscriber.unsubscribe(engine.keys.pubsub(channel))).await
+    {
         tracing::warn!(%channel, error = %e, "unsubscribe failed");
     }
 }
@@ -166,6 +170,7 @@ async fn dispatch(
                 match message {
                     Ok(message) => on_message(&engine, message),
                     Err(RecvError::Lagged(n)) => {
+                        engine.metrics.pubsub_lagged.inc();
                         tracing::warn!(dropped = n, "pub/sub receiver lagged: filling from the streams");
                         catch_up_all(&engine);
                     }
@@ -177,9 +182,10 @@ async fn dispatch(
                 if let Err(RecvError::Closed) = reconnect {
                     return;
                 }
+                engine.metrics.pubsub_reconnects.inc();
                 tracing::info!("redis subscriber reconnected: resubscribing and catching up");
                 // Resubscribe first, then read the streams: nothing can fall in between.
-                if let Err(e) = engine.subscriber.resubscribe_all().await {
+                if let Err(e) = engine.timed(Operation::Subscribe, engine.subscriber.resubscribe_all()).await {
                     tracing::warn!(error = %e, "resubscribe failed; the next reconnect retries");
                 }
                 catch_up_all(&engine);
@@ -262,6 +268,8 @@ fn catch_up_all(engine: &Arc<RedisEngine>) {
 /// them, or `reset` to the current top where it does not.
 async fn fill(engine: Weak<RedisEngine>, channel: ChannelName) {
     let mut backoff = Duration::from_millis(50);
+    // Whether this fill had to send `reset` (its result, for the metrics).
+    let mut lost = false;
     loop {
         let Some(engine) = engine.upgrade() else { return };
         let Some(Some(from)) = lock(&engine.live.channels).get(&channel).map(|l| l.position.clone()) else { return };
@@ -282,6 +290,7 @@ async fn fill(engine: Weak<RedisEngine>, channel: ChannelName) {
             tracing::warn!(%channel, from = from.offset, epoch = %reset.epoch, offset = reset.offset, "history lost under live subscribers: reset");
             deliver.reset(&channel, reset);
             live.position = Some(reset.clone());
+            lost = true;
         }
         for p in missing.publications {
             live.position = Some(Position { epoch: p.epoch.clone(), offset: p.offset });
@@ -290,6 +299,8 @@ async fn fill(engine: Weak<RedisEngine>, channel: ChannelName) {
         if missing.more {
             continue;
         }
+        engine.metrics.gap_fills.with_label_values(&[if lost { "reset" } else { "filled" }]).inc();
+        lost = false;
         live.filling = false;
         let pending = std::mem::take(&mut live.pending);
         let mut gap = false;
