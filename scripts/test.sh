@@ -4,13 +4,43 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# The Redis engine's tests start their own redis-server processes.
-if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1; then
-  echo "redis-server not found: installing Debian's redis-server" >&2
-  sudo=""
-  [ "$(id -u)" -eq 0 ] || sudo="sudo"
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq redis-server >/dev/null
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
+apt_updated=""
+
+# Installs Debian `package` unless `command` is already there.
+need() {
+  local command=$1 package=$2
+  command -v "$command" >/dev/null 2>&1 && return
+  echo "$command not found: installing Debian's $package" >&2
+  need_package "$package"
+}
+
+need_package() {
+  local package=$1
+  if [ -z "$apt_updated" ]; then
+    $sudo apt-get update -qq
+    apt_updated=1
+  fi
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "$package" >/dev/null
+}
+
+# The Redis engine's tests start their own redis-server processes; the deployment tests run the
+# compose file's HAProxy and Prometheus configs natively (promtool comes with prometheus).
+need redis-server redis-server
+need redis-cli redis-tools
+need haproxy haproxy
+need prometheus prometheus
+need promtool prometheus
+need python3 python3
+
+# PyPI tools live in a venv of their own under target/ (the tests look there first).
+venv=target/tools/venv
+if [ ! -x "$venv/bin/check-jsonschema" ]; then
+  echo "check-jsonschema not found: installing it into $venv" >&2
+  python3 -c 'import ensurepip, venv' 2>/dev/null || need_package python3-venv
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check check-jsonschema
 fi
 
 if ! cargo nextest --version >/dev/null 2>&1; then
@@ -18,7 +48,7 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install --locked cargo-nextest
 fi
 
-# The drain, signal and pushctl tests run the real pushd and pushctl binaries.
-cargo build -p pushd --bin pushd -p pushctl --bin pushctl
+# The drain, signal, pushctl and deployment tests run the real pushd, pushctl and pushload.
+cargo build -p pushd --bin pushd -p pushctl --bin pushctl -p pushload --bin pushload
 
 cargo nextest run --workspace --no-fail-fast "$@"

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use clap::{Parser, ValueEnum};
+use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::channel::ChannelPattern;
 
@@ -154,6 +154,22 @@ pub struct Args {
     /// Log filter (tracing EnvFilter syntax, e.g. `info,pushd=debug`).
     #[arg(long, env = "PUSHD_LOG", default_value = "info")]
     pub log: String,
+
+    #[command(subcommand)]
+    pub tool: Option<Tool>,
+}
+
+/// Helpers that run instead of the node.
+#[derive(Debug, Clone, Subcommand)]
+pub enum Tool {
+    /// Asks the node that the same flags or PUSHD_* variables describe for a health path on
+    /// loopback (its --admin-listen if set, else --listen) and exits 0 on a 200: a container
+    /// health check that needs no shell or curl in the image.
+    Probe {
+        /// /healthz (the process serves) or /readyz (it takes traffic).
+        #[arg(long, default_value = "/healthz")]
+        path: String,
+    },
 }
 
 /// How log lines are written to stderr.

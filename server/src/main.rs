@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use pushd::config::LogFormat;
+use pushd::config::{LogFormat, Tool};
 use pushd::{Args, Config};
 use tracing_subscriber::EnvFilter;
 
@@ -14,6 +14,9 @@ const EXIT_CONFIG: u8 = 64;
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(Tool::Probe { path }) = &args.tool {
+        return probe(args.admin_listen.unwrap_or(args.listen), path);
+    }
     init_logs(args.log_format, &args.log);
     let config = match Config::try_from(args) {
         Ok(config) => config,
@@ -55,6 +58,40 @@ fn init_logs(format: LogFormat, filter: &str) {
     match format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+/// `pushd probe`: GET `path` from the node listening on `addr` (a wildcard address is asked on
+/// loopback); exit 0 on a 200, 1 with the reason on stderr otherwise.
+fn probe(addr: std::net::SocketAddr, path: &str) -> ExitCode {
+    use std::io::{Read, Write};
+    let mut addr = addr;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(if addr.is_ipv4() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        });
+    }
+    let timeout = std::time::Duration::from_secs(2);
+    let status = (|| -> std::io::Result<String> {
+        let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+        stream.set_read_timeout(Some(timeout))?;
+        write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+        let mut head = [0u8; 64];
+        let n = stream.read(&mut head)?;
+        Ok(String::from_utf8_lossy(&head[..n]).lines().next().unwrap_or("").to_owned())
+    })();
+    match status {
+        Ok(line) if line.split_whitespace().nth(1) == Some("200") => ExitCode::SUCCESS,
+        Ok(line) => {
+            eprintln!("pushd probe: {path} on {addr} answered {line:?}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("pushd probe: cannot ask {addr} for {path}: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -7,6 +7,8 @@
 //! let reply = alice.subscribe("room:1", None).await;
 //! ```
 
+pub mod deploy;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -143,9 +145,7 @@ impl TestNode {
     /// Tries `/ws?<query>` without waiting for anything; `Err` carries what the server answered
     /// instead of upgrading (`tungstenite::Error::Http` holds the response).
     pub async fn try_ws(&self, query: &str) -> Result<WsClient, tokio_tungstenite::tungstenite::Error> {
-        let url = format!("ws://{}/ws?{query}", self.addr);
-        let (stream, _) = within("websocket connect", tokio_tungstenite::connect_async(url)).await?;
-        Ok(WsClient { stream, next_id: 1, pending: Vec::new(), welcome: Value::Null })
+        WsClient::try_connect(self.addr, query).await
     }
 
     /// Publishes through `/api/publish`, asserting success; returns the offset.
@@ -218,6 +218,13 @@ impl WsClient {
         let url = format!("ws://{addr}/ws?{query}");
         let (stream, _) = within("websocket connect", tokio_tungstenite::connect_async(url)).await.unwrap();
         WsClient { stream, next_id: 1, pending: Vec::new(), welcome: Value::Null }
+    }
+
+    /// Tries `ws://<addr>/ws?<query>`; `Err` carries what the server answered instead.
+    pub async fn try_connect(addr: SocketAddr, query: &str) -> Result<WsClient, tokio_tungstenite::tungstenite::Error> {
+        let url = format!("ws://{addr}/ws?{query}");
+        let (stream, _) = within("websocket connect", tokio_tungstenite::connect_async(url)).await?;
+        Ok(WsClient { stream, next_id: 1, pending: Vec::new(), welcome: Value::Null })
     }
 
     /// Sends a text frame as is.
@@ -537,6 +544,8 @@ pub async fn pushctl(args: &[&str], env: &[(&str, &str)]) -> CtlOutput {
 pub struct PushdProcess {
     pub child: tokio::process::Child,
     pub addr: SocketAddr,
+    /// The `--admin-listen` address, when given.
+    pub admin: Option<SocketAddr>,
 }
 
 impl PushdProcess {
@@ -553,11 +562,12 @@ impl PushdProcess {
             .unwrap();
         let stderr = child.stderr.take().unwrap();
         let mut lines = BufReader::new(stderr).lines();
-        let addr = within("pushd to listen", async {
+        let (addr, admin) = within("pushd to listen", async {
             while let Some(line) = lines.next_line().await.unwrap() {
                 let Ok(log) = serde_json::from_str::<Value>(&line) else { continue };
                 if log["message"] == "pushd listening" {
-                    return log["addr"].as_str().unwrap().parse::<SocketAddr>().unwrap();
+                    let addr = log["addr"].as_str().unwrap().parse::<SocketAddr>().unwrap();
+                    return (addr, log["admin_addr"].as_str().map(|a| a.parse::<SocketAddr>().unwrap()));
                 }
             }
             panic!("pushd exited before listening");
@@ -565,7 +575,14 @@ impl PushdProcess {
         .await;
         // Keep draining stderr so the child never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Self { child, addr }
+        Self { child, addr, admin }
+    }
+
+    /// Sends SIGTERM (the drain starts) without waiting for the exit.
+    pub async fn terminate(&self) {
+        let pid = self.child.id().expect("pushd is running").to_string();
+        let kill = tokio::process::Command::new("kill").args(["-TERM", &pid]).status().await.unwrap();
+        assert!(kill.success(), "kill -TERM {pid}: {kill}");
     }
 
     /// Opens `/ws?<query>` on the process and waits for the welcome frame.

@@ -81,6 +81,28 @@ async fn while_draining_readiness_is_503_new_clients_are_refused_and_closes_are_
 }
 
 #[tokio::test]
+async fn during_the_drain_grace_readiness_is_503_yet_new_clients_are_served_then_all_are_closed() {
+    // The grace is long enough for the checks below to run inside it on a slow machine.
+    let config = Config { drain_grace: Duration::from_secs(5), drain_window: DRAIN_WINDOW, ..secure_config() };
+    let mut node = TestNode::start(config).await;
+    let mut old = node.ws(&token("old")).await;
+    node.begin_stop();
+    // The node has no event for "the drain began" but its readiness: ask until it says so.
+    within("readiness to turn off", async {
+        while node.api_get("/readyz").await.0 != 503 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    // A load balancer has not noticed yet: a client it still sends here is served.
+    let mut late = node.ws(&token("late")).await;
+    assert_eq!(late.subscribe("room:1", None).await["ok"], true);
+    assert_eq!(old.closed().await.code, 1012);
+    assert_eq!(late.closed().await.code, 1012);
+    node.stop().await;
+}
+
+#[tokio::test]
 async fn stopping_a_node_ends_sse_streams_with_a_close_event_saying_1012() {
     let node = TestNode::start(Config { drain_window: DRAIN_WINDOW, ..secure_config() }).await;
     let mut sse = node.sse(&format!("/sse?channel=room:1&token={}", token("u1")), None).await;
@@ -107,10 +129,8 @@ async fn sigterm_closes_every_client_with_1012_and_exits_0_within_the_drain_wind
         assert_eq!(c.subscribe("room:1", None).await["ok"], true);
         clients.push(c);
     }
-    let pid = pushd.child.id().expect("pushd is running");
     let deadline = Instant::now() + DRAIN_WINDOW;
-    let kill = tokio::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().await.unwrap();
-    assert!(kill.success(), "kill -TERM {pid}: {kill}");
+    pushd.terminate().await;
     for c in &mut clients {
         let closed = c.closed().await;
         assert_eq!(closed.code, 1012, "{closed:?}");

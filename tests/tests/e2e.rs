@@ -3,9 +3,12 @@
 
 mod bad_input;
 mod cluster;
+mod deploy_config;
 mod drain;
 mod engine_suite;
 mod fanout;
+mod load_balancer;
+mod operator_plane;
 mod pushctl;
 mod redis_faults;
 mod replay;
