@@ -236,7 +236,8 @@ impl Prometheus {
     /// seconds): the samples a test just caused are then in the database. Prometheus has no push
     /// for this, so it is asked until it says so.
     pub async fn scraped_after(&self, since: f64, targets: usize) {
-        let expr = format!("count(timestamp(up{{job=\"pushd\"}} == 1) > {since})");
+        // timestamp() of a plain selector is the sample's own time (of anything else, now).
+        let expr = format!("count((timestamp(up{{job=\"pushd\"}}) > {since}) and (up{{job=\"pushd\"}} == 1))");
         within("every node to be scraped", async {
             loop {
                 let fresh = self.query(&expr).await.unwrap_or_default();

@@ -495,19 +495,23 @@ fn parse_event(block: &str) -> Option<SseEvent> {
 
 /// The `pushd` binary next to this test binary (built by the test command before the tests).
 pub fn pushd_bin() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().parent().unwrap();
-    let bin = dir.join("pushd");
-    assert!(bin.exists(), "{} is missing: run `cargo build -p pushd` first (the test script does)", bin.display());
-    bin
+    workspace_bin("pushd")
 }
 
 /// The `pushctl` binary next to this test binary (built by the test command before the tests).
 pub fn pushctl_bin() -> PathBuf {
+    workspace_bin("pushctl")
+}
+
+/// The `pushload` binary next to this test binary (built by the test command before the tests).
+pub fn pushload_bin() -> PathBuf {
+    workspace_bin("pushload")
+}
+
+fn workspace_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().parent().unwrap();
-    let bin = dir.join("pushctl");
-    assert!(bin.exists(), "{} is missing: run `cargo build -p pushctl` first (the test script does)", bin.display());
+    let bin = exe.parent().unwrap().parent().unwrap().join(name);
+    assert!(bin.exists(), "{} is missing: run `cargo build -p {name}` first (the test script does)", bin.display());
     bin
 }
 
