@@ -1,7 +1,8 @@
 //! A cluster behind the real HAProxy with the compose file's config: clients connect only
 //! through the balancer, a node is SIGKILLed and another drained with SIGTERM while a backend
-//! publishes through the balancer, and every client ends with exactly the channel's history.
-//! pushctl reaches the cluster through the balancer's admin frontend.
+//! publishes through the balancer, and every client ends with exactly the channel's history. An
+//! SSE stream resumes through the balancer with its Last-Event-ID. pushctl reaches the cluster
+//! through the balancer's admin frontend.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -48,6 +49,15 @@ async fn clients_behind_haproxy_survive_a_node_kill_and_a_drain_with_nothing_los
     let (stop_tx, stop) = watch::channel(false);
     let publisher = tokio::spawn(publish_until_stopped(lb.public, stop));
 
+    // SSE streams through the balancer too: remember where one was, to resume from it at the end.
+    let sse_path = format!("/sse?channel={CHANNEL}&token={}", token("sse"));
+    let mut sse = SseClient::open(lb.public, &sse_path, None).await;
+    assert_eq!(sse.status, 200);
+    assert_eq!(sse.next_event().await.expect("welcome").event, "welcome");
+    let seen = sse.next_message().await;
+    let (cursor, seen_offset) = (seen.id.clone().expect("an event id"), seen.data["offset"].as_u64().unwrap());
+    drop(sse);
+
     // A crash: pushd-2 dies without a word. Its clients reconnect through the balancer, which
     // retries the dead address elsewhere, and replay what they missed.
     let killed: Vec<usize> = (0..FOLLOWERS).filter(|f| on_node[*f] == "pushd-2").collect();
@@ -83,6 +93,15 @@ async fn clients_behind_haproxy_survive_a_node_kill_and_a_drain_with_nothing_los
         history["publications"].as_array().unwrap().iter().map(|p| p["offset"].as_u64().unwrap()).collect();
     assert_eq!(stored, (1..=top).collect::<Vec<_>>(), "the history holds the whole run");
     done_tx.send(top).unwrap();
+
+    // The SSE client comes back through the balancer with its Last-Event-ID and gets the rest.
+    let mut sse = SseClient::open(lb.public, &sse_path, Some(&cursor)).await;
+    let welcome = sse.next_event().await.expect("welcome");
+    assert_eq!(welcome.data["channels"][0]["recovered"], true, "{:?}", welcome.data);
+    for offset in seen_offset + 1..=top {
+        assert_eq!(sse.next_message().await.data["offset"], offset, "the SSE replay through the balancer");
+    }
+
     for (i, follower) in followers.into_iter().enumerate() {
         let got = within("a follower to catch up", follower).await.unwrap();
         assert_eq!(got, (1..=top).collect::<Vec<_>>(), "follower {i} did not get exactly the history");
