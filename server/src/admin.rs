@@ -77,7 +77,9 @@ impl Route {
     fn method(self) -> Method {
         match self {
             Route::Publish | Route::Kick => Method::POST,
-            _ => Method::GET,
+            Route::Stats | Route::Nodes | Route::Connections | Route::Channels | Route::Channel | Route::History => {
+                Method::GET
+            }
         }
     }
 }
