@@ -179,6 +179,9 @@ pub fn parse_duration(text: &str) -> Result<u64, String> {
     if total == 0 {
         return Err(format!("{text:?}: a ban must last at least 1s: {HINT}"));
     }
+    if total > pushd_wire::MAX_BAN_S {
+        return Err(format!("{text:?}: a ban lasts at most {}d", pushd_wire::MAX_BAN_S / 86_400));
+    }
     Ok(total)
 }
 
@@ -194,6 +197,14 @@ mod tests {
         assert_eq!(parse_duration("1h30m"), Ok(5400));
         assert_eq!(parse_duration("2d"), Ok(172_800));
         assert_eq!(parse_duration(" 90s "), Ok(90));
+        assert_eq!(parse_duration("3650d"), Ok(pushd_wire::MAX_BAN_S));
+    }
+
+    #[test]
+    fn bans_longer_than_the_server_takes_are_refused() {
+        assert!(parse_duration("3651d").unwrap_err().contains("at most 3650d"));
+        assert!(parse_duration("99999999999999999999d").is_err());
+        assert!(parse_duration("213503982334601d").is_err(), "a product that overflows u64");
     }
 
     #[test]

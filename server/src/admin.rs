@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use pushd_wire::{
-    ChannelDetail, ChannelRow, ChannelsAnswer, ConnectionInfo, ConnectionsAnswer, KickAnswer, KickedOnNode,
+    ChannelDetail, ChannelRow, ChannelsAnswer, ConnectionInfo, ConnectionsAnswer, KickAnswer, KickedOnNode, MAX_BAN_S,
     NodesAnswer, StatsAnswer, Subscriber, Totals,
 };
 use serde::Deserialize;
@@ -309,9 +309,12 @@ async fn kick(node: &Node, req: Request<Incoming>) -> AdminResult {
     if body.ban_s.is_some() && body.user.is_none() {
         return Err(HttpError::bad_request("\"ban_s\" needs \"user\": bans are per user"));
     }
+    if body.ban_s.is_some_and(|s| s > MAX_BAN_S) {
+        return Err(HttpError::bad_request(format!("\"ban_s\" is at most {MAX_BAN_S} (ten years)")));
+    }
     let mut banned_until_ms = None;
     if let (Some(user), Some(secs)) = (&body.user, body.ban_s) {
-        let until = now_ms() + secs.max(1) * 1000;
+        let until = now_ms().saturating_add(secs.max(1) * 1000);
         node.engine.ban(user, until).await.map_err(unavailable)?;
         banned_until_ms = Some(until);
     }

@@ -165,7 +165,7 @@ pub(crate) async fn publish(node: &Node, req: Request<Incoming>, route: &str) ->
     let channel = channel(&body.channel)?;
     let msg = NewMessage {
         idempotency_key: idempotency_key(body.idempotency_key)?,
-        ..NewMessage::new(body.event, body.data)
+        ..NewMessage::new(body.event, body.data).map_err(|e| HttpError::bad_request(e.to_string()))?
     };
     let p = node.publish(&channel, msg, route).await.map_err(HttpError::from)?;
     Ok(http::json(StatusCode::OK, &Published { channel, epoch: p.epoch.clone(), offset: p.offset }))
@@ -200,7 +200,7 @@ async fn broadcast(node: &Node, req: Request<Incoming>) -> ApiResult {
     if let Some(twice) = channels.iter().enumerate().find_map(|(i, c)| channels[..i].contains(c).then_some(c)) {
         return Err(HttpError::bad_request(format!("channel {twice} is named twice")));
     }
-    let msg = NewMessage::new(body.event, body.data);
+    let msg = NewMessage::new(body.event, body.data).map_err(|e| HttpError::bad_request(e.to_string()))?;
     let mut results = Vec::with_capacity(channels.len());
     let mut all_stored = true;
     for channel in channels {

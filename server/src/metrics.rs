@@ -32,8 +32,8 @@ pub const PUBLISH_ERRORS: [&str; 2] = ["payload_too_large", "unavailable"];
 /// Why a connection was refused before its session started.
 pub const REFUSALS: [&str; 7] = ["origin", "auth", "banned", "full", "draining", "bad_request", "unavailable"];
 /// Close codes the server sends, and `peer` for a client that closed or vanished.
-pub const CLOSE_CODES: [&str; 12] =
-    ["1001", "1003", "1007", "1009", "1012", "4001", "4003", "4008", "4009", "4010", "4011", "peer"];
+pub const CLOSE_CODES: [&str; 13] =
+    ["1001", "1002", "1003", "1007", "1009", "1012", "4001", "4003", "4008", "4009", "4010", "4011", "peer"];
 /// HTTP statuses the server and admin APIs answer with; others appear when first used.
 const HTTP_CODES: [&str; 8] = ["200", "400", "401", "403", "404", "405", "413", "503"];
 /// `/api/*` routes by name (`unknown` for paths that match none).

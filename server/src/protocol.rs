@@ -187,6 +187,8 @@ impl CommandError {
 pub enum CloseCode {
     /// Going away: idle timeout. Reconnect and replay.
     GoingAway = 1001,
+    /// A frame that breaks the WebSocket protocol. Fix the client.
+    ProtocolError = 1002,
     /// Binary or otherwise unsupported data. Fix the client.
     Unsupported = 1003,
     /// A text frame that is not UTF-8. Fix the client.
@@ -221,6 +223,7 @@ impl CloseCode {
     pub fn label(self) -> &'static str {
         match self {
             Self::GoingAway => "1001",
+            Self::ProtocolError => "1002",
             Self::Unsupported => "1003",
             Self::InvalidData => "1007",
             Self::TooBig => "1009",

@@ -397,7 +397,8 @@ impl Session {
     ) -> Result<Reply, CommandError> {
         let channel = parse_channel(channel)?;
         self.identity.can_publish(&channel).map_err(|e| e.command_error())?;
-        let publication = self.node.publish(&channel, NewMessage::new(event, data), "ws").await?;
+        let msg = NewMessage::new(event, data).map_err(|e| CommandError::new(ErrorCode::BadRequest, e.to_string()))?;
+        let publication = self.node.publish(&channel, msg, "ws").await?;
         Ok(Reply {
             channel: Some(channel),
             epoch: Some(publication.epoch.clone()),

@@ -13,14 +13,15 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use hyper_tungstenite::HyperWebsocketStream;
+use hyper_tungstenite::tungstenite::error::{CapacityError, ProtocolError};
 use hyper_tungstenite::tungstenite::protocol::frame::CloseFrame;
 use hyper_tungstenite::tungstenite::protocol::{WebSocketConfig, frame::coding::CloseCode as WsCloseCode};
-use hyper_tungstenite::tungstenite::{Error as WsError, Message, error::CapacityError};
+use hyper_tungstenite::tungstenite::{Error as WsError, Message};
 use tracing::Instrument;
 
 use crate::auth::{AuthError, Identity};
 use crate::http::{self, Body, HttpError};
-use crate::node::Node;
+use crate::node::{ConnectionSlot, Node};
 use crate::protocol::{Close, CloseCode, Command, CommandError, ErrorCode, Op, Reply, Welcome, to_frame};
 use crate::session::{Frames, Out, Session, SessionInfo, Subscribed, Transport};
 
@@ -34,9 +35,10 @@ const BATCH: usize = 1024;
 /// How long a close handshake may take before the socket is just dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Answers `GET /ws`: checks origin and capacity, authenticates, and hands the upgraded socket
-/// to a tracked session task. Auth failures are reported after the upgrade, as close codes a
-/// browser can read (4001, 4011), not as HTTP statuses it cannot.
+/// Answers `GET /ws`: checks origin, authenticates, checks capacity, and hands the upgraded
+/// socket to a tracked session task. Auth failures are reported after the upgrade, as close
+/// codes a browser can read (4001, 4011), not as HTTP statuses it cannot; such a socket takes no
+/// connection slot, so unauthenticated clients cannot crowd out real ones.
 pub fn upgrade(node: Arc<Node>, remote: SocketAddr, mut req: Request<Incoming>) -> Response<Body> {
     if !hyper_tungstenite::is_upgrade_request(&req) {
         return http::error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, "expected a WebSocket upgrade request");
@@ -45,15 +47,16 @@ pub fn upgrade(node: Arc<Node>, remote: SocketAddr, mut req: Request<Incoming>) 
         node.metrics.refused.with_label_values(&["origin"]).inc();
         return refused.into_response();
     }
-    let slot = match node.reserve_connection() {
-        Ok(slot) => slot,
-        Err(refused) => {
+    let token = http::query(&req, "token").or_else(|| http::bearer(&req).map(str::to_owned));
+    let identity = node.auth.authenticate(token.as_deref(), http::query(&req, "user").as_deref());
+    let slot = match identity.as_ref().map(|_| node.reserve_connection()) {
+        Ok(Ok(slot)) => Some(slot),
+        Ok(Err(refused)) => {
             node.metrics.refused.with_label_values(&[refused.reason()]).inc();
             return HttpError::from(refused).into_response();
         }
+        Err(_) => None,
     };
-    let token = http::query(&req, "token").or_else(|| http::bearer(&req).map(str::to_owned));
-    let identity = node.auth.authenticate(token.as_deref(), http::query(&req, "user").as_deref());
     let config = WebSocketConfig::default()
         .read_buffer_size(READ_BUFFER)
         .write_buffer_size(WRITE_BUFFER)
@@ -67,9 +70,8 @@ pub fn upgrade(node: Arc<Node>, remote: SocketAddr, mut req: Request<Incoming>) 
     };
     let task_node = node.clone();
     let fut = async move {
-        let _slot = slot;
         match websocket.await {
-            Ok(ws) => run(task_node, ws, identity, remote).await,
+            Ok(ws) => run(task_node, ws, identity, slot, remote).await,
             Err(e) => tracing::debug!(%remote, error = %e, "websocket upgrade failed"),
         }
     };
@@ -77,7 +79,14 @@ pub fn upgrade(node: Arc<Node>, remote: SocketAddr, mut req: Request<Incoming>) 
     response.map(|b| b.boxed())
 }
 
-async fn run(node: Arc<Node>, mut ws: HyperWebsocketStream, identity: Result<Identity, AuthError>, remote: SocketAddr) {
+/// Serves one upgraded socket. `slot` is `Some` exactly when `identity` is `Ok`.
+async fn run(
+    node: Arc<Node>,
+    mut ws: HyperWebsocketStream,
+    identity: Result<Identity, AuthError>,
+    slot: Option<ConnectionSlot>,
+    remote: SocketAddr,
+) {
     let identity = match identity {
         Ok(identity) => node.check_ban(&identity.user).await.map(|()| identity),
         Err(e) => Err(e),
@@ -88,6 +97,7 @@ async fn run(node: Arc<Node>, mut ws: HyperWebsocketStream, identity: Result<Ide
             let reason = if matches!(e, AuthError::Banned { .. }) { "banned" } else { "auth" };
             node.metrics.refused.with_label_values(&[reason]).inc();
             tracing::debug!(%remote, error = %e, "websocket refused");
+            drop(slot);
             return send_close(&mut ws, Close::new(e.close_code(), e.to_string())).await;
         }
     };
@@ -100,9 +110,10 @@ async fn run(node: Arc<Node>, mut ws: HyperWebsocketStream, identity: Result<Ide
         let ended = conn.serve(&info).await;
         let WsConn { mut ws, session, .. } = conn;
         session.ended(ended.as_ref());
-        // Leave the hub before the close handshake: a closed session must not be listed,
-        // counted or kicked again while its client takes its time to answer.
+        // Leave the hub and free the slot before the close handshake: a closed session must not
+        // be listed, counted, kicked or hold a slot while its client takes its time to answer.
         drop(session);
+        drop(slot);
         if let Some(close) = ended {
             tracing::debug!(code = close.code as u16, reason = %close.reason, "closing");
             send_close(&mut ws, close).await;
@@ -215,6 +226,11 @@ impl WsConn {
                 Err(Some(Close::new(CloseCode::TooBig, reason)))
             }
             Some(Err(WsError::Utf8(_))) => Err(Some(Close::new(CloseCode::InvalidData, "text frames must be UTF-8"))),
+            // A peer that vanished without a close frame has left; nobody is there to tell.
+            Some(Err(WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake))) => Err(None),
+            Some(Err(WsError::Protocol(e))) => {
+                Err(Some(Close::new(CloseCode::ProtocolError, format!("WebSocket protocol error: {e}"))))
+            }
             Some(Err(e)) => {
                 tracing::debug!(error = %e, "websocket read failed");
                 Err(None)

@@ -254,6 +254,38 @@ impl WsClient {
         .await
     }
 
+    /// Sends `text` as it is (a command whose `id` is `1` or more) and returns the reply with
+    /// the id found in it: for commands a `Value` cannot hold, like data nested deeper than
+    /// serde_json parses.
+    pub async fn send_raw_command(&mut self, text: &str) -> Value {
+        let id: u64 = text
+            .split_once(r#""id":"#)
+            .and_then(|(_, rest)| rest.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|n| n.parse().ok())
+            .expect("the command has a numeric id");
+        self.send_text(text).await;
+        within(&format!("reply to command {id}"), async {
+            loop {
+                let frame = self.read().await.unwrap_or_else(|c| panic!("closed {c:?} before reply to {id}"));
+                if frame["type"] == "reply" && frame["id"] == id {
+                    return frame;
+                }
+                self.pending.push(frame);
+            }
+        })
+        .await
+    }
+
+    /// Writes `bytes` straight to the TCP stream, under the WebSocket framing: for frames no
+    /// well-behaved client sends.
+    pub async fn send_raw_bytes(&mut self, bytes: &[u8]) {
+        use tokio::io::AsyncWriteExt;
+        match self.stream.get_mut() {
+            MaybeTlsStream::Plain(tcp) => tcp.write_all(bytes).await.unwrap(),
+            _ => panic!("test clients use plain TCP"),
+        }
+    }
+
     /// Subscribes; `since` is (epoch, offset).
     pub async fn subscribe(&mut self, channel: &str, since: Option<(&str, u64)>) -> Value {
         let mut cmd = json!({ "op": "subscribe", "channel": channel });

@@ -562,3 +562,75 @@ async fn an_upgrade_beyond_max_connections_gets_http_503() {
     assert_eq!(fresh.next().await["type"], "welcome");
     assert_serves(&node, &mut fresh).await;
 }
+
+// --- Hostile data and operator input -------------------------------------------------------------
+
+/// `data` nested `depth` arrays deep, spread over lines: JSON a publisher may legally send.
+fn deeply_nested(depth: usize) -> String {
+    format!("{}1{}", "[\n".repeat(depth), "]".repeat(depth))
+}
+
+#[tokio::test]
+async fn data_nested_too_deep_gets_bad_request_on_every_publish_route() {
+    let node = TestNode::start(Config { admin_key: Some("admin".into()), ..secure_config() }).await;
+    let data = deeply_nested(200);
+    let mut bob = node.ws(&publisher("bob", &["room:*"])).await;
+    let reply = bob.send_raw_command(&format!(r#"{{"id":1,"op":"publish","channel":"room:1","data":{data}}}"#)).await;
+    assert_refused(&reply, "bad_request");
+    let publish = format!(r#"{{"channel":"room:1","data":{data}}}"#);
+    let broadcast = format!(r#"{{"channels":["room:1"],"data":{data}}}"#);
+    for (path, body, key) in [
+        ("/api/publish", &publish, API_KEY),
+        ("/api/broadcast", &broadcast, API_KEY),
+        ("/admin/publish", &publish, "admin"),
+    ] {
+        let answer = node.api_raw(Method::POST, path, Some(key), body.clone()).await;
+        assert_api_error(&answer, 400, "bad_request");
+    }
+    assert_eq!(stored(&node, "room:1").await, Vec::<u64>::new());
+    // Nested as deep as JSON parsers commonly allow is fine, and arrives on one line.
+    let reply = bob
+        .send_raw_command(&format!(r#"{{"id":2,"op":"publish","channel":"room:1","data":{}}}"#, deeply_nested(100)))
+        .await;
+    assert_eq!(reply["ok"], true, "{reply}");
+    assert_serves(&node, &mut bob).await;
+}
+
+#[tokio::test]
+async fn a_ban_too_long_to_represent_is_refused_and_bans_nobody() {
+    let node = TestNode::start(Config { admin_key: Some("admin".into()), ..secure_config() }).await;
+    for ban_s in [u64::MAX, u64::MAX / 1000 + 1, 10 * 365 * 24 * 3600 + 1] {
+        let body = json!({ "user": "mallory", "ban_s": ban_s });
+        let answer = node.api_raw(Method::POST, "/admin/kick", Some("admin"), body.to_string()).await;
+        assert_api_error(&answer, 400, "bad_request");
+    }
+    let mut mallory = node.ws(&token("mallory")).await;
+    assert_serves(&node, &mut mallory).await;
+}
+
+#[tokio::test]
+async fn a_websocket_protocol_violation_closes_with_1002() {
+    let node = TestNode::start(secure_config()).await;
+    let mut client = node.ws(&token("alice")).await;
+    // A frame with a reserved bit set and an unknown opcode: tungstenite can send it raw.
+    client.send_raw_bytes(&[0xF3, 0x80, 0, 0, 0, 0]).await;
+    assert_eq!(client.closed().await.code, 1002);
+    assert_still_serves(&node).await;
+}
+
+#[tokio::test]
+async fn refused_tokens_take_no_connection_slot() {
+    let node = TestNode::start(Config { max_connections: 2, ..secure_config() }).await;
+    // Forged tokens, refused with 4001, whose clients never answer the close: the node is
+    // still waiting for their close handshake while the real users connect.
+    let mut forged = Vec::new();
+    for _ in 0..4 {
+        let mut c = node.ws_raw("token=forged").await;
+        assert_eq!(c.next_or_closed().await.expect_err("no welcome for a forged token").code, 4001);
+        forged.push(c);
+    }
+    let mut alice = node.ws(&token("alice")).await;
+    let mut bob = node.ws(&token("bob")).await;
+    assert_serves(&node, &mut alice).await;
+    assert_serves(&node, &mut bob).await;
+}

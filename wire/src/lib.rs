@@ -12,6 +12,10 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+/// The longest ban `POST /admin/kick` accepts, in seconds (ten years): longer ones are refused
+/// with 400 rather than wrapping around into a ban that ended in the past.
+pub const MAX_BAN_S: u64 = 10 * 365 * 24 * 3600;
+
 /// `GET /admin/stats`: cluster totals, each answering node's stats, and Redis' own view.
 /// What `pushctl stats` shows.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -76,18 +76,57 @@ pub struct NewMessage {
     pub idempotency_key: Option<String>,
 }
 
+/// Deepest nesting of `data` accepted: what serde_json, and so many clients, will parse.
+pub const MAX_DATA_DEPTH: usize = 128;
+
+/// Why a publisher's `data` was refused.
+#[derive(Debug, thiserror::Error)]
+#[error("data is nested deeper than {MAX_DATA_DEPTH} levels")]
+pub struct DataTooDeep;
+
 impl NewMessage {
     /// Takes `data` as the publisher sent it, compacted if it spans lines: every frame is one
-    /// line of JSON, which SSE's `data:` framing relies on.
-    pub fn new(event: Option<String>, data: Box<RawValue>) -> Self {
-        let data = if data.get().contains(['\n', '\r']) {
-            let value: serde_json::Value = serde_json::from_str(data.get()).expect("RawValue is valid JSON");
-            serde_json::value::to_raw_value(&value).expect("a Value always serialises")
-        } else {
-            data
+    /// line of JSON, which SSE's `data:` framing relies on. Refuses data nested deeper than
+    /// `MAX_DATA_DEPTH`, which subscribers' parsers would choke on.
+    pub fn new(event: Option<String>, data: Box<RawValue>) -> Result<Self, DataTooDeep> {
+        let data = match compact(data.get())? {
+            Some(compacted) => RawValue::from_string(compacted).map_err(|_| DataTooDeep)?,
+            None => data,
         };
-        Self { event, data, idempotency_key: None }
+        Ok(Self { event, data, idempotency_key: None })
     }
+}
+
+/// Checks the nesting depth of valid JSON `text` and, if it has line breaks, returns it with the
+/// whitespace between tokens removed (inside strings a line break can only be escaped). One pass
+/// over the bytes, no recursion: depth costs nothing but a counter.
+fn compact(text: &str) -> Result<Option<String>, DataTooDeep> {
+    let multiline = text.contains(['\n', '\r']);
+    let mut out = Vec::with_capacity(if multiline { text.len() } else { 0 });
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in text.as_bytes() {
+        if in_string {
+            (in_string, escaped) = (escaped || b != b'"', !escaped && b == b'\\');
+        } else {
+            match b {
+                b'"' => in_string = true,
+                b'[' | b'{' => {
+                    depth += 1;
+                    if depth > MAX_DATA_DEPTH {
+                        return Err(DataTooDeep);
+                    }
+                }
+                b']' | b'}' => depth = depth.saturating_sub(1),
+                b' ' | b'\t' | b'\n' | b'\r' => continue,
+                _ => {}
+            }
+        }
+        if multiline {
+            out.push(b);
+        }
+    }
+    // Only ASCII whitespace was dropped, so the bytes are still UTF-8.
+    Ok(multiline.then(|| String::from_utf8(out).unwrap_or_default()))
 }
 
 /// A stored message, serialised once into the wire frame every subscriber receives.
@@ -293,8 +332,19 @@ mod tests {
 
     #[test]
     fn multi_line_data_is_compacted() {
-        let data = RawValue::from_string("{\n \"a\": \"x\\ny\"\r\n}".into()).unwrap();
-        assert_eq!(NewMessage::new(None, data).data.get(), r#"{"a":"x\ny"}"#);
+        let data = RawValue::from_string("{\n \"a\": \"x\\ny \\\" }\"\r\n, \"b\" : [1, 2]}".into()).unwrap();
+        assert_eq!(NewMessage::new(None, data).unwrap().data.get(), r#"{"a":"x\ny \" }","b":[1,2]}"#);
+        let one_line = RawValue::from_string(r#"{ "a" : 1 }"#.into()).unwrap();
+        assert_eq!(NewMessage::new(None, one_line).unwrap().data.get(), r#"{ "a" : 1 }"#, "kept as sent");
+    }
+
+    #[test]
+    fn data_nested_deeper_than_parsers_allow_is_refused() {
+        let nested = |depth: usize| RawValue::from_string(format!("{}1{}", "[".repeat(depth), "]".repeat(depth)));
+        assert!(NewMessage::new(None, nested(MAX_DATA_DEPTH).unwrap()).is_ok());
+        assert!(NewMessage::new(None, nested(MAX_DATA_DEPTH + 1).unwrap()).is_err());
+        let brackets_in_strings = RawValue::from_string(format!("[\"{}\"]", "[".repeat(500))).unwrap();
+        assert!(NewMessage::new(None, brackets_in_strings).is_ok());
     }
 
     #[test]
