@@ -114,10 +114,17 @@ fn check_key<B>(node: &Node, req: &Request<B>) -> Result<(), HttpError> {
     }
 }
 
-/// Reads and parses a JSON body, refusing bodies over the payload limit plus envelope room.
+/// Reads and parses a JSON body, refusing bodies over the payload limit plus envelope room, and
+/// bodies that do not arrive within `--request-timeout` (a client trickling bytes must not hold
+/// the connection and its buffer forever).
 pub(crate) async fn read_json<T: DeserializeOwned>(node: &Node, req: Request<Incoming>) -> Result<T, HttpError> {
     let limit = node.config.max_payload + 16 * 1024 + node.config.max_channels * 140;
-    let body: Bytes = match Limited::new(req.into_body(), limit).collect().await {
+    let read = tokio::time::timeout(node.config.request_timeout, Limited::new(req.into_body(), limit).collect());
+    let Ok(read) = read.await else {
+        let msg = "the request body did not arrive within --request-timeout";
+        return Err(HttpError::new(StatusCode::REQUEST_TIMEOUT, ErrorCode::BadRequest, msg));
+    };
+    let body: Bytes = match read {
         Ok(collected) => collected.to_bytes(),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
             let msg = format!("request body is larger than {limit} bytes (--max-payload)");

@@ -109,6 +109,17 @@ pub struct Args {
     #[arg(long, env = "PUSHD_MAX_CONNECTIONS", default_value_t = 100_000)]
     pub max_connections: usize,
 
+    /// Most open TCP connections on --listen, whatever they are doing (authenticated or not,
+    /// upgraded or not); more get a 503 and are closed at once. Default: the process's
+    /// open-file limit (`ulimit -n`) minus 100 kept for Redis and the operator listener.
+    #[arg(long, env = "PUSHD_MAX_TCP_CONNECTIONS")]
+    pub max_tcp_connections: Option<usize>,
+
+    /// Seconds a client has to send a whole request (headers, then body), and the longest an
+    /// idle keep-alive connection waits for its next request.
+    #[arg(long, env = "PUSHD_REQUEST_TIMEOUT", default_value_t = 10)]
+    pub request_timeout: u64,
+
     /// Sustained inbound commands per second per connection.
     #[arg(long, env = "PUSHD_RATE_LIMIT", default_value_t = 50)]
     pub rate_limit: u32,
@@ -235,6 +246,10 @@ pub struct Config {
     pub max_channels: usize,
     /// Connections per node. Default 100,000.
     pub max_connections: usize,
+    /// Open TCP connections on the public listener. Default: open-file limit minus 100.
+    pub max_tcp_connections: usize,
+    /// Time to send a request, and the keep-alive idle limit. Default 10 s.
+    pub request_timeout: Duration,
     /// Commands per second per connection. Default 50.
     pub rate_limit: u32,
     /// Command burst per connection. Default 100.
@@ -318,6 +333,8 @@ impl TryFrom<Args> for Config {
             ("--rate-limit", a.rate_limit as usize),
             ("--rate-burst", a.rate_burst as usize),
             ("--ping-interval", a.ping_interval as usize),
+            ("--request-timeout", a.request_timeout as usize),
+            ("--max-tcp-connections", a.max_tcp_connections.unwrap_or(1)),
             ("--history-ttl", a.history_ttl as usize),
             ("--redis-pool", a.redis_pool),
             ("--presence-ttl", a.presence_ttl as usize),
@@ -370,6 +387,8 @@ impl TryFrom<Args> for Config {
             max_payload: a.max_payload,
             max_channels: a.max_channels,
             max_connections: a.max_connections,
+            max_tcp_connections: a.max_tcp_connections.unwrap_or_else(default_tcp_limit),
+            request_timeout: Duration::from_secs(a.request_timeout),
             rate_limit: a.rate_limit,
             rate_burst: a.rate_burst,
             send_queue: a.send_queue,
@@ -381,6 +400,25 @@ impl TryFrom<Args> for Config {
             drain_grace: Duration::from_secs(a.drain_grace),
         })
     }
+}
+
+/// Descriptors kept for Redis connections, the operator listener and files when the TCP limit
+/// is derived from the open-file limit.
+const RESERVED_FDS: usize = 100;
+
+/// The open-file limit minus `RESERVED_FDS`: past it, accepting fails with EMFILE and the node
+/// could not even reach Redis. Falls back to 100,000 where the limit cannot be read.
+fn default_tcp_limit() -> usize {
+    std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|limits| open_file_limit(&limits))
+        .map_or(100_000, |n| n.saturating_sub(RESERVED_FDS).max(1))
+}
+
+/// The soft "Max open files" of a `/proc/<pid>/limits` text.
+fn open_file_limit(limits: &str) -> Option<usize> {
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line["Max open files".len()..].split_whitespace().next()?.parse().ok()
 }
 
 #[cfg(test)]
@@ -425,6 +463,17 @@ mod tests {
         assert!(err.contains("must differ"), "{err}");
         let c = parse(&["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]).unwrap();
         assert_eq!(c.admin_listen.map(|a| a.port()), Some(0));
+    }
+
+    #[test]
+    fn the_tcp_limit_defaults_to_the_open_file_limit_less_a_reserve() {
+        let limits = "Limit                     Soft Limit           Hard Limit           Units\n\
+                      Max open files            1024                 4096                 files\n";
+        assert_eq!(open_file_limit(limits), Some(1024));
+        assert_eq!(open_file_limit("Max open files unlimited unlimited files"), None);
+        let c = parse(&[]).unwrap();
+        assert!(c.max_tcp_connections > 0 && c.max_tcp_connections < 1 << 40);
+        assert_eq!(parse(&["--max-tcp-connections", "7"]).unwrap().max_tcp_connections, 7);
     }
 
     #[test]

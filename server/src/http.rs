@@ -1,5 +1,6 @@
-//! The HTTP front door: the accept loop, the route table, response helpers and the browser
-//! origin policy. Upgraded WebSockets and SSE streams leave hyper and are tracked by the node.
+//! The HTTP front door: the route table, response helpers and the browser origin policy. The
+//! accept loop and connection limits are `listener.rs`; upgraded WebSockets and SSE streams
+//! leave hyper and are tracked by the node.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -10,12 +11,8 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use serde::Serialize;
-use tokio::net::TcpListener;
 
 use crate::config::Origins;
 use crate::node::{Node, Refusal};
@@ -48,46 +45,8 @@ impl Plane {
     }
 }
 
-/// Accepts connections until `node.stopping` is cancelled.
-pub async fn accept_loop(listener: TcpListener, node: Arc<Node>, plane: Plane) {
-    loop {
-        let (stream, remote) = tokio::select! {
-            _ = node.stopping.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // EMFILE and friends: back off briefly instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = stream.set_nodelay(true);
-        let node = node.clone();
-        tokio::spawn(serve_connection(stream, remote, node, plane));
-    }
-}
-
-async fn serve_connection(stream: tokio::net::TcpStream, remote: SocketAddr, node: Arc<Node>, plane: Plane) {
-    let svc_node = node.clone();
-    let svc = service_fn(move |req| route(svc_node.clone(), remote, plane, req));
-    let conn = http1::Builder::new().keep_alive(true).serve_connection(TokioIo::new(stream), svc).with_upgrades();
-    tokio::pin!(conn);
-    let result = tokio::select! {
-        r = conn.as_mut() => r,
-        _ = node.stopping.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
-        }
-    };
-    if let Err(e) = result {
-        tracing::debug!(%remote, error = %e, "http connection ended with an error");
-    }
-}
-
 /// The route table.
-async fn route(
+pub(crate) async fn route(
     node: Arc<Node>,
     remote: SocketAddr,
     plane: Plane,

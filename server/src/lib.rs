@@ -20,6 +20,7 @@ pub mod control;
 pub mod engine;
 pub mod http;
 pub mod hub;
+pub mod listener;
 pub mod metrics;
 pub mod node;
 pub mod protocol;
@@ -58,16 +59,23 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Ou
     let engine = if config.redis_url.is_some() { "redis" } else { "memory" };
     let node = Node::start(config, addr).await?;
     let public_plane = if admin.is_some() { Plane::Public } else { Plane::All };
-    let mut accepts = vec![tokio::spawn(http::accept_loop(listener, node.clone(), public_plane))];
+    let mut accepts = vec![tokio::spawn(listener::accept_loop(listener, node.clone(), public_plane))];
     let admin_addr = match admin {
         Some(admin) => {
             let admin_addr = admin.local_addr()?;
-            accepts.push(tokio::spawn(http::accept_loop(admin, node.clone(), Plane::Admin)));
+            accepts.push(tokio::spawn(listener::accept_loop(admin, node.clone(), Plane::Admin)));
             Some(admin_addr)
         }
         None => None,
     };
     tracing::info!(%addr, admin_addr = admin_addr.map(tracing::field::display), node = %node.config.node_id, engine, "pushd listening");
+    if node.config.max_connections > node.config.max_tcp_connections {
+        tracing::warn!(
+            max_connections = node.config.max_connections,
+            max_tcp_connections = node.config.max_tcp_connections,
+            "--max-connections is above what the open-file limit allows: raise `ulimit -n` (or set --max-tcp-connections)"
+        );
+    }
     let heartbeat = tokio::spawn(node.clone().heartbeat());
     shutdown.await;
     shutdown::drain(&node).await;

@@ -30,7 +30,8 @@ pub const PUBLISH_ROUTES: [&str; 3] = ["api", "ws", "admin"];
 /// Why a publish failed: too large for `--max-payload`, or the engine did not store it.
 pub const PUBLISH_ERRORS: [&str; 2] = ["payload_too_large", "unavailable"];
 /// Why a connection was refused before its session started.
-pub const REFUSALS: [&str; 7] = ["origin", "auth", "banned", "full", "draining", "bad_request", "unavailable"];
+pub const REFUSALS: [&str; 8] =
+    ["origin", "auth", "banned", "full", "draining", "bad_request", "unavailable", "tcp_full"];
 /// Close codes the server sends, and `peer` for a client that closed or vanished.
 pub const CLOSE_CODES: [&str; 13] =
     ["1001", "1002", "1003", "1007", "1009", "1012", "4001", "4003", "4008", "4009", "4010", "4011", "peer"];

@@ -588,14 +588,15 @@ impl PushdProcess {
     /// Starts `pushd` with `args` on an ephemeral loopback port and waits for the log line that
     /// says where it listens (an event, not a sleep).
     pub async fn start(args: &[&str]) -> Self {
-        let mut child = tokio::process::Command::new(pushd_bin())
-            .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
-            .args(args)
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
+        let mut command = tokio::process::Command::new(pushd_bin());
+        command.args(["--listen", "127.0.0.1:0", "--log-format", "json"]).args(args);
+        Self::start_with(&mut command).await
+    }
+
+    /// Runs `command`, which must start pushd with `--log-format json` (directly, or through a
+    /// shell that `exec`s it), and waits for its listening line.
+    pub async fn start_with(command: &mut tokio::process::Command) -> Self {
+        let mut child = command.stderr(Stdio::piped()).stdout(Stdio::null()).kill_on_drop(true).spawn().unwrap();
         let stderr = child.stderr.take().unwrap();
         let mut lines = BufReader::new(stderr).lines();
         let (addr, admin) = within("pushd to listen", async {

@@ -13,5 +13,6 @@ mod operator_plane;
 mod pushctl;
 mod redis_faults;
 mod replay;
+mod resource_limits;
 mod slow_consumer;
 mod sse;

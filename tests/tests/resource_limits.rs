@@ -1,0 +1,127 @@
+//! What a client can hold before it has authenticated, and for how long: TCP connections per
+//! listener, time to send a request, buffer per connection. Each test holds a resource the way
+//! an attacker would and shows the node lets go of it and keeps serving everyone else.
+
+use std::time::Duration;
+
+use pushd::Config;
+use pushd_tests::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Everything the server sends until it closes the connection (the guard fails the test if it
+/// never does).
+async fn read_until_closed(stream: &mut TcpStream) -> String {
+    let mut out = Vec::new();
+    within("the server to close the connection", stream.read_to_end(&mut out)).await.ok();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Sends one keep-alive `GET /healthz` and reads its whole answer.
+async fn healthz(stream: &mut TcpStream) -> String {
+    stream.write_all(b"GET /healthz HTTP/1.1\r\nHost: pushd\r\n\r\n").await.unwrap();
+    let mut buf = vec![0; 1024];
+    let n = within("an answer", stream.read(&mut buf)).await.unwrap();
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+fn quick() -> Config {
+    Config { request_timeout: Duration::from_secs(1), ..secure_config() }
+}
+
+#[tokio::test]
+async fn a_client_that_never_finishes_its_headers_is_disconnected() {
+    let node = TestNode::start(quick()).await;
+    let mut slow = TcpStream::connect(node.addr).await.unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: pushd\r\nX-Slow: ").await.unwrap();
+    read_until_closed(&mut slow).await;
+    assert_eq!(node.api_get("/healthz").await.0, 200);
+}
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_is_closed() {
+    let node = TestNode::start(quick()).await;
+    let mut idle = TcpStream::connect(node.addr).await.unwrap();
+    assert!(healthz(&mut idle).await.starts_with("HTTP/1.1 200"));
+    assert_eq!(read_until_closed(&mut idle).await, "", "closed without another word");
+}
+
+#[tokio::test]
+async fn a_body_that_never_arrives_gets_408() {
+    let node = TestNode::start(quick()).await;
+    let mut slow = TcpStream::connect(node.addr).await.unwrap();
+    let head = format!(
+        "POST /api/publish HTTP/1.1\r\nHost: pushd\r\nAuthorization: Bearer {API_KEY}\r\ncontent-length: 100\r\n\r\n{{\"chan"
+    );
+    slow.write_all(head.as_bytes()).await.unwrap();
+    let answer = read_until_closed(&mut slow).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("--request-timeout"), "{answer}");
+}
+
+#[tokio::test]
+async fn a_request_head_bigger_than_16_kib_is_refused_with_431() {
+    let node = TestNode::start(secure_config()).await;
+    let mut big = TcpStream::connect(node.addr).await.unwrap();
+    let head = format!("GET /healthz HTTP/1.1\r\nHost: pushd\r\nX-Big: {}\r\n\r\n", "x".repeat(20 * 1024));
+    big.write_all(head.as_bytes()).await.ok();
+    let answer = read_until_closed(&mut big).await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+    assert_eq!(node.api_get("/healthz").await.0, 200);
+}
+
+#[tokio::test]
+async fn connections_beyond_the_tcp_limit_get_503_and_are_closed() {
+    let node = TestNode::start(Config { max_tcp_connections: 3, ..secure_config() }).await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut c = TcpStream::connect(node.addr).await.unwrap();
+        assert!(healthz(&mut c).await.starts_with("HTTP/1.1 200"), "connections within the limit are served");
+        held.push(c);
+    }
+    let mut over = TcpStream::connect(node.addr).await.unwrap();
+    let answer = read_until_closed(&mut over).await;
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("--max-tcp-connections"), "the refusal says which limit: {answer}");
+    // Closing one frees its place; the node notices a moment later, which no client can see.
+    drop(held.pop());
+    within("a free place", async {
+        loop {
+            let mut c = TcpStream::connect(node.addr).await.unwrap();
+            if healthz(&mut c).await.starts_with("HTTP/1.1 200") {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_node_out_of_file_descriptors_recovers_when_they_are_freed() {
+    // 128 descriptors and a TCP limit above them: accept() itself fails (EMFILE) until
+    // connections close. The node must neither die nor spin, and serve again afterwards.
+    let script = format!(
+        "ulimit -n 128 && exec {} --listen 127.0.0.1:0 --log-format json --max-tcp-connections 1000",
+        pushd_bin().display()
+    );
+    let pushd = PushdProcess::start_with(tokio::process::Command::new("sh").args(["-c", &script])).await;
+    let mut hogs = Vec::new();
+    for _ in 0..200 {
+        if let Ok(Ok(c)) = tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(pushd.addr)).await {
+            hogs.push(c);
+        }
+    }
+    assert!(hogs.len() > 100, "the kernel backlog takes connections the node cannot accept");
+    drop(hogs);
+    within("the node to serve again", async {
+        loop {
+            let answer = reqwest::get(format!("http://{}/healthz", pushd.addr)).await;
+            if answer.is_ok_and(|r| r.status() == 200) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+}
