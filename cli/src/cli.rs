@@ -104,6 +104,11 @@ pub enum Command {
         /// A label for the kind of message, e.g. chat.
         #[arg(long)]
         event: Option<String>,
+        /// The publish's idempotency key (1-128 of A-Z a-z 0-9 _ . : -). Default: a fresh one.
+        /// pushctl retries a publish the node could not store, or cannot say it stored, with
+        /// this key, so the message is stored once.
+        #[arg(long, value_name = "KEY")]
+        idempotency_key: Option<String>,
     },
 
     /// Close connections (code 4009) wherever they are, and optionally ban their user.

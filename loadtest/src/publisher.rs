@@ -1,7 +1,9 @@
 //! The HTTP side of a run: `--publishers` tasks sharing one sequence counter and one client,
 //! each POSTing `{"seq":n,"ts":<unix micros>,"pad":"xx.."}` to `/api/publish`, paced to `--rate`.
-//! Publish `n` goes to the node and channel of `Load::slot(n)`. A failed publish is counted,
-//! never retried: the node said it did not store it.
+//! Publish `n` goes to the node and channel of `Load::slot(n)`, with the idempotency key
+//! `pushload-<run>-<n>`. A publish the node could not store (503), cannot say it stored (504), or
+//! did not answer is retried with that key a few times, as a careful backend would: the key makes
+//! every retry store the message at most once. A publish still failing after that is counted.
 //!
 //! Each task keeps its own latency histogram and offsets, merged once at the end.
 
@@ -9,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, bail};
+use anyhow::{Context, anyhow};
 use hdrhistogram::Histogram;
 use serde::Deserialize;
 
@@ -28,7 +30,13 @@ pub struct Publisher {
     /// Each channel's name as a JSON string.
     channel_json: Vec<String>,
     pad: String,
+    /// Makes this run's idempotency keys differ from an earlier run's still in Redis.
+    run: u64,
 }
+
+/// Retries of a publish after its first attempt, with pauses doubling from `FIRST_PAUSE`.
+const RETRIES: u32 = 4;
+const FIRST_PAUSE: Duration = Duration::from_millis(50);
 
 /// What the publishers achieved, per task or merged.
 #[derive(Debug)]
@@ -138,6 +146,7 @@ impl Publisher {
             started_us: unix_micros(),
             channel_json,
             pad: "x".repeat(load.payload_bytes),
+            run: unix_micros(),
         })
     }
 
@@ -178,20 +187,42 @@ impl Publisher {
         out
     }
 
+    /// Publishes `seq`, retrying with its idempotency key while the outcome may be a loss.
     async fn publish(&self, seq: u64, node: usize, channel: usize) -> anyhow::Result<u64> {
         let body = self.body(seq, channel, unix_micros());
+        let mut pause = FIRST_PAUSE;
+        for _ in 0..RETRIES {
+            match self.publish_once(&body, node).await {
+                Err(Attempt::Retry(_)) => {
+                    tokio::time::sleep(pause).await;
+                    pause *= 2;
+                }
+                done => return done.map_err(Attempt::into_error),
+            }
+        }
+        self.publish_once(&body, node).await.map_err(Attempt::into_error)
+    }
+
+    async fn publish_once(&self, body: &str, node: usize) -> Result<u64, Attempt> {
         let url = &self.load.nodes[node].publish_url;
         let mut req = self.client.post(url.clone()).header("content-type", "application/json");
         if let Some(key) = &self.load.api_key {
             req = req.bearer_auth(key);
         }
-        let resp = req.body(body).send().await.with_context(|| format!("POST {url}"))?;
+        let resp =
+            req.body(body.to_owned()).send().await.with_context(|| format!("POST {url}")).map_err(Attempt::Retry)?;
         let status = resp.status();
-        let bytes = resp.bytes().await.context("reading the publish response")?;
+        let bytes = resp.bytes().await.context("reading the publish response").map_err(Attempt::Retry)?;
         if !status.is_success() {
-            bail!("POST {url} answered {status}: {}", String::from_utf8_lossy(&bytes).trim());
+            let error = anyhow!("POST {url} answered {status}: {}", String::from_utf8_lossy(&bytes).trim());
+            return Err(if matches!(status.as_u16(), 503 | 504) {
+                Attempt::Retry(error)
+            } else {
+                Attempt::Fail(error)
+            });
         }
-        let reply: PublishReply = serde_json::from_slice(&bytes).context("malformed publish response")?;
+        let reply: PublishReply =
+            serde_json::from_slice(&bytes).context("malformed publish response").map_err(Attempt::Fail)?;
         Ok(reply.offset)
     }
 
@@ -199,7 +230,24 @@ impl Publisher {
     fn body(&self, seq: u64, channel: usize, ts: u64) -> String {
         let bare = format!(r#"{{"seq":{seq},"ts":{ts},"pad":""}}"#).len();
         let pad = &self.pad[..self.load.payload_bytes.saturating_sub(bare)];
-        format!(r#"{{"channel":{},"data":{{"seq":{seq},"ts":{ts},"pad":"{pad}"}}}}"#, self.channel_json[channel])
+        format!(
+            r#"{{"channel":{},"idempotency_key":"pushload-{}-{seq}","data":{{"seq":{seq},"ts":{ts},"pad":"{pad}"}}}}"#,
+            self.channel_json[channel], self.run
+        )
+    }
+}
+
+/// How one attempt failed: worth another try with the same key, or not.
+enum Attempt {
+    Retry(anyhow::Error),
+    Fail(anyhow::Error),
+}
+
+impl Attempt {
+    fn into_error(self) -> anyhow::Error {
+        match self {
+            Attempt::Retry(e) | Attempt::Fail(e) => e,
+        }
     }
 }
 
@@ -240,10 +288,11 @@ mod tests {
     }
 
     #[test]
-    fn bodies_name_their_channel() {
+    fn bodies_name_their_channel_and_key() {
         let p = publisher(&["--channels", "3"]);
         let v: serde_json::Value = serde_json::from_str(&p.body(1, 2, 1)).unwrap();
         assert_eq!(v["channel"], "bench-2");
+        assert_eq!(v["idempotency_key"], format!("pushload-{}-1", p.run));
     }
 
     #[test]

@@ -15,7 +15,7 @@ use serde_json::value::RawValue;
 
 use crate::auth::keys_match;
 use crate::channel::ChannelName;
-use crate::engine::{Epoch, HistoryQuery, NewMessage, Offset};
+use crate::engine::{Epoch, HistoryQuery, NewMessage, Offset, check_idempotency_key};
 use crate::http::{self, Body, HttpError};
 use crate::node::Node;
 use crate::protocol::{Close, CloseCode, CommandError, ErrorCode};
@@ -148,14 +148,11 @@ struct PublishBody {
     idempotency_key: Option<String>,
 }
 
-/// Checks an idempotency key: 1–128 characters of letters, digits and `_ . : -`.
+/// Checks an optional idempotency key.
 fn idempotency_key(key: Option<String>) -> Result<Option<String>, HttpError> {
-    let Some(key) = key else { return Ok(None) };
-    let ok = (1..=128).contains(&key.len()) && key.chars().all(|c| c.is_ascii_alphanumeric() || "_.:-".contains(c));
-    if ok {
-        Ok(Some(key))
-    } else {
-        Err(HttpError::bad_request("idempotency_key must be 1-128 letters, digits, '_', '.', ':' or '-'"))
+    match key {
+        Some(key) => check_idempotency_key(&key).map(|()| Some(key)).map_err(HttpError::bad_request),
+        None => Ok(None),
     }
 }
 
@@ -196,8 +193,9 @@ struct BroadcastResult {
     error: Option<CommandError>,
 }
 
-/// Publishes one message to many channels. Names are checked before anything is stored; if any
-/// channel could not store it the answer is 503, with per-channel results saying which did.
+/// Publishes one message to many channels. Names are checked before anything is stored. If a
+/// channel could not store it the answer is 503, or 504 if one may have stored it without
+/// saying so; per-channel results say which did what.
 async fn broadcast(node: &Node, req: Request<Incoming>) -> ApiResult {
     let body: BroadcastBody = read_json(node, req).await?;
     if body.channels.is_empty() {
@@ -209,19 +207,22 @@ async fn broadcast(node: &Node, req: Request<Incoming>) -> ApiResult {
     }
     let msg = NewMessage::new(body.event, body.data).map_err(|e| HttpError::bad_request(e.to_string()))?;
     let mut results = Vec::with_capacity(channels.len());
-    let mut all_stored = true;
+    let mut status = StatusCode::OK;
     for channel in channels {
         let result = match node.publish(&channel, msg.clone(), "api").await {
             Ok(p) => BroadcastResult { channel, epoch: Some(p.epoch.clone()), offset: Some(p.offset), error: None },
             Err(e) if e.code == ErrorCode::PayloadTooLarge => return Err(e.into()),
             Err(e) => {
-                all_stored = false;
+                let failed = HttpError::from(e.clone()).status;
+                // 504 (may be stored) outranks 503 (not stored): the caller must treat it so.
+                if status != StatusCode::GATEWAY_TIMEOUT {
+                    status = failed;
+                }
                 BroadcastResult { channel, epoch: None, offset: None, error: Some(e) }
             }
         };
         results.push(result);
     }
-    let status = if all_stored { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     Ok(http::json(status, &serde_json::json!({ "results": results })))
 }
 

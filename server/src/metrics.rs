@@ -27,8 +27,9 @@ pub const TRANSPORTS: [&str; 2] = ["ws", "sse"];
 pub const OPS: [&str; 6] = ["subscribe", "unsubscribe", "publish", "presence", "ping", "invalid"];
 /// Publish routes: the server API, a client's socket, the admin API.
 pub const PUBLISH_ROUTES: [&str; 3] = ["api", "ws", "admin"];
-/// Why a publish failed: too large for `--max-payload`, or the engine did not store it.
-pub const PUBLISH_ERRORS: [&str; 2] = ["payload_too_large", "unavailable"];
+/// Why a publish failed: too large for `--max-payload`, the engine did not store it, or the
+/// engine did not answer in time (it may have stored it).
+pub const PUBLISH_ERRORS: [&str; 3] = ["payload_too_large", "unavailable", "outcome_unknown"];
 /// Why a connection was refused before its session started.
 pub const REFUSALS: [&str; 8] =
     ["origin", "auth", "banned", "full", "draining", "bad_request", "unavailable", "tcp_full"];
@@ -300,7 +301,7 @@ impl Metrics {
 }
 
 /// Error codes as the `result` label of `pushd_commands_total` (the protocol's `ErrorCode`s).
-pub const ERROR_CODES: [&str; 14] = [
+pub const ERROR_CODES: [&str; 15] = [
     "bad_request",
     "unknown_op",
     "bad_channel",
@@ -314,6 +315,7 @@ pub const ERROR_CODES: [&str; 14] = [
     "presence_disabled",
     "rate_limited",
     "unavailable",
+    "outcome_unknown",
     "not_found",
 ];
 

@@ -16,8 +16,8 @@ use crate::channel::ChannelName;
 use crate::config::Config;
 use crate::engine::memory::MemorySettings;
 use crate::engine::{
-    ClientInfo, ControlHandler, Deliver, Engine, MemoryEngine, NewMessage, NodeInfo, Publication, RedisEngine,
-    RedisSettings,
+    ClientInfo, ControlHandler, Deliver, Engine, EngineError, MemoryEngine, NewMessage, NodeInfo, Publication,
+    RedisEngine, RedisSettings,
 };
 use crate::hub::Hub;
 use crate::metrics::{Identity, Metrics, TRANSPORTS};
@@ -283,9 +283,17 @@ impl Node {
                 self.metrics.published.with_label_values(&[route]).inc();
                 Ok(p)
             }
-            Err(e) => {
+            Err(e @ EngineError::Unavailable(_)) => {
                 self.metrics.publish_errors.with_label_values(&["unavailable"]).inc();
                 Err(CommandError::new(ErrorCode::Unavailable, format!("message not stored: {e}; retry")))
+            }
+            Err(e @ EngineError::NoAnswer(_)) => {
+                self.metrics.publish_errors.with_label_values(&["outcome_unknown"]).inc();
+                let text = format!(
+                    "{e}: the message may have been stored; retry with the same idempotency_key \
+                     (a retry without one may store it twice)"
+                );
+                Err(CommandError::new(ErrorCode::OutcomeUnknown, text))
             }
         }
     }

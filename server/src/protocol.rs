@@ -23,7 +23,7 @@ pub struct Command {
 pub enum Op {
     Subscribe { channel: String, since: Option<Position> },
     Unsubscribe { channel: String },
-    Publish { channel: String, event: Option<String>, data: Box<RawValue> },
+    Publish { channel: String, event: Option<String>, data: Box<RawValue>, idempotency_key: Option<String> },
     Ping,
     Presence { channel: String },
 }
@@ -50,6 +50,7 @@ struct Envelope {
     since: Option<Position>,
     event: Option<String>,
     data: Option<Box<RawValue>>,
+    idempotency_key: Option<String>,
 }
 
 /// Only the id, to echo it when the rest of a command is malformed.
@@ -86,6 +87,7 @@ impl Command {
                 channel: channel()?,
                 event: env.event,
                 data: env.data.ok_or_else(|| bad(CommandError::missing("data")))?,
+                idempotency_key: env.idempotency_key,
             },
             Some("ping") => Op::Ping,
             Some("presence") => Op::Presence { channel: channel()? },
@@ -120,12 +122,14 @@ pub enum ErrorCode {
     PresenceDisabled,
     RateLimited,
     Unavailable,
+    /// The store did not answer in time: a publish may or may not be stored.
+    OutcomeUnknown,
     NotFound,
 }
 
 impl ErrorCode {
     /// Every code, for metrics that start each series at 0.
-    pub const ALL: [ErrorCode; 14] = [
+    pub const ALL: [ErrorCode; 15] = [
         Self::BadRequest,
         Self::UnknownOp,
         Self::BadChannel,
@@ -139,6 +143,7 @@ impl ErrorCode {
         Self::PresenceDisabled,
         Self::RateLimited,
         Self::Unavailable,
+        Self::OutcomeUnknown,
         Self::NotFound,
     ];
 
@@ -158,6 +163,7 @@ impl ErrorCode {
             Self::PresenceDisabled => "presence_disabled",
             Self::RateLimited => "rate_limited",
             Self::Unavailable => "unavailable",
+            Self::OutcomeUnknown => "outcome_unknown",
             Self::NotFound => "not_found",
         }
     }

@@ -20,7 +20,9 @@ use tokio::sync::{Notify, mpsc};
 
 use crate::auth::Identity;
 use crate::channel::ChannelName;
-use crate::engine::{ClientInfo, Epoch, HistoryQuery, NewMessage, Offset, Position, Publication};
+use crate::engine::{
+    ClientInfo, Epoch, HistoryQuery, NewMessage, Offset, Position, Publication, check_idempotency_key,
+};
 use crate::node::Node;
 use crate::protocol::{Close, CloseCode, CommandError, ErrorCode, Reply, Reset, to_frame};
 
@@ -388,16 +390,22 @@ impl Session {
         Ok(Reply { channel: Some(channel), ..Reply::ok(None) })
     }
 
-    /// Publishes from the socket, if the token's `pubs` allow it.
+    /// Publishes from the socket, if the token's `pubs` allow it. With an idempotency key, a
+    /// retry after `outcome_unknown` returns the first result instead of storing twice.
     pub async fn publish(
         &self,
         channel: &str,
         event: Option<String>,
         data: Box<RawValue>,
+        idempotency_key: Option<String>,
     ) -> Result<Reply, CommandError> {
         let channel = parse_channel(channel)?;
         self.identity.can_publish(&channel).map_err(|e| e.command_error())?;
-        let msg = NewMessage::new(event, data).map_err(|e| CommandError::new(ErrorCode::BadRequest, e.to_string()))?;
+        let bad = |text: String| CommandError::new(ErrorCode::BadRequest, text);
+        if let Some(key) = &idempotency_key {
+            check_idempotency_key(key).map_err(|e| bad(e.into()))?;
+        }
+        let msg = NewMessage { idempotency_key, ..NewMessage::new(event, data).map_err(|e| bad(e.to_string()))? };
         let publication = self.node.publish(&channel, msg, "ws").await?;
         Ok(Reply {
             channel: Some(channel),

@@ -261,7 +261,9 @@ impl WsConn {
                 Err(e) => Err(e),
             },
             Op::Unsubscribe { channel } => self.session.unsubscribe(&channel).await,
-            Op::Publish { channel, event, data } => self.session.publish(&channel, event, data).await,
+            Op::Publish { channel, event, data, idempotency_key } => {
+                self.session.publish(&channel, event, data, idempotency_key).await
+            }
             Op::Presence { channel } => self.session.presence(&channel).await,
             Op::Ping => Ok(Reply::ok(None)),
         };

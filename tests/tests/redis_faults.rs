@@ -1,7 +1,8 @@
 //! Redis faults on real `redis-server` processes: killed connections, an outage, a Redis that
 //! comes back empty. Whatever Redis stored reaches every subscriber once and in order; whatever
-//! it did not is refused loudly (503, `unavailable`); history that is gone is announced
-//! (`reset`, `recovered: false`), never skipped silently.
+//! it did not is refused loudly (503, `unavailable`), and what it may have stored without
+//! answering says so (504, `outcome_unknown`); history that is gone is announced (`reset`,
+//! `recovered: false`), never skipped silently.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -64,11 +65,22 @@ fn ping() -> Value {
     json!({ "op": "ping" })
 }
 
-/// Asserts a refused publish said so plainly: 503 with `{"error":{"code":"unavailable",..}}`.
+/// Asserts a refused publish said so plainly: 503 with `{"error":{"code":"unavailable",..}}`:
+/// nothing reached Redis, nothing was stored.
 fn assert_unavailable(status: u16, body: &Value) {
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["error"]["code"], "unavailable", "{body}");
     assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+}
+
+/// Asserts a failed publish told the truth about itself: 503 `unavailable` (not stored), or 504
+/// `outcome_unknown` when the connection broke under a publish Redis may have run.
+fn assert_failed_honestly(status: u16, body: &Value) {
+    match status {
+        503 => assert_unavailable(status, body),
+        504 => assert_eq!(body["error"]["code"], "outcome_unknown", "{body}"),
+        _ => panic!("a failed publish answered {status}: {body}"),
+    }
 }
 
 /// What the publisher saw.
@@ -141,7 +153,7 @@ async fn publish_end_markers(node: &TestNode) -> Vec<u64> {
                 if status == 200 {
                     return offset(&reply);
                 }
-                assert_unavailable(status, &reply);
+                assert_failed_honestly(status, &reply);
             }
         })
         .await;
@@ -234,7 +246,7 @@ async fn publish_while_killing(kind: &'static str, retry: bool) -> (Published, V
     let top = publish_end_markers(&nodes[0]).await;
     readers.assert_saw_every_stored_offset(&published, &top).await;
     for (status, body) in &published.refused {
-        assert_unavailable(*status, body);
+        assert_failed_honestly(*status, body);
     }
     for node in nodes {
         node.stop().await;
@@ -299,7 +311,20 @@ async fn redis_outage_gets_503_and_loses_nothing_acknowledged() {
     let down_at = Instant::now();
     let readiness = await_readiness(&node, 503).await;
     assert_eq!(readiness, json!({ "ready": false, "reason": "engine unavailable" }));
-    for n in 100..103 {
+    // A publish racing the node's notice of the crash can only say it got no answer (504); once
+    // the node knows every connection is down it refuses plainly (503), at once.
+    guard("a plain refusal", async {
+        loop {
+            let (status, body) =
+                node.api_post("/api/publish", json!({ "channel": "room:1", "data": { "n": 100 } })).await;
+            if status == 503 {
+                return assert_unavailable(status, &body);
+            }
+            assert_failed_honestly(status, &body);
+        }
+    })
+    .await;
+    for n in 101..103 {
         let (status, body) = node.api_post("/api/publish", json!({ "channel": "room:1", "data": { "n": n } })).await;
         assert_unavailable(status, &body);
     }
@@ -351,7 +376,11 @@ async fn redis_restarted_empty_tells_clients_they_cannot_recover() {
     assert_eq!(offsets(&bob.messages(3).await), [1, 2, 3]);
     drop(bob); // remembers (old_epoch, 3)
 
-    redis.restart().await; // no persistence: every key is gone
+    // No persistence: every key is gone. The node must notice the loss before its readiness
+    // means anything again (until then a connection to the dead server may still look up).
+    redis.kill().await;
+    await_readiness(&node, 503).await;
+    redis.restart().await;
     assert_eq!(await_readiness(&node, 200).await, json!({ "ready": true }));
     let mut new_epoch = String::new();
     for n in 1..=3 {
@@ -482,7 +511,7 @@ async fn a_redis_crash_under_load_loses_nothing_acknowledged() {
     let epochs = readers.epochs.clone();
     readers.assert_saw_every_stored_offset(&published, &top).await;
     for (status, body) in &published.refused {
-        assert_unavailable(*status, body);
+        assert_failed_honestly(*status, body);
     }
     // AOF kept the channels: same epochs, so positions from before the crash still recover.
     for channel in CHANNELS {
@@ -559,4 +588,43 @@ async fn with_redis_down_the_admin_api_answers_for_its_own_node_and_says_the_res
     let missing = stats["missing"].as_array().unwrap();
     assert_eq!(missing.len(), 1, "{stats}");
     assert!(missing[0].as_str().unwrap().contains("other nodes unknown"), "{stats}");
+}
+
+#[tokio::test]
+async fn a_publish_redis_did_not_answer_in_time_is_an_unknown_outcome_and_a_keyed_retry_stores_once() {
+    let redis = RedisServer::start().await;
+    let node = TestNode::start(redis_config(&redis, "n0")).await;
+    let mut alice = node.ws(&token("alice")).await;
+    assert_eq!(alice.subscribe("stall", None).await["ok"], true);
+    let publisher = token_with(json!({ "sub": "bob", "exp": now_s() + 3600, "pubs": ["stall"] }));
+    let mut bob = node.ws(&publisher).await;
+
+    // Redis holds every write for longer than the node waits: the node cannot know whether the
+    // publish will be stored, and must not say it was not.
+    redis.cli(&["CLIENT", "PAUSE", "5000", "WRITE"]).await;
+    let body = json!({ "channel": "stall", "data": { "n": 1 }, "idempotency_key": "stall-1" });
+    let by_socket = json!({ "op": "publish", "channel": "stall", "data": { "n": 2 }, "idempotency_key": "stall-2" });
+    let ((status, reply), socket_reply) =
+        tokio::join!(node.api_post("/api/publish", body.clone()), bob.command(by_socket.clone()));
+    assert_eq!((status, &reply["error"]["code"]), (504, &json!("outcome_unknown")), "{reply}");
+    let message = reply["error"]["message"].as_str().unwrap();
+    assert!(message.contains("may have been stored") && message.contains("idempotency_key"), "{message}");
+    assert_eq!(socket_reply["error"]["code"], "outcome_unknown", "{socket_reply}");
+
+    // When Redis resumes it runs both (in either order): they were stored after all.
+    let got = guard("the paused publishes", alice.messages(2)).await;
+    let mut stored_ns = ns(&got);
+    stored_ns.sort_unstable();
+    assert_eq!((offsets(&got), stored_ns), (vec![1, 2], vec![1, 2]));
+    // Retries with the same keys return the first results instead of storing twice.
+    let (status, reply) = node.api_post("/api/publish", body).await;
+    let first: Vec<u64> = got.iter().filter(|m| m["data"]["n"] == 1).map(|m| m["offset"].as_u64().unwrap()).collect();
+    assert_eq!((status, vec![reply["offset"].as_u64().unwrap()]), (200, first), "{reply}");
+    let retried = bob.command(by_socket).await["offset"].as_u64();
+    let stored: Vec<u64> = got.iter().filter(|m| m["data"]["n"] == 2).map(|m| m["offset"].as_u64().unwrap()).collect();
+    assert_eq!(retried.into_iter().collect::<Vec<_>>(), stored, "the socket's retry returns the first result");
+    let (_, history) = node.api_get("/api/history?channel=stall").await;
+    assert_eq!(history["top"], 2, "{history}");
+    assert_eq!(alice.command(ping()).await["ok"], true);
+    assert!(alice.pending_is_empty(), "a retry was delivered again");
 }

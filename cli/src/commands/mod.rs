@@ -45,7 +45,9 @@ pub async fn run(client: &Client, command: Command, json: bool) -> anyhow::Resul
         Command::Rooms { pattern, sort, limit } => rooms::run(client, json, pattern, sort, limit).await,
         Command::Room { channel } => room::run(client, json, &channel).await,
         Command::History { channel, since, limit } => history::run(client, json, &channel, since, limit).await,
-        Command::Publish { channel, data, event } => publish::run(client, json, &channel, &data, event).await,
+        Command::Publish { channel, data, event, idempotency_key } => {
+            publish::run(client, json, &channel, &data, event, idempotency_key).await
+        }
         Command::Kick { conns, user, reason, ban } => {
             let target = match user {
                 Some(user) => kick::Target::User { user, ban_s: ban },

@@ -1,12 +1,20 @@
 //! `pushctl publish <channel> <json>`: POST /admin/publish. The payload is checked here first,
-//! so a typo gets a local, precise error instead of a 400.
+//! so a typo gets a local, precise error instead of a 400. Every publish carries an idempotency
+//! key, so the retries after a 503, a 504 (the node cannot say whether Redis stored it) or no
+//! answer at all store the message once.
+
+use std::time::Duration;
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use super::{Outcome, show};
-use crate::client::Client;
+use crate::client::{Client, ClientError};
+
+/// Retries after the first attempt, with pauses doubling from `FIRST_PAUSE`.
+const RETRIES: u32 = 3;
+const FIRST_PAUSE: Duration = Duration::from_millis(500);
 
 /// The body of POST /admin/publish (the same as /api/publish).
 #[derive(Debug, Serialize)]
@@ -16,6 +24,7 @@ struct PublishRequest<'a> {
     event: Option<String>,
     /// Sent byte for byte as the operator typed it.
     data: &'a RawValue,
+    idempotency_key: &'a str,
 }
 
 /// The answer: the message's position.
@@ -33,11 +42,39 @@ pub async fn run(
     channel: &str,
     data: &str,
     event: Option<String>,
+    idempotency_key: Option<String>,
 ) -> anyhow::Result<Outcome> {
     let data = parse_data(data)?;
-    let request = PublishRequest { channel, event, data };
+    let key = idempotency_key.unwrap_or_else(fresh_key);
+    let request = PublishRequest { channel, event, data, idempotency_key: &key };
+    let mut pause = FIRST_PAUSE;
+    for _ in 0..RETRIES {
+        match client.post::<Published>(&["admin", "publish"], &request, false).await {
+            Err(e) if worth_retrying(&e) => {
+                eprintln!("pushctl: {e}; retrying with the same idempotency key ({key}), so it is stored once");
+                tokio::time::sleep(pause).await;
+                pause *= 2;
+            }
+            fetched => return show(&fetched?, json, &[], render),
+        }
+    }
     let fetched = client.post::<Published>(&["admin", "publish"], &request, false).await?;
     show(&fetched, json, &[], render)
+}
+
+/// A key no other publish has: this process and the time, to the nanosecond.
+fn fresh_key() -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    format!("pushctl-{}-{nanos}", std::process::id())
+}
+
+/// Failures after which the message may be missing: not stored (503), maybe stored (504), or
+/// no answer at all. With the key, a retry is safe in every case.
+fn worth_retrying(e: &ClientError) -> bool {
+    matches!(
+        e,
+        ClientError::Server { status: 503 | 504, .. } | ClientError::Timeout { .. } | ClientError::Transport { .. }
+    )
 }
 
 /// Checks that `text` is one JSON value, with a hint for the usual shell-quoting mistakes.
@@ -66,6 +103,18 @@ mod tests {
         assert!(err.starts_with(r#"the message "hello" is not valid JSON: quote strings"#), "{err}");
         assert!(err.contains("expected value at line 1 column 1"), "{err}");
         assert!(parse_data(r#"{"a":1} {"b":2}"#).is_err());
+    }
+
+    #[test]
+    fn failures_that_may_have_lost_the_message_are_retried_others_are_not() {
+        let server = |status| ClientError::Server { status, code: "x".into(), message: "y".into() };
+        assert!(worth_retrying(&server(503)));
+        assert!(worth_retrying(&server(504)));
+        assert!(worth_retrying(&ClientError::Timeout { server: "s".into(), secs: 3 }));
+        assert!(!worth_retrying(&server(400)));
+        assert!(!worth_retrying(&ClientError::Unauthorized { message: "wrong admin key".into() }));
+        let key = fresh_key();
+        assert!(key.len() <= 128 && key.chars().all(|c| c.is_ascii_alphanumeric() || "_.:-".contains(c)), "{key}");
     }
 
     #[test]

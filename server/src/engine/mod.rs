@@ -76,6 +76,13 @@ pub struct NewMessage {
     pub idempotency_key: Option<String>,
 }
 
+/// Checks an idempotency key: 1-128 letters, digits, `_`, `.`, `:` or `-` (it becomes part of a
+/// Redis key, so nothing that could break out of it).
+pub fn check_idempotency_key(key: &str) -> Result<(), &'static str> {
+    let ok = (1..=128).contains(&key.len()) && key.chars().all(|c| c.is_ascii_alphanumeric() || "_.:-".contains(c));
+    ok.then_some(()).ok_or("idempotency_key must be 1-128 letters, digits, '_', '.', ':' or '-'")
+}
+
 /// Deepest nesting of `data` accepted: what serde_json, and so many clients, will parse.
 pub const MAX_DATA_DEPTH: usize = 128;
 
@@ -216,11 +223,18 @@ pub enum PresenceChange {
     Leave,
 }
 
-/// The engine's failures. `Unavailable` on publish means the message was NOT stored.
+/// The engine's failures, split by what they mean for a write.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
+    /// Nothing reached the store (no connection, or the store refused the command): a publish
+    /// was NOT stored, and retrying is safe.
     #[error("history store unavailable: {0}")]
     Unavailable(String),
+    /// The command went out but no answer came back in time, or the connection broke under it:
+    /// the store may still have run it. A publish may or may not be stored; only a retry with
+    /// the same idempotency key is safe.
+    #[error("history store did not answer: {0}")]
+    NoAnswer(String),
 }
 
 /// Answers control requests from the cluster (`survey`) on this node: implemented by the node.

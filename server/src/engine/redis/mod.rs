@@ -164,9 +164,14 @@ impl RedisEngine {
         Ok(engine)
     }
 
-    /// A connected command client; while Redis is known to be away this answers at once instead
-    /// of letting a command wait for its timeout.
+    /// A connected command client. While any pool connection is known to be down (Redis away,
+    /// or a connection being re-established) this answers at once, with nothing sent: a command
+    /// handed to a client in that state waits out its timeout and ends with an outcome nobody
+    /// can know, where "not sent" is the plain truth.
     fn client(&self) -> Result<&Client, EngineError> {
+        if !self.pool.clients().iter().all(|c| c.is_connected()) {
+            return Err(EngineError::Unavailable("redis is not connected".into()));
+        }
         let client = self.pool.next_connected();
         if client.is_connected() { Ok(client) } else { Err(EngineError::Unavailable("redis is not connected".into())) }
     }
@@ -194,8 +199,13 @@ impl RedisEngine {
         let result = command.await;
         self.metrics.observe(operation.label(), started.elapsed());
         result.map_err(|e| {
-            self.metrics.error(operation.label(), error_kind(&e));
-            unavailable(e)
+            let kind = error_kind(&e);
+            self.metrics.error(operation.label(), kind);
+            match kind {
+                // Sent, and perhaps run: the caller cannot know.
+                "timeout" | "connection" | "protocol" => EngineError::NoAnswer(format!("redis: {e}")),
+                _ => EngineError::Unavailable(format!("redis: {e}")),
+            }
         })
     }
 
@@ -430,10 +440,6 @@ impl Engine for RedisEngine {
 
 fn secs(d: Duration) -> i64 {
     d.as_secs().max(1) as i64
-}
-
-fn unavailable(e: fred::error::Error) -> EngineError {
-    EngineError::Unavailable(format!("redis: {e}"))
 }
 
 /// The `kind` label of a failed round trip.
