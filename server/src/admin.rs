@@ -7,6 +7,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::future::join_all;
+
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use pushd_wire::{
@@ -20,11 +22,13 @@ use crate::api;
 use crate::auth::keys_match;
 use crate::channel::ChannelName;
 use crate::control::{ChannelOnNode, ControlRequest, Kicked, NodeReport, conn_order};
-use crate::engine::{EngineError, Survey, now_ms};
+use crate::engine::{EngineError, HistoryBounds, Survey, now_ms};
 use crate::http::{self, Body, HttpError};
 use crate::node::Node;
 use crate::protocol::ErrorCode;
 
+/// History reads one `/admin/channels` answer keeps in flight.
+const HISTORY_READS: usize = 64;
 /// Default and largest survey wait.
 const DEFAULT_TIMEOUT: Duration = Duration::from_millis(2000);
 const MAX_TIMEOUT: Duration = Duration::from_secs(10);
@@ -108,7 +112,7 @@ async fn respond(node: &Node, route: Option<Route>, req: Request<Incoming>) -> A
     }
     match route {
         Route::Stats => stats(node, &req).await,
-        Route::Nodes => nodes(node).await,
+        Route::Nodes => nodes(node, &req).await,
         Route::Connections => connections(node, &req).await,
         Route::Channels => channels(node, &req).await,
         Route::Channel => channel(node, &req, &path[CHANNEL_PREFIX.len()..]).await,
@@ -151,18 +155,43 @@ fn number<B>(req: &Request<B>, key: &str) -> Result<Option<u64>, HttpError> {
         .transpose()
 }
 
+/// When an admin answer is due: `timeout_ms` after the request came in. Every engine call an
+/// answer makes runs under it, concurrently where there are several, so a stalled Redis costs
+/// the operator the timeout, never a Redis command timeout per row.
+#[derive(Debug, Clone, Copy)]
+struct Deadline(tokio::time::Instant);
+
+impl Deadline {
+    fn of<B>(req: &Request<B>) -> Result<Self, HttpError> {
+        Ok(Self(tokio::time::Instant::now() + timeout(req)?))
+    }
+
+    /// Time left until the deadline.
+    fn left(self) -> Duration {
+        self.0.saturating_duration_since(tokio::time::Instant::now())
+    }
+
+    /// Runs `call`, cut short at the deadline as an engine that did not answer.
+    async fn bound<T>(self, call: impl Future<Output = Result<T, EngineError>>) -> Result<T, EngineError> {
+        tokio::time::timeout_at(self.0, call)
+            .await
+            .unwrap_or_else(|_| Err(EngineError::NoAnswer("no answer within the request's timeout_ms".into())))
+    }
+}
+
 fn unavailable(e: EngineError) -> HttpError {
     HttpError::new(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, format!("{e}: retry shortly"))
 }
 
-/// Surveys every node with `request`; answers that do not parse count as missing.
+/// Surveys every node with `request` until `deadline` (the engine's survey keeps it, waiting for
+/// the registry included); answers that do not parse count as missing.
 async fn survey<T: DeserializeOwned>(
     node: &Node,
     request: &ControlRequest,
-    timeout: Duration,
+    deadline: Deadline,
 ) -> Result<(Vec<(String, T)>, Vec<String>), HttpError> {
     let request = serde_json::to_string(request).expect("control requests serialise");
-    let survey = match node.engine.survey(&request, timeout).await {
+    let survey = match node.engine.survey(&request, deadline.left()).await {
         Ok(survey) => survey,
         // The store that carries surveys is away: answer for this node, and say the rest are
         // unknown rather than failing the operator outright.
@@ -188,7 +217,8 @@ async fn survey<T: DeserializeOwned>(
 }
 
 async fn stats(node: &Node, req: &Request<Incoming>) -> AdminResult {
-    let (answers, missing) = survey::<NodeReport>(node, &ControlRequest::Stats, timeout(req)?).await?;
+    let deadline = Deadline::of(req)?;
+    let (answers, missing) = survey::<NodeReport>(node, &ControlRequest::Stats, deadline).await?;
     let (mut users, mut channels) = (BTreeSet::new(), BTreeSet::new());
     let mut totals = Totals { nodes: answers.len() as u64, ..Totals::default() };
     let mut nodes = Vec::with_capacity(answers.len());
@@ -206,7 +236,7 @@ async fn stats(node: &Node, req: &Request<Incoming>) -> AdminResult {
         nodes.push(s);
     }
     (totals.users, totals.channels) = (users.len() as u64, channels.len() as u64);
-    let redis = node.engine.backend_stats().await.unwrap_or_else(|e| {
+    let redis = deadline.bound(node.engine.backend_stats()).await.unwrap_or_else(|e| {
         tracing::warn!(error = %e, "backend stats unavailable");
         None
     });
@@ -215,8 +245,8 @@ async fn stats(node: &Node, req: &Request<Incoming>) -> AdminResult {
     Ok(http::json(StatusCode::OK, &body))
 }
 
-async fn nodes(node: &Node) -> AdminResult {
-    let mut nodes = node.engine.nodes().await.map_err(unavailable)?;
+async fn nodes(node: &Node, req: &Request<Incoming>) -> AdminResult {
+    let mut nodes = Deadline::of(req)?.bound(node.engine.nodes()).await.map_err(unavailable)?;
     nodes.sort_by(|a, b| a.id.cmp(&b.id));
     Ok(http::json(StatusCode::OK, &NodesAnswer { nodes, missing: Vec::new() }))
 }
@@ -225,7 +255,7 @@ async fn connections(node: &Node, req: &Request<Incoming>) -> AdminResult {
     let limit = number(req, "limit")?.unwrap_or(100).clamp(1, 10_000) as usize;
     let only_node = http::query(req, "node");
     let request = ControlRequest::Connections { user: http::query(req, "user"), channel: http::query(req, "channel") };
-    let (answers, missing) = survey::<Vec<ConnectionInfo>>(node, &request, timeout(req)?).await?;
+    let (answers, missing) = survey::<Vec<ConnectionInfo>>(node, &request, Deadline::of(req)?).await?;
     let mut all: Vec<ConnectionInfo> = answers
         .into_iter()
         .filter(|(id, _)| only_node.as_ref().is_none_or(|n| n == id))
@@ -244,8 +274,9 @@ async fn channels(node: &Node, req: &Request<Incoming>) -> AdminResult {
         Some("rate") => true,
         Some(other) => return Err(HttpError::bad_request(format!("sort={other}: use subscribers or rate"))),
     };
+    let deadline = Deadline::of(req)?;
     let request = ControlRequest::Channels { pattern: http::query(req, "pattern") };
-    let (answers, missing) = survey::<Vec<ChannelOnNode>>(node, &request, timeout(req)?).await?;
+    let (answers, missing) = survey::<Vec<ChannelOnNode>>(node, &request, deadline).await?;
     let mut merged: BTreeMap<String, ChannelRow> = BTreeMap::new();
     for c in answers.into_iter().flat_map(|(_, list)| list) {
         let row = merged.entry(c.channel.clone()).or_insert(ChannelRow { channel: c.channel, ..ChannelRow::default() });
@@ -262,30 +293,47 @@ async fn channels(node: &Node, req: &Request<Incoming>) -> AdminResult {
     }
     let truncated = rows.len() > limit;
     rows.truncate(limit);
-    for row in &mut rows {
-        if let Ok(ch) = ChannelName::parse(&row.channel)
-            && let Ok(bounds) = node.engine.history_bounds(&ch).await
-        {
+    // Every row's history at once, all by the deadline; a row the engine did not answer for in
+    // time keeps `null` (unknown), which is not 0.
+    let mut bounds = Vec::with_capacity(rows.len());
+    for chunk in rows.chunks(HISTORY_READS) {
+        bounds.extend(join_all(chunk.iter().map(|row| history_of(node, deadline, &row.channel))).await);
+    }
+    for (row, bounds) in rows.iter_mut().zip(bounds) {
+        if let Some(bounds) = bounds {
             (row.history_len, row.last_offset) = (Some(bounds.len), Some(bounds.last_offset));
         }
     }
     Ok(http::json(StatusCode::OK, &ChannelsAnswer { channels: rows, truncated, missing }))
 }
 
+/// `channel`'s history bounds if the engine gives them by `deadline`.
+async fn history_of(node: &Node, deadline: Deadline, channel: &str) -> Option<HistoryBounds> {
+    let channel = ChannelName::parse(channel).ok()?;
+    deadline.bound(node.engine.history_bounds(&channel)).await.ok()
+}
+
 async fn channel(node: &Node, req: &Request<Incoming>, name: &str) -> AdminResult {
     let name = http::percent_decode(name);
     let ch = ChannelName::parse(&name)
         .map_err(|e| HttpError::new(StatusCode::BAD_REQUEST, ErrorCode::BadChannel, format!("{name:?}: {e}")))?;
+    let deadline = Deadline::of(req)?;
     let request = ControlRequest::Channel { channel: ch.to_string() };
-    let (answers, missing) = survey::<Vec<Subscriber>>(node, &request, timeout(req)?).await?;
+    let (surveyed, presence, history) = tokio::join!(
+        survey::<Vec<Subscriber>>(node, &request, deadline),
+        tokio::time::timeout_at(deadline.0, node.presence(&ch)),
+        deadline.bound(node.engine.history_bounds(&ch)),
+    );
+    let (answers, missing) = surveyed?;
     let mut subscribers: Vec<Subscriber> = answers.into_iter().flat_map(|(_, list)| list).collect();
     subscribers.sort_by_key(|s| conn_order(&s.conn));
-    let presence = match node.presence(&ch).await {
-        Ok(clients) => Some(clients),
-        Err(e) if e.code == ErrorCode::PresenceDisabled => None,
-        Err(e) => return Err(e.into()),
+    let presence = match presence {
+        Ok(Ok(clients)) => Some(clients),
+        Ok(Err(e)) if e.code == ErrorCode::PresenceDisabled => None,
+        Ok(Err(e)) => return Err(e.into()),
+        Err(_) => return Err(unavailable(EngineError::NoAnswer("presence: no answer within timeout_ms".into()))),
     };
-    let history = node.engine.history_bounds(&ch).await.map_err(unavailable)?;
+    let history = history.map_err(unavailable)?;
     let body = ChannelDetail { channel: ch.to_string(), subscribers, presence, history, missing };
     Ok(http::json(StatusCode::OK, &body))
 }
@@ -301,7 +349,7 @@ struct KickBody {
 
 /// Closes sockets with 4009 wherever they are; with `ban_s`, refuses the user cluster-wide.
 async fn kick(node: &Node, req: Request<Incoming>) -> AdminResult {
-    let timeout = timeout(&req)?;
+    let deadline = Deadline::of(&req)?;
     let body: KickBody = api::read_json(node, req).await?;
     if body.conns.is_empty() == body.user.is_none() {
         return Err(HttpError::bad_request("give either \"conns\" (a list) or \"user\""));
@@ -315,13 +363,13 @@ async fn kick(node: &Node, req: Request<Incoming>) -> AdminResult {
     let mut banned_until_ms = None;
     if let (Some(user), Some(secs)) = (&body.user, body.ban_s) {
         let until = now_ms().saturating_add(secs.max(1) * 1000);
-        node.engine.ban(user, until).await.map_err(unavailable)?;
+        deadline.bound(node.engine.ban(user, until)).await.map_err(unavailable)?;
         banned_until_ms = Some(until);
     }
     let reason = body.reason.unwrap_or_else(|| "kicked by an operator".into());
     tracing::info!(user = ?body.user, conns = ?body.conns, ?banned_until_ms, %reason, "operator kick");
     let request = ControlRequest::Kick { conns: body.conns, user: body.user, reason };
-    let (answers, missing) = survey::<Kicked>(node, &request, timeout).await?;
+    let (answers, missing) = survey::<Kicked>(node, &request, deadline).await?;
     let total = answers.iter().map(|(_, k)| k.count).sum();
     let closed = answers.into_iter().map(|(node, k)| KickedOnNode { node, count: k.count }).collect();
     Ok(http::json(StatusCode::OK, &KickAnswer { closed, total, banned_until_ms, missing }))

@@ -628,3 +628,38 @@ async fn a_publish_redis_did_not_answer_in_time_is_an_unknown_outcome_and_a_keye
     assert_eq!(alice.command(ping()).await["ok"], true);
     assert!(alice.pending_is_empty(), "a retry was delivered again");
 }
+
+#[tokio::test]
+async fn a_stalled_redis_cannot_hold_an_admin_answer_past_its_timeout() {
+    let redis = RedisServer::start().await;
+    let config = pushd::Config { admin_key: Some("adm".into()), ..redis_config(&redis, "n0") };
+    let node = TestNode::start(config).await;
+    let mut alice = node.ws(&token("alice")).await;
+    for i in 0..40 {
+        assert_eq!(alice.subscribe(&format!("stalled:{i}"), None).await["ok"], true);
+    }
+    // Redis stops answering anything for longer than any test waits; the node is never told.
+    redis.cli(&["CLIENT", "PAUSE", "60000", "ALL"]).await;
+    let admin = |path: &str| {
+        let url = node.url(&format!("{path}{}timeout_ms=500", if path.contains('?') { '&' } else { '?' }));
+        async move {
+            // The harness's guard is the bound: one Redis call per row, in turn, would take minutes.
+            let resp = within(&format!("GET {url}"), reqwest::Client::new().get(url.clone()).bearer_auth("adm").send())
+                .await
+                .unwrap();
+            let status = resp.status().as_u16();
+            (status, within("the body", resp.json::<Value>()).await.unwrap())
+        }
+    };
+    let (status, channels) = admin("/admin/channels?limit=100").await;
+    assert_eq!(status, 200, "{channels}");
+    let rows = channels["channels"].as_array().unwrap();
+    assert_eq!(rows.len(), 40, "this node's own rows are known without Redis: {channels}");
+    assert!(rows.iter().all(|r| r["history_len"].is_null()), "a history Redis did not report is unknown, not 0");
+    assert!(!channels["missing"].as_array().unwrap().is_empty(), "the answer says it is partial: {channels}");
+    let (status, stats) = admin("/admin/stats").await;
+    assert_eq!((status, &stats["totals"]["subscriptions"]), (200, &json!(40)), "{stats}");
+    assert!(stats["redis"].is_null(), "Redis' own stats are unknown: {stats}");
+    let (status, detail) = admin("/admin/channels/stalled:1").await;
+    assert_eq!((status, &detail["error"]["code"]), (503, &json!("unavailable")), "{detail}");
+}

@@ -77,14 +77,19 @@ pub(super) fn on_reply(engine: &RedisEngine, text: &str) {
     }
 }
 
-/// Runs one survey (see the module doc).
+/// Runs one survey (see the module doc). `timeout` covers all of it, reading the registry
+/// included: a stalled Redis ends the survey in time, as an error.
 pub(super) async fn survey(engine: &RedisEngine, request: &str, timeout: Duration) -> Result<Survey, EngineError> {
-    let mut expected: HashSet<String> = engine.nodes().await?.into_iter().map(|n| n.id).collect();
+    let deadline = tokio::time::Instant::now() + timeout;
+    let registry = tokio::time::timeout_at(deadline, engine.nodes()).await;
+    let registry =
+        registry.unwrap_or_else(|_| Err(EngineError::NoAnswer("the node registry did not answer in time".into())));
+    let mut expected: HashSet<String> = registry?.into_iter().map(|n| n.id).collect();
     expected.insert(engine.settings.node_id.clone());
     let id = engine.control.next.fetch_add(1, Ordering::Relaxed);
     let (tx, mut rx) = mpsc::unbounded_channel();
     lock(&engine.control.pending).insert(id, tx);
-    let result = collect(engine, id, request, timeout, &expected, &mut rx).await;
+    let result = collect(engine, id, request, deadline, &expected, &mut rx).await;
     lock(&engine.control.pending).remove(&id);
     let answers = result?;
     let answered: HashSet<&String> = answers.iter().map(|(node, _)| node).collect();
@@ -97,15 +102,20 @@ async fn collect(
     engine: &RedisEngine,
     id: u64,
     request: &str,
-    timeout: Duration,
+    deadline: tokio::time::Instant,
     expected: &HashSet<String>,
     rx: &mut mpsc::UnboundedReceiver<(String, String)>,
 ) -> Result<Vec<(String, String)>, EngineError> {
     let body = RawValue::from_string(request.to_owned()).map_err(|e| EngineError::Unavailable(e.to_string()))?;
     let message = serde_json::to_string(&Request { id, from: &engine.settings.node_id, body: &body })
         .expect("requests serialise");
-    let _: () = engine.call(Operation::Control, |c| c.publish(engine.keys.control(), message)).await?;
-    let deadline = tokio::time::Instant::now() + timeout;
+    let published = tokio::time::timeout_at(
+        deadline,
+        engine.call(Operation::Control, |c| c.publish(engine.keys.control(), message)),
+    );
+    let _: () = published
+        .await
+        .unwrap_or_else(|_| Err(EngineError::NoAnswer("the control channel did not answer in time".into())))?;
     let mut answers: Vec<(String, String)> = Vec::new();
     while !expected.iter().all(|n| answers.iter().any(|(a, _)| a == n)) {
         match tokio::time::timeout_at(deadline, rx.recv()).await {
