@@ -93,6 +93,11 @@ pub struct Args {
     #[arg(long, env = "PUSHD_MAX_REPLAY", default_value_t = 1000)]
     pub max_replay: usize,
 
+    /// Most bytes of messages one resubscribe (WebSocket) or one SSE request (all its channels)
+    /// may replay; a channel whose replay does not fit answers `recovered: false`.
+    #[arg(long, env = "PUSHD_MAX_REPLAY_BYTES", default_value_t = 8 * 1024 * 1024)]
+    pub max_replay_bytes: usize,
+
     /// Largest inbound WebSocket frame, in bytes; bigger frames close the socket with 1009.
     #[arg(long, env = "PUSHD_MAX_FRAME", default_value_t = 72 * 1024)]
     pub max_frame: usize,
@@ -238,6 +243,8 @@ pub struct Config {
     pub history_meta_ttl: Duration,
     /// Longest replay on resubscribe. Default 1000.
     pub max_replay: usize,
+    /// Replayed bytes per resubscribe or SSE request. Default 8 MiB.
+    pub max_replay_bytes: usize,
     /// Largest inbound frame in bytes. Default 72 KiB.
     pub max_frame: usize,
     /// Largest publish payload in bytes. Default 64 KiB.
@@ -325,6 +332,7 @@ impl TryFrom<Args> for Config {
         let positive = [
             ("--history-size", a.history_size),
             ("--max-replay", a.max_replay),
+            ("--max-replay-bytes", a.max_replay_bytes),
             ("--max-frame", a.max_frame),
             ("--max-payload", a.max_payload),
             ("--max-channels", a.max_channels),
@@ -383,6 +391,7 @@ impl TryFrom<Args> for Config {
             history_ttl: Duration::from_secs(a.history_ttl),
             history_meta_ttl: Duration::from_secs(a.history_meta_ttl),
             max_replay: a.max_replay,
+            max_replay_bytes: a.max_replay_bytes,
             max_frame: a.max_frame,
             max_payload: a.max_payload,
             max_channels: a.max_channels,

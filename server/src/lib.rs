@@ -17,6 +17,7 @@ pub mod auth;
 pub mod channel;
 pub mod config;
 pub mod control;
+pub mod cursor;
 pub mod engine;
 pub mod http;
 pub mod hub;

@@ -295,7 +295,14 @@ impl Session {
     /// Subscribes to `channel`, replaying from `since` when given (DESIGN "Positions, replay").
     /// The hub registration comes before the history read, so nothing falls between them; what
     /// arrives live meanwhile waits in the queue and `accept` drops what the replay covered.
-    pub async fn subscribe(&mut self, channel: &str, since: Option<Position>) -> Result<Subscribed, CommandError> {
+    /// A replay takes its bytes from `budget`; one that does not fit answers `recovered: false`
+    /// (the client resyncs from its own store) rather than holding unbounded memory.
+    pub async fn subscribe(
+        &mut self,
+        channel: &str,
+        since: Option<Position>,
+        budget: &mut usize,
+    ) -> Result<Subscribed, CommandError> {
         let channel = parse_channel(channel)?;
         self.identity.can_subscribe(&channel).map_err(|e| e.command_error())?;
         if self.subs.contains_key(&channel) {
@@ -314,6 +321,14 @@ impl Session {
                 return Err(e);
             }
         };
+        let replay = replay.filter(|r| {
+            let bytes: usize = r.iter().map(|p| p.frame().len()).sum();
+            let fits = bytes <= *budget;
+            if fits {
+                *budget -= bytes;
+            }
+            fits
+        });
         let recovered = since.as_ref().map(|_| replay.is_some());
         let metrics = &self.node.metrics;
         if let Some(ok) = recovered {

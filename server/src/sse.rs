@@ -1,9 +1,14 @@
 //! SSE transport: `GET /sse?channel=a&channel=b` as a `text/event-stream`.
 //!
-//! Every event's `id:` is a cursor over all of the stream's channels (`epoch:offset` per
-//! channel, in the order of the query), so the browser's own reconnect, which sends the last id
-//! as `Last-Event-ID`, resumes every channel with no gap. `?since=<cursor>` does the same for
-//! clients that keep the cursor themselves. Comment lines are the heartbeat.
+//! Every event's `id:` is a cursor over all of the stream's channels (`cursor.rs`), so the
+//! browser's own reconnect, which sends the last id as `Last-Event-ID`, resumes every channel
+//! with no gap. `?since=<cursor>` does the same for clients that keep the cursor themselves.
+//! Comment lines are the heartbeat.
+//!
+//! A resume's replay is streamed, not built: the welcome goes out first, then the replayed
+//! messages in chunks through the body channel, which waits while the client reads slowly. The
+//! replay of one request is bounded by `--max-replay-bytes`; a channel that would go beyond it
+//! answers `recovered: false` instead.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -11,7 +16,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
+use futures_util::future::join_all;
 use http_body::Frame;
 use http_body_util::BodyExt;
 use hyper::header::{self, HeaderValue};
@@ -21,7 +27,8 @@ use tokio::sync::mpsc;
 
 use crate::auth::AuthError;
 use crate::channel::ChannelName;
-use crate::engine::{Epoch, Position};
+use crate::cursor::{self, Cursor};
+use crate::engine::{HistoryQuery, Position, Publication};
 use crate::http::{self, Body, HttpError};
 use crate::node::{ConnectionSlot, Node};
 use crate::protocol::{Close, CloseCode, ErrorCode, Reply, to_frame};
@@ -32,6 +39,8 @@ use crate::session::{Frames, Out, Session, SessionInfo, Subscribed, Tally, Trans
 const BODY_BUFFER: usize = 4;
 /// Most queued items taken per wake-up.
 const BATCH: usize = 1024;
+/// Replayed bytes gathered before they are handed to the body channel.
+const REPLAY_CHUNK: usize = 64 * 1024;
 
 /// Answers `GET /sse`.
 pub async fn open<B>(node: Arc<Node>, remote: SocketAddr, req: Request<B>) -> Response<Body> {
@@ -64,9 +73,17 @@ async fn start<B>(node: Arc<Node>, remote: SocketAddr, req: &Request<B>) -> Resu
     node.check_ban(&identity.user).await.map_err(refused)?;
     let slot = node.reserve_connection().map_err(|r| (r.reason(), HttpError::from(r)))?;
     let last_id = req.headers().get("last-event-id").and_then(|v| v.to_str().ok()).map(str::to_owned);
-    let since = parse_cursor(last_id.or_else(|| http::query(req, "since")).as_deref(), channels.len());
+    let cursor = Cursor::parse(last_id.or_else(|| http::query(req, "since")).as_deref(), channels.len());
+    let since = resolve(&node, &channels, cursor).await.map_err(|e| ("unavailable", e))?;
     let mut session = Session::open(node.clone(), identity, Transport::Sse, Some(remote));
-    let mut stream = SseStream { cursor: Vec::new(), channels, out: BytesMut::new(), tally: Tally::default() };
+    let mut stream = SseStream {
+        cursor: Vec::new(),
+        digest: 0,
+        channels,
+        out: Vec::new(),
+        tally: Tally::default(),
+        replays: Vec::new(),
+    };
     if let Err(e) = stream.subscribe_all(&mut session, since).await {
         let reason = match e.status {
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => "auth",
@@ -78,7 +95,7 @@ async fn start<B>(node: Arc<Node>, remote: SocketAddr, req: &Request<B>) -> Resu
     session.started();
     let (tx, rx) = mpsc::channel(BODY_BUFFER);
     session.sent(std::mem::take(&mut stream.tally));
-    let first = stream.out.split().freeze();
+    let first = Bytes::from(std::mem::take(&mut stream.out));
     tx.try_send(first).expect("a new channel has room");
     node.tracker.spawn(stream.run(session, tx, slot));
     let mut response = Response::new(SseBody { rx }.boxed());
@@ -121,30 +138,27 @@ fn channels<B>(node: &Node, req: &Request<B>) -> Result<Vec<ChannelName>, HttpEr
     Ok(out)
 }
 
-/// Parses `epoch:offset,epoch:offset,...` into one position per channel. A cursor that does not
-/// fit the `n` channels cannot be honoured, but the client did expect a replay: every channel
-/// then gets a position no history matches, so each reply says `recovered: false`.
-fn parse_cursor(cursor: Option<&str>, n: usize) -> Vec<Option<Position>> {
-    let Some(cursor) = cursor.filter(|c| !c.is_empty()) else { return vec![None; n] };
-    let parsed: Option<Vec<Position>> = cursor
-        .split(',')
-        .map(|part| {
-            let (epoch, offset) = part.rsplit_once(':')?;
-            Some(Position { epoch: Epoch::new(epoch), offset: offset.parse().ok()? })
-        })
-        .collect();
-    match parsed {
-        Some(list) if list.len() == n && list.iter().all(|p| !p.epoch.as_str().is_empty()) => {
-            list.into_iter().map(Some).collect()
+/// Turns a cursor into each channel's position to resume from. A digest is checked against the
+/// channels' current epochs, read from the engine: only if they all still are what the cursor
+/// was written under are its offsets positions in them.
+async fn resolve(node: &Node, channels: &[ChannelName], cursor: Cursor) -> Result<Vec<Option<Position>>, HttpError> {
+    let n = channels.len();
+    Ok(match cursor {
+        Cursor::Fresh => vec![None; n],
+        Cursor::Positions(list) => list.into_iter().map(Some).collect(),
+        Cursor::Unusable => vec![Some(cursor::unusable()); n],
+        Cursor::Digest { digest, offsets } => {
+            let reads = channels.iter().map(|c| node.engine.history(c, HistoryQuery::Latest { limit: 0 }));
+            let pages = join_all(reads).await.into_iter().collect::<Result<Vec<_>, _>>().map_err(|e| {
+                HttpError::new(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, format!("{e}: retry shortly"))
+            })?;
+            if cursor::digest(pages.iter().map(|p| &p.epoch)) == digest {
+                pages.into_iter().zip(offsets).map(|(p, offset)| Some(Position { epoch: p.epoch, offset })).collect()
+            } else {
+                vec![Some(cursor::unusable()); n]
+            }
         }
-        // Epochs are hex, so "-" matches no channel's history.
-        _ => vec![Some(Position { epoch: Epoch::new("-"), offset: 0 }); n],
-    }
-}
-
-fn format_cursor(cursor: &[Position]) -> String {
-    let parts: Vec<String> = cursor.iter().map(|p| format!("{}:{}", p.epoch, p.offset)).collect();
-    parts.join(",")
+    })
 }
 
 /// The event name of a server frame: its `type`.
@@ -166,18 +180,23 @@ struct SseWelcome<'a> {
 struct SseStream {
     channels: Vec<ChannelName>,
     cursor: Vec<Position>,
-    out: BytesMut,
+    /// `cursor::digest` of the epochs in `cursor`, kept as they change.
+    digest: u64,
+    out: Vec<u8>,
     /// Events in `out` not yet counted by `Session::sent`.
     tally: Tally,
+    /// The replay still to stream after the welcome: (channel index, messages).
+    replays: Vec<(usize, Vec<Arc<Publication>>)>,
 }
 
 impl SseStream {
-    /// Subscribes every channel (replaying from `since`), then writes the welcome and replays.
+    /// Subscribes every channel (replaying from `since`, all of them within one replay budget)
+    /// and writes the welcome; the replays wait in `replays` for `stream_replays`.
     async fn subscribe_all(&mut self, session: &mut Session, since: Vec<Option<Position>>) -> Result<(), HttpError> {
         let mut replies = Vec::with_capacity(self.channels.len());
-        let mut replays = Vec::new();
-        for (channel, since) in self.channels.iter().zip(since) {
-            let Subscribed { reply, replay } = session.subscribe(channel.as_str(), since.clone()).await?;
+        let mut budget = session.node().config.max_replay_bytes;
+        for (i, (channel, since)) in self.channels.iter().zip(since).enumerate() {
+            let Subscribed { reply, replay } = session.subscribe(channel.as_str(), since.clone(), &mut budget).await?;
             let current = Position {
                 epoch: reply.epoch.clone().expect("subscribe replies carry a position"),
                 offset: reply.offset.unwrap_or(0),
@@ -187,9 +206,12 @@ impl SseStream {
                 _ => current,
             });
             replies.push(reply);
-            replays.push(replay);
+            if !replay.is_empty() {
+                self.replays.push((i, replay));
+            }
         }
-        self.out.put_slice(b"retry: 1000\n\n");
+        self.digest = cursor::digest(self.cursor.iter().map(|p| &p.epoch));
+        self.out.extend_from_slice(b"retry: 1000\n\n");
         let node = session.node().config.node_id.clone();
         let welcome = to_frame(&SseWelcome {
             kind: "welcome",
@@ -199,14 +221,28 @@ impl SseStream {
             channels: &replies,
         });
         self.event(&welcome);
-        for (i, replay) in replays.into_iter().enumerate() {
+        Ok(())
+    }
+
+    /// Writes the replays after the welcome, a chunk at a time: each chunk waits for the body
+    /// channel to take it, so a client that reads slowly holds at most a few chunks here.
+    async fn stream_replays(
+        &mut self,
+        session: &Session,
+        tx: &mpsc::Sender<Bytes>,
+        info: &SessionInfo,
+    ) -> Result<(), Option<Close>> {
+        for (i, replay) in std::mem::take(&mut self.replays) {
             for p in replay {
                 self.cursor[i].offset = p.offset;
                 self.tally.messages += 1;
                 self.event(p.frame());
+                if self.out.len() >= REPLAY_CHUNK {
+                    self.send(session, tx, info).await?;
+                }
             }
         }
-        Ok(())
+        self.send(session, tx, info).await
     }
 
     /// Appends one event, named for the frame's `type`, with the current cursor as its id.
@@ -217,20 +253,25 @@ impl SseStream {
     /// Appends one event. Frames are compact JSON (no newlines), so one `data:` line carries it.
     fn named_event(&mut self, name: &str, frame: &str) {
         self.tally.frames += 1;
-        self.out.put_slice(b"id: ");
-        self.out.put_slice(format_cursor(&self.cursor).as_bytes());
-        self.out.put_slice(b"\nevent: ");
-        self.out.put_slice(name.as_bytes());
-        self.out.put_slice(b"\ndata: ");
-        self.out.put_slice(frame.as_bytes());
-        self.out.put_slice(b"\n\n");
+        self.out.extend_from_slice(b"id: ");
+        cursor::write(&mut self.out, self.digest, &self.cursor);
+        self.out.extend_from_slice(b"\nevent: ");
+        self.out.extend_from_slice(name.as_bytes());
+        self.out.extend_from_slice(b"\ndata: ");
+        self.out.extend_from_slice(frame.as_bytes());
+        self.out.extend_from_slice(b"\n\n");
     }
 
     fn sync_cursor(&mut self, session: &Session) {
+        let mut epochs_changed = false;
         for (slot, channel) in self.cursor.iter_mut().zip(&self.channels) {
             if let Some(p) = session.position(channel) {
+                epochs_changed |= p.epoch != slot.epoch;
                 *slot = p;
             }
+        }
+        if epochs_changed {
+            self.digest = cursor::digest(self.cursor.iter().map(|p| &p.epoch));
         }
     }
 
@@ -242,12 +283,16 @@ impl SseStream {
         let (mut batch, mut frames) = (Vec::new(), Frames::default());
         let expiry = session.identity.expired();
         tokio::pin!(expiry);
+        let replayed = self.stream_replays(&session, &tx, &info).await;
         let close = loop {
+            if let Err(close) = &replayed {
+                break close.clone();
+            }
             tokio::select! {
                 close = info.closed() => break Some(close),
                 _ = &mut expiry => break Some(Close::new(CloseCode::TokenExpired, "token expired: get a new token")),
                 _ = tx.closed() => break None,
-                _ = heartbeat.tick() => self.out.put_slice(b": ping\n\n"),
+                _ = heartbeat.tick() => self.out.extend_from_slice(b": ping\n\n"),
                 n = session.recv_many(&mut batch, BATCH) => {
                     if n == 0 {
                         break None;
@@ -264,7 +309,7 @@ impl SseStream {
         session.ended(close.as_ref());
         if let Some(close) = close {
             self.close_event(&close);
-            if tx.try_send(self.out.split().freeze()).is_ok() {
+            if tx.try_send(Bytes::from(std::mem::take(&mut self.out))).is_ok() {
                 session.sent(self.tally);
             }
         }
@@ -295,7 +340,7 @@ impl SseStream {
         if self.out.is_empty() {
             return Ok(());
         }
-        let bytes = self.out.split().freeze();
+        let bytes = Bytes::from(std::mem::take(&mut self.out));
         tokio::select! {
             sent = tx.send(bytes) => sent.map_err(|_| None)?,
             close = info.closed() => return Err(Some(close)),
@@ -335,19 +380,6 @@ impl http_body::Body for SseBody {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn cursors_round_trip_and_mismatches_start_fresh() {
-        let c = vec![Position { epoch: Epoch::new("ab"), offset: 4 }, Position { epoch: Epoch::new("cd"), offset: 0 }];
-        let text = format_cursor(&c);
-        assert_eq!(text, "ab:4,cd:0");
-        assert_eq!(parse_cursor(Some(&text), 2), c.into_iter().map(Some).collect::<Vec<_>>());
-        let unusable = Some(Position { epoch: Epoch::new("-"), offset: 0 });
-        assert_eq!(parse_cursor(Some(&text), 3), vec![unusable.clone(); 3]);
-        assert_eq!(parse_cursor(Some("garbage"), 1), vec![unusable.clone()]);
-        assert_eq!(parse_cursor(Some("ab:x"), 1), vec![unusable]);
-        assert_eq!(parse_cursor(None, 1), vec![None]);
-    }
 
     #[test]
     fn event_names_come_from_the_frame_type() {

@@ -248,8 +248,10 @@ impl WsConn {
             }
         };
         let op = cmd.op.name();
+        let mut replay_budget = self.session.node().config.max_replay_bytes;
         let result: Result<Reply, CommandError> = match cmd.op {
-            Op::Subscribe { channel, since } => match self.session.subscribe(&channel, since).await {
+            Op::Subscribe { channel, since } => match self.session.subscribe(&channel, since, &mut replay_budget).await
+            {
                 Ok(Subscribed { reply, replay }) => {
                     self.count_command(op, Ok(()));
                     self.frames.control(to_frame(&Reply { id: cmd.id, ..reply }));

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use pushd::Config;
+use pushd::engine::Epoch;
 use pushd_tests::*;
 use serde_json::json;
 
@@ -19,9 +20,12 @@ fn positions(welcome: &SseEvent) -> Vec<(String, u64)> {
         .collect()
 }
 
-/// The cursor text for these positions: `epoch:offset,...` in the stream's channel order.
+/// The cursor text for these positions: the digest of the epochs (16 hex digits), then every
+/// offset, in the stream's channel order, all joined by `.`.
 fn cursor(positions: &[(String, u64)]) -> String {
-    positions.iter().map(|(e, o)| format!("{e}:{o}")).collect::<Vec<_>>().join(",")
+    let epochs: Vec<Epoch> = positions.iter().map(|(e, _)| Epoch::new(e)).collect();
+    let offsets: Vec<String> = positions.iter().map(|(_, o)| o.to_string()).collect();
+    format!("{:016x}.{}", pushd::cursor::digest(&epochs), offsets.join("."))
 }
 
 /// Reads `n` message events; checks that each event's id is the cursor after it, with
@@ -52,7 +56,8 @@ fn sse_path(channels: &[&str], token: &str) -> String {
     format!("/sse?{}", q.join("&"))
 }
 
-/// `:` and `,` escaped, as a careful client puts a cursor into a query string.
+/// `:` and `,` escaped, as a careful client puts a cursor into a query string (the older form
+/// has them; the current one needs no escaping, and this leaves it as it is).
 fn encode_cursor(cursor: &str) -> String {
     cursor.replace(':', "%3A").replace(',', "%2C")
 }
@@ -133,7 +138,8 @@ async fn last_event_id_resumes_every_channel_exactly_once_in_order() {
     for sse in [&mut again, &mut third] {
         let m = sse.next_message().await;
         assert_eq!((&m.data["channel"], &m.data["offset"]), (&json!("b"), &json!(24)), "{m:?}");
-        assert_eq!(m.id, Some(format!("{}:24,{}:24", epochs[0], epochs[1])));
+        let epochs: Vec<(String, u64)> = epochs.iter().map(|e| (e.clone(), 24)).collect();
+        assert_eq!(m.id, Some(cursor(&epochs)));
     }
     node.stop().await;
 }
@@ -207,8 +213,8 @@ async fn a_cursor_from_another_epoch_is_not_recovered_and_live_follows_without_g
 
 #[tokio::test]
 async fn a_cursor_that_does_not_fit_the_channels_is_reported_not_recovered() {
-    // sse.rs `parse_cursor` promises that a cursor which does not fit the channels starts live
-    // "with `recovered: false` where a position was expected": never a silent gap.
+    // A cursor which does not fit the channels starts live "with `recovered: false` where a
+    // position was expected" (cursor.rs): never a silent gap.
     let node = TestNode::start(secure_config()).await;
     let channels = ["a", "b"];
     let path = sse_path(&channels, &token("alice"));
@@ -218,8 +224,16 @@ async fn a_cursor_that_does_not_fit_the_channels_is_reported_not_recovered() {
     drop(first);
 
     let (ea, eb) = (&pos[0].0, &pos[1].0);
-    // One channel short, one too many, an empty epoch, no cursor shape at all.
-    for bad in [format!("{ea}:1"), format!("{ea}:1,{eb}:1,{ea}:1"), ":1,:1".to_owned(), "garbage".to_owned()] {
+    // One channel short, one too many, an empty epoch, no cursor shape at all, and in the current
+    // form: one offset short, and a digest of other epochs.
+    for bad in [
+        format!("{ea}:1"),
+        format!("{ea}:1,{eb}:1,{ea}:1"),
+        ":1,:1".to_owned(),
+        "garbage".to_owned(),
+        cursor(&pos[..1]),
+        "0123456789abcdef.1.1".to_owned(),
+    ] {
         let mut sse = node.sse(&path, Some(&bad)).await;
         let welcome = sse.next_event().await.expect("welcome");
         for reply in welcome.data["channels"].as_array().unwrap() {
@@ -245,5 +259,72 @@ async fn idle_streams_carry_comment_heartbeats() {
     let m = sse.next_message().await;
     assert_eq!(m.data["offset"], 1);
     assert_eq!(sse.next_block().await.as_deref(), Some(": ping"), "heartbeats go on after traffic");
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn ids_stay_short_over_many_channels_and_still_resume_every_one() {
+    let node = TestNode::start(secure_config()).await;
+    let names: Vec<String> = (0..128).map(|i| format!("many:{i}")).collect();
+    let channels: Vec<&str> = names.iter().map(String::as_str).collect();
+    let path = sse_path(&channels, &token("alice"));
+    let mut sse = node.sse(&path, None).await;
+    let welcome = sse.next_event().await.expect("welcome");
+    node.publish("many:7", json!({ "n": 1 })).await;
+    let m = sse.next_message().await;
+    let id = m.id.expect("an id");
+    // 16 hex digits and one short offset per channel; epoch:offset pairs would take 2.3 KB.
+    assert!(id.len() <= 16 + 128 * 3, "{} bytes: {id}", id.len());
+    let mut pos = positions(&welcome);
+    pos[7].1 = 1;
+    assert_eq!(id, cursor(&pos));
+    drop(sse);
+
+    node.publish("many:7", json!({ "n": 2 })).await;
+    node.publish("many:100", json!({ "n": 1 })).await;
+    let mut again = node.sse(&path, Some(&id)).await;
+    let welcome = again.next_event().await.expect("welcome");
+    let replies = welcome.data["channels"].as_array().unwrap();
+    assert!(replies.iter().all(|r| r["recovered"] == true), "every channel resumes: {welcome:?}");
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let m = again.next_message().await;
+        got.push((m.data["channel"].clone(), m.data["offset"].clone()));
+    }
+    assert_eq!(got, [(json!("many:7"), json!(2)), (json!("many:100"), json!(1))], "exactly what was missed");
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn a_replay_beyond_the_byte_budget_is_reported_not_recovered() {
+    // Each message is about 1.1 KB on the wire; 20 per channel are about 22 KB.
+    let node = TestNode::start(Config { max_replay_bytes: 50_000, ..secure_config() }).await;
+    let channels = ["a", "b", "c"];
+    let path = sse_path(&channels, &token("alice"));
+    let mut first = node.sse(&path, None).await;
+    let start = first.next_event().await.expect("welcome").id.expect("an id");
+    drop(first);
+    let pad = "x".repeat(1000);
+    for n in 1..=20 {
+        for c in channels {
+            node.publish(c, json!({ "n": n, "pad": pad })).await;
+        }
+    }
+    let mut sse = node.sse(&path, Some(&start)).await;
+    let welcome = sse.next_event().await.expect("welcome");
+    let replies = welcome.data["channels"].as_array().unwrap();
+    let summary: Vec<(bool, u64, u64)> = replies
+        .iter()
+        .map(|r| (r["recovered"].as_bool().unwrap(), r["replayed"].as_u64().unwrap(), r["offset"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(summary, [(true, 20, 20), (true, 20, 20), (false, 0, 20)], "c does not fit in what is left");
+    for c in ["a", "b"] {
+        for n in 1..=20 {
+            let m = sse.next_message().await;
+            assert_eq!((&m.data["channel"], &m.data["offset"]), (&json!(c), &json!(n)), "{m:?}");
+        }
+    }
+    node.publish("c", json!({ "n": 21 })).await;
+    assert_eq!(sse.next_message().await.data["offset"], 21, "c goes on live from its current position");
     node.stop().await;
 }
