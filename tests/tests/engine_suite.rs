@@ -57,6 +57,7 @@ both_engines!(
     history_expires_after_its_ttl_but_the_position_stays,
     the_node_registry_lists_the_latest_heartbeat_until_the_node_deregisters,
     a_node_that_stops_heartbeating_lapses_from_the_registry_after_node_ttl,
+    positions_far_beyond_the_top_are_not_recovered_and_read_as_empty,
 );
 
 /// Publishes `data` through `/api/publish` (with `extra` fields merged in); returns offset and
@@ -547,4 +548,27 @@ async fn a_node_that_stops_heartbeating_lapses_from_the_registry_after_node_ttl(
     .await;
     assert!(lapsed.is_ok(), "still listed {WAIT:?} after its only heartbeat (node_ttl {node_ttl:?})");
     engine.close().await;
+}
+
+/// Offsets no channel will reach, but a client may send: 10^14 and beyond, up to the largest
+/// integer JSON carries. Each is simply ahead of the channel: not recovered, an empty page.
+async fn positions_far_beyond_the_top_are_not_recovered_and_read_as_empty(config: Config) {
+    let node = TestNode::start(config).await;
+    let mut alice = node.ws(&token("alice")).await;
+    let epoch = alice.subscribe("far", None).await["epoch"].as_str().unwrap().to_owned();
+    assert_eq!(alice.command(json!({ "op": "unsubscribe", "channel": "far" })).await["ok"], true);
+    node.publish("far", json!({ "n": 1 })).await;
+    for since in [100_000_000_000_000_u64, 9_007_199_254_740_993, i64::MAX as u64, u64::MAX] {
+        let reply = alice.subscribe("far", Some((&epoch, since))).await;
+        let got = (&reply["ok"], &reply["recovered"], &reply["offset"]);
+        assert_eq!(got, (&json!(true), &json!(false), &json!(1)), "since {since}: {reply}");
+        assert_eq!(alice.command(json!({ "op": "unsubscribe", "channel": "far" })).await["ok"], true);
+        let (status, page) = node.api_get(&format!("/api/history?channel=far&since={since}")).await;
+        assert_eq!(
+            (status, &page["publications"], &page["top"]),
+            (200, &json!([]), &json!(1)),
+            "since {since}: {page}"
+        );
+    }
+    node.stop().await;
 }

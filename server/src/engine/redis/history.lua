@@ -20,7 +20,11 @@ local entries = {}
 if limit > 0 then
   if ARGV[1] == 'after' then
     local after = math.max(tonumber(ARGV[2]), top - size)
-    entries = redis.call('XRANGE', KEYS[1], '(' .. after .. '-0', '+', 'COUNT', limit)
+    -- Past the top there is nothing to read; an offset beyond 2^53 would not even print as an
+    -- integer. Below it, %d writes the id XRANGE needs.
+    if after < top then
+      entries = redis.call('XRANGE', KEYS[1], '(' .. string.format('%d', after) .. '-0', '+', 'COUNT', limit)
+    end
   else
     local newest = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', limit)
     for i = #newest, 1, -1 do

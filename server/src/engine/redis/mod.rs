@@ -201,10 +201,13 @@ impl RedisEngine {
         result.map_err(|e| {
             let kind = error_kind(&e);
             self.metrics.error(operation.label(), kind);
+            // The details (script hashes, Redis' own words) are for the log, not for clients.
+            tracing::debug!(operation = operation.label(), kind, error = %e, "redis round trip failed");
+            let text = format!("redis {kind} during {}", operation.label());
             match kind {
                 // Sent, and perhaps run: the caller cannot know.
-                "timeout" | "connection" | "protocol" => EngineError::NoAnswer(format!("redis: {e}")),
-                _ => EngineError::Unavailable(format!("redis: {e}")),
+                "timeout" | "connection" | "protocol" => EngineError::NoAnswer(text),
+                _ => EngineError::Unavailable(text),
             }
         })
     }
@@ -217,7 +220,7 @@ impl RedisEngine {
         };
         let args: Vec<Value> = vec![
             mode.into(),
-            (after as i64).into(),
+            (after.min(i64::MAX as u64) as i64).into(),
             (limit as i64).into(),
             Epoch::random().as_str().into(),
             secs(self.settings.meta_ttl).into(),
