@@ -102,6 +102,10 @@ pub async fn handle(node: Arc<Node>, req: Request<Incoming>) -> Response<Body> {
 
 async fn respond(node: &Node, route: Option<Route>, req: Request<Incoming>) -> AdminResult {
     check_key(node, &req)?;
+    // No browser page has business changing the cluster unless the origin policy says so.
+    if req.method() == Method::POST {
+        http::allowed_origin(node, &req, true)?;
+    }
     let path = req.uri().path().to_owned();
     let Some(route) = route else {
         let text = format!("no admin route {} {path}", req.method());

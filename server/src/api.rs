@@ -77,7 +77,7 @@ pub async fn handle(node: Arc<Node>, req: Request<Incoming>) -> Response<Body> {
 }
 
 async fn respond(node: &Node, route: Option<Route>, req: Request<Incoming>) -> Response<Body> {
-    let origin = match http::allowed_origin(node, &req) {
+    let origin = match http::allowed_origin(node, &req, req.method() == Method::POST) {
         Ok(origin) => origin,
         Err(refused) => return refused.into_response(),
     };

@@ -14,10 +14,9 @@ use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use serde::Serialize;
 
-use crate::config::Origins;
 use crate::node::{Node, Refusal};
 use crate::protocol::{CommandError, ErrorCode};
-use crate::{admin, api, sse, ws};
+use crate::{admin, api, origin, sse, ws};
 
 /// The body type of every response: buffered JSON or a streaming SSE body.
 pub type Body = BoxBody<Bytes, Infallible>;
@@ -96,7 +95,7 @@ fn readyz(node: &Node) -> Response<Body> {
 
 /// Answers a CORS preflight for an allowed origin.
 fn preflight<B>(node: &Node, req: &Request<B>) -> Response<Body> {
-    match allowed_origin(node, req) {
+    match allowed_origin(node, req, false) {
         Ok(Some(origin)) => {
             let mut r = empty(StatusCode::NO_CONTENT);
             let h = r.headers_mut();
@@ -170,26 +169,12 @@ impl From<CommandError> for HttpError {
     }
 }
 
-/// The origin policy (`--allowed-origins`): `Ok(None)` for requests without an Origin (not
-/// browsers), `Ok(Some(origin))` to echo in CORS headers, or 403.
-pub fn allowed_origin<B>(node: &Node, req: &Request<B>) -> Result<Option<HeaderValue>, HttpError> {
-    let Some(origin) = req.headers().get(header::ORIGIN) else { return Ok(None) };
-    let text = origin.to_str().unwrap_or("");
-    let ok = match &node.config.allowed_origins {
-        Origins::Any => true,
-        Origins::List(list) => list.iter().any(|o| o == text),
-        Origins::SameHost => {
-            let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok());
-            let origin_host = text.split_once("://").map(|(_, rest)| rest);
-            host.is_some() && host == origin_host
-        }
-    };
-    if ok {
-        Ok(Some(origin.clone()))
-    } else {
-        let text = format!("origin {text:?} is not allowed: add it to --allowed-origins (PUSHD_ALLOWED_ORIGINS)");
-        Err(HttpError::new(StatusCode::FORBIDDEN, ErrorCode::Forbidden, text))
-    }
+/// The origin policy (`origin.rs`) as an HTTP answer: `Ok(None)` for requests without an Origin
+/// (not browsers), `Ok(Some(origin))` to echo in CORS headers, or 403. `changes` marks requests
+/// that change state.
+pub fn allowed_origin<B>(node: &Node, req: &Request<B>, changes: bool) -> Result<Option<HeaderValue>, HttpError> {
+    origin::check(&node.config, req, changes)
+        .map_err(|refused| HttpError::new(StatusCode::FORBIDDEN, ErrorCode::Forbidden, refused.0))
 }
 
 /// Adds CORS headers for an allowed origin.

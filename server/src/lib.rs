@@ -24,6 +24,7 @@ pub mod hub;
 pub mod listener;
 pub mod metrics;
 pub mod node;
+pub mod origin;
 pub mod protocol;
 pub mod session;
 pub mod shutdown;

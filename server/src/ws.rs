@@ -43,7 +43,7 @@ pub fn upgrade(node: Arc<Node>, remote: SocketAddr, mut req: Request<Incoming>) 
     if !hyper_tungstenite::is_upgrade_request(&req) {
         return http::error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, "expected a WebSocket upgrade request");
     }
-    if let Err(refused) = http::allowed_origin(&node, &req) {
+    if let Err(refused) = http::allowed_origin(&node, &req, false) {
         node.metrics.refused.with_label_values(&["origin"]).inc();
         return refused.into_response();
     }

@@ -10,6 +10,7 @@ mod engine_suite;
 mod fanout;
 mod load_balancer;
 mod operator_plane;
+mod origins;
 mod pushctl;
 mod redis_faults;
 mod replay;
