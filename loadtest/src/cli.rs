@@ -121,7 +121,8 @@ pub struct FanoutArgs {
     pub publishers: usize,
 
     /// Client JWT every subscriber connects with (`/ws?token=`). Unset = dev mode, where each
-    /// subscriber connects as `?user=load-<n>`.
+    /// subscriber connects as `?user=load-<n>`. All subscribers are then one user: the nodes'
+    /// --max-connections-per-user (default 100) must allow as many as each node gets.
     #[arg(long, env = "PUSHLOAD_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
 

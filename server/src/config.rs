@@ -10,6 +10,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::channel::ChannelPattern;
+use crate::client_addr::Cidr;
 
 /// pushd: a real-time push broker node (WebSocket + SSE, gapless replay).
 ///
@@ -113,6 +114,20 @@ pub struct Args {
     /// Most client connections (WebSocket + SSE) this node accepts; more get 503.
     #[arg(long, env = "PUSHD_MAX_CONNECTIONS", default_value_t = 100_000)]
     pub max_connections: usize,
+
+    /// Most client connections one user may hold on this node (0 = no limit).
+    #[arg(long, env = "PUSHD_MAX_CONNECTIONS_PER_USER", default_value_t = 100)]
+    pub max_connections_per_user: usize,
+
+    /// Most client connections one client address may hold on this node (0 = no limit). Behind
+    /// a load balancer every client has its address, so set --trusted-proxies too.
+    #[arg(long, env = "PUSHD_MAX_CONNECTIONS_PER_IP", default_value_t = 0)]
+    pub max_connections_per_ip: usize,
+
+    /// Proxies (addresses or blocks, comma-separated: 10.0.0.0/8,192.0.2.7) whose
+    /// X-Forwarded-For names the client. Default: none, the TCP peer is the client.
+    #[arg(long, env = "PUSHD_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Vec<String>,
 
     /// Most open TCP connections on --listen, whatever they are doing (authenticated or not,
     /// upgraded or not); more get a 503 and are closed at once. Default: the process's
@@ -253,6 +268,12 @@ pub struct Config {
     pub max_channels: usize,
     /// Connections per node. Default 100,000.
     pub max_connections: usize,
+    /// Client connections per user. Default 100; 0 = no limit.
+    pub max_connections_per_user: usize,
+    /// Client connections per client address. Default 0 = no limit.
+    pub max_connections_per_ip: usize,
+    /// Peers whose X-Forwarded-For is believed. Default none.
+    pub trusted_proxies: Vec<Cidr>,
     /// Open TCP connections on the public listener. Default: open-file limit minus 100.
     pub max_tcp_connections: usize,
     /// Time to send a request, and the keep-alive idle limit. Default 10 s.
@@ -396,6 +417,14 @@ impl TryFrom<Args> for Config {
             max_payload: a.max_payload,
             max_channels: a.max_channels,
             max_connections: a.max_connections,
+            max_connections_per_user: a.max_connections_per_user,
+            max_connections_per_ip: a.max_connections_per_ip,
+            trusted_proxies: a
+                .trusted_proxies
+                .iter()
+                .filter(|s| !s.is_empty())
+                .map(|s| Cidr::parse(s).map_err(|e| anyhow::anyhow!("--trusted-proxies: {e}")))
+                .collect::<anyhow::Result<_>>()?,
             max_tcp_connections: a.max_tcp_connections.unwrap_or_else(default_tcp_limit),
             request_timeout: Duration::from_secs(a.request_timeout),
             rate_limit: a.rate_limit,

@@ -14,7 +14,9 @@ use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use serde::Serialize;
 
-use crate::node::{Node, Refusal};
+use crate::admission::Refusal;
+use crate::client_addr;
+use crate::node::Node;
 use crate::protocol::{CommandError, ErrorCode};
 use crate::{admin, api, origin, sse, ws};
 
@@ -57,6 +59,7 @@ pub(crate) async fn route(
         let text = format!("no route for {} {path} on this address: it is served on the node's {other}", req.method());
         return Ok(error(StatusCode::NOT_FOUND, ErrorCode::NotFound, text));
     }
+    let remote = client_addr::resolve(&node.config.trusted_proxies, remote, req.headers());
     let response = match (req.method(), path.as_str()) {
         (&Method::GET, "/ws") => ws::upgrade(node, remote, req),
         (&Method::GET, "/sse") => sse::open(node, remote, req).await,
@@ -141,9 +144,13 @@ impl HttpError {
 }
 
 impl From<Refusal> for HttpError {
-    /// A connection the node cannot take now: try another node.
+    /// A connection the node cannot take now: 503, try another node; or 429, close one first.
     fn from(refusal: Refusal) -> Self {
-        Self::new(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, refusal.message())
+        if refusal.elsewhere() {
+            Self::new(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, refusal.message())
+        } else {
+            Self::new(StatusCode::TOO_MANY_REQUESTS, ErrorCode::TooManyConnections, refusal.message())
+        }
     }
 }
 
@@ -164,6 +171,7 @@ impl From<CommandError> for HttpError {
             | ErrorCode::AlreadySubscribed
             | ErrorCode::NotSubscribed
             | ErrorCode::TooManyChannels => StatusCode::BAD_REQUEST,
+            ErrorCode::TooManyConnections => StatusCode::TOO_MANY_REQUESTS,
         };
         Self { status, error }
     }

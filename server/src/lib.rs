@@ -12,9 +12,11 @@
 //! - [`node`]: state every handler shares. [`metrics`]: `/metrics`. [`shutdown`]: the drain.
 
 pub mod admin;
+pub mod admission;
 pub mod api;
 pub mod auth;
 pub mod channel;
+pub mod client_addr;
 pub mod config;
 pub mod control;
 pub mod cursor;

@@ -31,8 +31,18 @@ pub const PUBLISH_ROUTES: [&str; 3] = ["api", "ws", "admin"];
 /// engine did not answer in time (it may have stored it).
 pub const PUBLISH_ERRORS: [&str; 3] = ["payload_too_large", "unavailable", "outcome_unknown"];
 /// Why a connection was refused before its session started.
-pub const REFUSALS: [&str; 8] =
-    ["origin", "auth", "banned", "full", "draining", "bad_request", "unavailable", "tcp_full"];
+pub const REFUSALS: [&str; 10] = [
+    "origin",
+    "auth",
+    "banned",
+    "full",
+    "draining",
+    "user_limit",
+    "ip_limit",
+    "bad_request",
+    "unavailable",
+    "tcp_full",
+];
 /// Close codes the server sends, and `peer` for a client that closed or vanished.
 pub const CLOSE_CODES: [&str; 13] =
     ["1001", "1002", "1003", "1007", "1009", "1012", "4001", "4003", "4008", "4009", "4010", "4011", "peer"];
@@ -301,7 +311,7 @@ impl Metrics {
 }
 
 /// Error codes as the `result` label of `pushd_commands_total` (the protocol's `ErrorCode`s).
-pub const ERROR_CODES: [&str; 15] = [
+pub const ERROR_CODES: [&str; 16] = [
     "bad_request",
     "unknown_op",
     "bad_channel",
@@ -311,6 +321,7 @@ pub const ERROR_CODES: [&str; 15] = [
     "already_subscribed",
     "not_subscribed",
     "too_many_channels",
+    "too_many_connections",
     "payload_too_large",
     "presence_disabled",
     "rate_limited",

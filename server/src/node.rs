@@ -3,14 +3,16 @@
 //! (publish, presence) live here once.
 
 use std::collections::HashSet;
+use std::net::IpAddr;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::admission::{Admission, Refusal, Slot};
 use crate::auth::{AuthError, Authenticator};
 use crate::channel::ChannelName;
 use crate::config::Config;
@@ -46,7 +48,7 @@ pub struct Node {
     pub started_ms: u64,
     /// `SERVING`, `UNREADY` or `CLOSING` (see `shutdown.rs`).
     drain: AtomicU8,
-    connections: AtomicUsize,
+    admission: Arc<Admission>,
     next_conn: AtomicU64,
 }
 
@@ -56,42 +58,6 @@ const SERVING: u8 = 0;
 const UNREADY: u8 = 1;
 /// Draining, second phase: new clients are refused and sessions are being closed.
 const CLOSING: u8 = 2;
-
-/// Why a client connection was refused before its session started.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
-    /// The node is draining for a restart.
-    Draining,
-    /// `--max-connections` reached.
-    Full,
-}
-
-impl Refusal {
-    /// The `reason` label of `pushd_connections_refused_total`.
-    pub fn reason(self) -> &'static str {
-        match self {
-            Refusal::Draining => "draining",
-            Refusal::Full => "full",
-        }
-    }
-
-    /// What the client should do, for the 503 body.
-    pub fn message(self) -> &'static str {
-        match self {
-            Refusal::Draining => "node is draining for a restart: connect to another node",
-            Refusal::Full => "node is full (--max-connections): connect to another node",
-        }
-    }
-}
-
-/// One reserved connection slot; dropping it frees the slot.
-pub struct ConnectionSlot(Arc<Node>);
-
-impl Drop for ConnectionSlot {
-    fn drop(&mut self) {
-        self.0.connections.fetch_sub(1, Ordering::Relaxed);
-    }
-}
 
 impl Node {
     /// Builds the node on the engine the config names: Redis with `--redis-url`, else memory.
@@ -131,6 +97,8 @@ impl Node {
                 MemoryEngine::start(settings, Arc::downgrade(&deliver))
             }
         };
+        let admission =
+            Admission::new(config.max_connections, config.max_connections_per_user, config.max_connections_per_ip);
         let node = Arc::new(Self {
             addr: addr.to_string(),
             rates: Mutex::new((0.0, 0.0)),
@@ -145,7 +113,7 @@ impl Node {
             started: Instant::now(),
             started_ms: crate::engine::now_ms(),
             drain: AtomicU8::new(SERVING),
-            connections: AtomicUsize::new(0),
+            admission,
             next_conn: AtomicU64::new(1),
         });
         let handler: Arc<dyn ControlHandler> = node.clone();
@@ -163,17 +131,13 @@ impl Node {
         format!("{}.{}", self.config.node_id, self.next_conn.fetch_add(1, Ordering::Relaxed)).into()
     }
 
-    /// Reserves a connection slot; refused at `--max-connections` or while the drain closes
-    /// sessions.
-    pub fn reserve_connection(self: &Arc<Self>) -> Result<ConnectionSlot, Refusal> {
+    /// Reserves a session's place for `user` at `ip`; refused while the drain closes sessions,
+    /// or at one of the connection limits (`admission.rs`).
+    pub fn reserve_connection(&self, user: &str, ip: IpAddr) -> Result<Slot, Refusal> {
         if self.drain.load(Ordering::Relaxed) == CLOSING {
             return Err(Refusal::Draining);
         }
-        let max = self.config.max_connections;
-        self.connections
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < max).then_some(n + 1))
-            .map(|_| ConnectionSlot(self.clone()))
-            .map_err(|_| Refusal::Full)
+        self.admission.admit(user, ip)
     }
 
     /// True from the start of a drain: /readyz answers 503 from then on.

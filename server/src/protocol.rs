@@ -118,6 +118,8 @@ pub enum ErrorCode {
     AlreadySubscribed,
     NotSubscribed,
     TooManyChannels,
+    /// A user's or an address's connection limit is reached.
+    TooManyConnections,
     PayloadTooLarge,
     PresenceDisabled,
     RateLimited,
@@ -129,7 +131,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, for metrics that start each series at 0.
-    pub const ALL: [ErrorCode; 15] = [
+    pub const ALL: [ErrorCode; 16] = [
         Self::BadRequest,
         Self::UnknownOp,
         Self::BadChannel,
@@ -139,6 +141,7 @@ impl ErrorCode {
         Self::AlreadySubscribed,
         Self::NotSubscribed,
         Self::TooManyChannels,
+        Self::TooManyConnections,
         Self::PayloadTooLarge,
         Self::PresenceDisabled,
         Self::RateLimited,
@@ -159,6 +162,7 @@ impl ErrorCode {
             Self::AlreadySubscribed => "already_subscribed",
             Self::NotSubscribed => "not_subscribed",
             Self::TooManyChannels => "too_many_channels",
+            Self::TooManyConnections => "too_many_connections",
             Self::PayloadTooLarge => "payload_too_large",
             Self::PresenceDisabled => "presence_disabled",
             Self::RateLimited => "rate_limited",

@@ -25,12 +25,13 @@ use hyper::{Request, Response, StatusCode};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
+use crate::admission::Slot;
 use crate::auth::AuthError;
 use crate::channel::ChannelName;
 use crate::cursor::{self, Cursor};
 use crate::engine::{HistoryQuery, Position, Publication};
 use crate::http::{self, Body, HttpError};
-use crate::node::{ConnectionSlot, Node};
+use crate::node::Node;
 use crate::protocol::{Close, CloseCode, ErrorCode, Reply, to_frame};
 use crate::session::{Frames, Out, Session, SessionInfo, Subscribed, Tally, Transport};
 
@@ -71,7 +72,7 @@ async fn start<B>(node: Arc<Node>, remote: SocketAddr, req: &Request<B>) -> Resu
     };
     let identity = node.auth.authenticate(token.as_deref(), http::query(req, "user").as_deref()).map_err(refused)?;
     node.check_ban(&identity.user).await.map_err(refused)?;
-    let slot = node.reserve_connection().map_err(|r| (r.reason(), HttpError::from(r)))?;
+    let slot = node.reserve_connection(&identity.user, remote.ip()).map_err(|r| (r.reason(), HttpError::from(r)))?;
     let last_id = req.headers().get("last-event-id").and_then(|v| v.to_str().ok()).map(str::to_owned);
     let cursor = Cursor::parse(last_id.or_else(|| http::query(req, "since")).as_deref(), channels.len());
     let since = resolve(&node, &channels, cursor).await.map_err(|e| ("unavailable", e))?;
@@ -276,7 +277,7 @@ impl SseStream {
     }
 
     /// Streams queued messages until the client leaves or the session is closed.
-    async fn run(mut self, mut session: Session, tx: mpsc::Sender<Bytes>, _slot: ConnectionSlot) {
+    async fn run(mut self, mut session: Session, tx: mpsc::Sender<Bytes>, _slot: Slot) {
         let info = session.info_arc();
         let ping_every = session.node().config.ping_interval;
         let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);

@@ -19,9 +19,10 @@ use hyper_tungstenite::tungstenite::protocol::{WebSocketConfig, frame::coding::C
 use hyper_tungstenite::tungstenite::{Error as WsError, Message};
 use tracing::Instrument;
 
+use crate::admission::Slot;
 use crate::auth::{AuthError, Identity};
 use crate::http::{self, Body, HttpError};
-use crate::node::{ConnectionSlot, Node};
+use crate::node::Node;
 use crate::protocol::{Close, CloseCode, Command, CommandError, ErrorCode, Op, Reply, Welcome, to_frame};
 use crate::session::{Frames, Out, Session, SessionInfo, Subscribed, Transport};
 
@@ -49,7 +50,7 @@ pub fn upgrade(node: Arc<Node>, remote: SocketAddr, mut req: Request<Incoming>) 
     }
     let token = http::query(&req, "token").or_else(|| http::bearer(&req).map(str::to_owned));
     let identity = node.auth.authenticate(token.as_deref(), http::query(&req, "user").as_deref());
-    let slot = match identity.as_ref().map(|_| node.reserve_connection()) {
+    let slot = match identity.as_ref().map(|id| node.reserve_connection(&id.user, remote.ip())) {
         Ok(Ok(slot)) => Some(slot),
         Ok(Err(refused)) => {
             node.metrics.refused.with_label_values(&[refused.reason()]).inc();
@@ -84,7 +85,7 @@ async fn run(
     node: Arc<Node>,
     mut ws: HyperWebsocketStream,
     identity: Result<Identity, AuthError>,
-    slot: Option<ConnectionSlot>,
+    slot: Option<Slot>,
     remote: SocketAddr,
 ) {
     let identity = match identity {

@@ -222,8 +222,21 @@ impl WsClient {
 
     /// Tries `ws://<addr>/ws?<query>`; `Err` carries what the server answered instead.
     pub async fn try_connect(addr: SocketAddr, query: &str) -> Result<WsClient, tokio_tungstenite::tungstenite::Error> {
-        let url = format!("ws://{addr}/ws?{query}");
-        let (stream, _) = within("websocket connect", tokio_tungstenite::connect_async(url)).await?;
+        Self::try_connect_with(addr, query, &[]).await
+    }
+
+    /// `try_connect` with extra request headers (an `Origin`, an `X-Forwarded-For`).
+    pub async fn try_connect_with(
+        addr: SocketAddr,
+        query: &str,
+        headers: &[(&'static str, &str)],
+    ) -> Result<WsClient, tokio_tungstenite::tungstenite::Error> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut request = format!("ws://{addr}/ws?{query}").into_client_request()?;
+        for (name, value) in headers {
+            request.headers_mut().append(*name, value.parse().expect("a valid header value"));
+        }
+        let (stream, _) = within("websocket connect", tokio_tungstenite::connect_async(request)).await?;
         Ok(WsClient { stream, next_id: 1, pending: Vec::new(), welcome: Value::Null })
     }
 

@@ -125,3 +125,60 @@ async fn a_node_out_of_file_descriptors_recovers_when_they_are_freed() {
     })
     .await;
 }
+
+/// The HTTP status a refused upgrade answered with.
+fn refused_status(result: Result<WsClient, tokio_tungstenite::tungstenite::Error>) -> u16 {
+    match result {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => r.status().as_u16(),
+        Err(e) => panic!("expected an HTTP refusal, got {e}"),
+        Ok(_) => panic!("the connection was upgraded beyond the limit"),
+    }
+}
+
+#[tokio::test]
+async fn one_user_cannot_take_every_connection() {
+    let node = TestNode::start(Config { max_connections_per_user: 2, ..secure_config() }).await;
+    let first = node.ws(&token("mallory")).await;
+    let _second = node.ws(&token("mallory")).await;
+    let query = format!("token={}", token("mallory"));
+    assert_eq!(refused_status(node.try_ws(&query).await), 429);
+    let mut sse = node.sse(&format!("/sse?channel=a&{query}"), None).await;
+    assert_eq!(
+        (sse.status, &sse.body_json().await["error"]["code"]),
+        (429, &serde_json::json!("too_many_connections"))
+    );
+    let _alice = node.ws(&token("alice")).await;
+    drop(first);
+    within("mallory's place to come free", async {
+        while node.try_ws(&query).await.is_err() {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn one_address_behind_a_trusted_proxy_cannot_take_every_connection() {
+    let config = Config {
+        max_connections_per_ip: 2,
+        trusted_proxies: vec![pushd::client_addr::Cidr::parse("127.0.0.1").unwrap()],
+        ..secure_config()
+    };
+    let node = TestNode::start(config).await;
+    let via_proxy = |client: &'static str, user: &str| {
+        let query = format!("token={}", token(user));
+        async move { WsClient::try_connect_with(node.addr, &query, &[("x-forwarded-for", client)]).await }
+    };
+    let _a = via_proxy("203.0.113.5", "u1").await.unwrap();
+    let _b = via_proxy("203.0.113.5", "u2").await.unwrap();
+    assert_eq!(refused_status(via_proxy("203.0.113.5", "u3").await), 429);
+    let _c = via_proxy("203.0.113.6", "u3").await.expect("another client behind the proxy");
+    // What a client writes into the header itself, left of what the proxy added, is not believed.
+    let spoofed = WsClient::try_connect_with(
+        node.addr,
+        &format!("token={}", token("u4")),
+        &[("x-forwarded-for", "198.51.100.1, 203.0.113.5")],
+    )
+    .await;
+    assert_eq!(refused_status(spoofed), 429);
+}
