@@ -90,6 +90,17 @@ pub struct Args {
     #[arg(long, env = "PUSHD_HISTORY_META_TTL", default_value_t = 3600)]
     pub history_meta_ttl: u64,
 
+    /// Memory engine: most channels it remembers (epoch, position, history) beside those with
+    /// subscribers; past it the longest-unused are forgotten, and clients returning to them get
+    /// `recovered: false`.
+    #[arg(long, env = "PUSHD_MAX_IDLE_CHANNELS", default_value_t = 100_000)]
+    pub max_idle_channels: usize,
+
+    /// Memory engine: most bytes of history it holds over all channels; past it the oldest
+    /// messages of the least recently published channels go first.
+    #[arg(long, env = "PUSHD_MAX_HISTORY_BYTES", default_value_t = 512 * 1024 * 1024)]
+    pub max_history_bytes: usize,
+
     /// Most messages one resubscribe may replay; a longer gap answers `recovered: false`.
     #[arg(long, env = "PUSHD_MAX_REPLAY", default_value_t = 1000)]
     pub max_replay: usize,
@@ -256,6 +267,10 @@ pub struct Config {
     pub history_ttl: Duration,
     /// Epoch and top lifetime after the last use. Default 3600 s.
     pub history_meta_ttl: Duration,
+    /// Memory engine: channels remembered. Default 100,000.
+    pub max_idle_channels: usize,
+    /// Memory engine: bytes of history held. Default 512 MiB.
+    pub max_history_bytes: usize,
     /// Longest replay on resubscribe. Default 1000.
     pub max_replay: usize,
     /// Replayed bytes per resubscribe or SSE request. Default 8 MiB.
@@ -353,6 +368,8 @@ impl TryFrom<Args> for Config {
         let positive = [
             ("--history-size", a.history_size),
             ("--max-replay", a.max_replay),
+            ("--max-idle-channels", a.max_idle_channels),
+            ("--max-history-bytes", a.max_history_bytes),
             ("--max-replay-bytes", a.max_replay_bytes),
             ("--max-frame", a.max_frame),
             ("--max-payload", a.max_payload),
@@ -412,6 +429,8 @@ impl TryFrom<Args> for Config {
             history_ttl: Duration::from_secs(a.history_ttl),
             history_meta_ttl: Duration::from_secs(a.history_meta_ttl),
             max_replay: a.max_replay,
+            max_idle_channels: a.max_idle_channels,
+            max_history_bytes: a.max_history_bytes,
             max_replay_bytes: a.max_replay_bytes,
             max_frame: a.max_frame,
             max_payload: a.max_payload,

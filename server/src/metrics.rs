@@ -109,6 +109,17 @@ pub struct Metrics {
     pub engine_up: IntGauge,
     /// The Redis engine's own metrics; registered only on nodes that use Redis.
     pub redis: RedisMetrics,
+    /// The memory engine's own metrics; registered only on nodes that use it.
+    pub memory: MemoryMetrics,
+}
+
+/// What the memory engine holds against its bounds.
+#[derive(Clone)]
+pub struct MemoryMetrics {
+    /// Channels remembered (epoch, top, history), subscribed or not.
+    pub channels: IntGauge,
+    /// Bytes of stored history.
+    pub history_bytes: IntGauge,
 }
 
 /// The Redis engine's round trips and its live fan-out repairs.
@@ -201,6 +212,16 @@ impl Metrics {
             zero(&redis.errors, &[&REDIS_OPERATIONS, &REDIS_ERROR_KINDS]);
             zero(&redis.gap_fills, &[&["filled", "reset"]]);
         }
+        let memory = MemoryMetrics {
+            channels: IntGauge::new("pushd_memory_channels", "Channels the memory engine remembers")
+                .expect("valid metric"),
+            history_bytes: IntGauge::new("pushd_memory_history_bytes", "Bytes of history the memory engine holds")
+                .expect("valid metric"),
+        };
+        if identity.engine == "memory" {
+            r.collector(memory.channels.clone());
+            r.collector(memory.history_bytes.clone());
+        }
         let m = Self {
             connections: r.gauge_vec("pushd_connections", "Open client connections", &["transport"]),
             connections_opened: r.counter_vec(
@@ -266,6 +287,7 @@ impl Metrics {
             draining: r.gauge("pushd_draining", "1 from SIGTERM until exit"),
             engine_up: r.gauge("pushd_engine_up", "1 while the engine can take traffic"),
             redis,
+            memory,
             registry,
         };
         m.zero_every_series();

@@ -93,8 +93,10 @@ impl Node {
                     meta_ttl: config.history_meta_ttl,
                     idempotency_ttl: config.idempotency_ttl,
                     node_ttl: config.node_ttl,
+                    max_channels: config.max_idle_channels,
+                    max_history_bytes: config.max_history_bytes,
                 };
-                MemoryEngine::start(settings, Arc::downgrade(&deliver))
+                MemoryEngine::start(settings, Arc::downgrade(&deliver), metrics.memory.clone())
             }
         };
         let admission =

@@ -14,6 +14,15 @@ use tokio::sync::mpsc;
 
 use crate::{PushdProcess, RedisServer, within};
 
+/// The guard on Prometheus' own events (ready, a scrape): it scrapes every 5 s, and on a loaded
+/// machine its start and a scrape round can take longer than the harness's 10 s `WAIT`.
+const PROMETHEUS_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Awaits a Prometheus event under `PROMETHEUS_WAIT`.
+async fn prometheus_guard<T>(what: &str, fut: impl Future<Output = T>) -> T {
+    tokio::time::timeout(PROMETHEUS_WAIT, fut).await.unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+}
+
 /// The admin key the deploy tests' nodes use.
 pub const ADMIN_KEY: &str = "test-admin-key";
 
@@ -201,7 +210,7 @@ impl Prometheus {
             .spawn()
             .expect("prometheus not found: run ./scripts/test.sh, which installs it");
         let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        within("prometheus to be ready", async {
+        prometheus_guard("prometheus to be ready", async {
             while let Ok(Some(line)) = lines.next_line().await {
                 if line.contains("Server is ready to receive web requests") {
                     return;
@@ -238,7 +247,7 @@ impl Prometheus {
     pub async fn scraped_after(&self, since: f64, targets: usize) {
         // timestamp() of a plain selector is the sample's own time (of anything else, now).
         let expr = format!("count((timestamp(up{{job=\"pushd\"}}) > {since}) and (up{{job=\"pushd\"}} == 1))");
-        within("every node to be scraped", async {
+        prometheus_guard("every node to be scraped", async {
             loop {
                 let fresh = self.query(&expr).await.unwrap_or_default();
                 if fresh.first().and_then(value).is_some_and(|n| n >= targets as f64) {

@@ -182,3 +182,48 @@ async fn one_address_behind_a_trusted_proxy_cannot_take_every_connection() {
     .await;
     assert_eq!(refused_status(spoofed), 429);
 }
+
+/// `name`'s value on the node's /metrics.
+async fn metric(node: &TestNode, name: &str) -> f64 {
+    let text = node.metrics().await;
+    let line = text.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap_or_else(|| panic!("no {name}"));
+    line.rsplit(' ').next().unwrap().parse().unwrap()
+}
+
+#[tokio::test]
+async fn channels_subscribed_once_and_left_do_not_pile_up_in_memory() {
+    let config = Config { max_idle_channels: 100, rate_limit: 10_000, rate_burst: 10_000, ..secure_config() };
+    let node = TestNode::start(config).await;
+    let mut churn = node.ws(&token("churn")).await;
+    let mut first_epoch = String::new();
+    let mut last_epoch = String::new();
+    for i in 0..1000 {
+        let reply = churn.subscribe(&format!("churn:{i}"), None).await;
+        let epoch = reply["epoch"].as_str().unwrap().to_owned();
+        (first_epoch, last_epoch) = if i == 0 { (epoch.clone(), epoch) } else { (first_epoch, epoch) };
+        assert_eq!(
+            churn.command(serde_json::json!({ "op": "unsubscribe", "channel": format!("churn:{i}") })).await["ok"],
+            true
+        );
+    }
+    assert!(metric(&node, "pushd_memory_channels").await <= 100.0, "the memory engine keeps at most 100");
+    // The longest unused was forgotten: its position cannot be honoured, and the client is told.
+    let reply = churn.subscribe("churn:0", Some((&first_epoch, 0))).await;
+    assert_eq!(reply["recovered"], false, "{reply}");
+    let reply = churn.subscribe("churn:999", Some((&last_epoch, 0))).await;
+    assert_eq!(reply["recovered"], true, "{reply}");
+}
+
+#[tokio::test]
+async fn a_channel_nobody_published_to_keeps_its_redis_key_only_for_the_history_ttl() {
+    let redis = RedisServer::start().await;
+    let node = TestNode::start(redis_config(&redis, "n0")).await;
+    let mut alice = node.ws(&token("alice")).await;
+    assert_eq!(alice.subscribe("quiet", None).await["ok"], true);
+    let ttl: u64 = redis.cli(&["TTL", "pushd:{quiet}:meta"]).await.trim().parse().unwrap();
+    let history_ttl = secure_config().history_ttl.as_secs();
+    assert!(ttl > 0 && ttl <= history_ttl, "an empty channel's meta lives {ttl} s");
+    node.publish("quiet", serde_json::json!(1)).await;
+    let ttl: u64 = redis.cli(&["TTL", "pushd:{quiet}:meta"]).await.trim().parse().unwrap();
+    assert!(ttl > history_ttl, "once it holds messages its position lives --history-meta-ttl: {ttl} s");
+}

@@ -225,6 +225,7 @@ impl RedisEngine {
             Epoch::random().as_str().into(),
             secs(self.settings.meta_ttl).into(),
             (self.settings.history_size as i64).into(),
+            secs(self.settings.history_ttl).into(),
         ];
         let keys = vec![self.keys.stream(channel), self.keys.meta(channel)];
         let value: Value =

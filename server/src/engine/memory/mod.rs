@@ -8,10 +8,15 @@
 //!
 //! Expiry mirrors the Redis layout: the whole history goes `history_ttl` after the last publish
 //! (the stream key's TTL), and a channel nobody subscribes to or touches for `meta_ttl` is
-//! forgotten with its epoch and top (the meta key's TTL).
+//! forgotten with its epoch and top (the meta key's TTL). Two bounds hold on top of that
+//! (`bounds.rs`): at most `max_channels` channels are remembered, and their history takes at most
+//! `max_history_bytes`; past either, what was used longest ago goes first.
+
+mod bounds;
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -22,12 +27,13 @@ use super::{
     NewMessage, NodeInfo, Offset, PresenceChange, Publication, Survey, now_ms, now_us, presence_frame,
 };
 use crate::channel::ChannelName;
+use crate::metrics::MemoryMetrics;
 
 const SHARDS: usize = 64;
 
 type Shard<T> = Mutex<HashMap<ChannelName, T>>;
 
-/// History sizes and lifetimes, filled from `Config`.
+/// History sizes, lifetimes and bounds, filled from `Config`.
 #[derive(Debug, Clone, Copy)]
 pub struct MemorySettings {
     pub history_size: usize,
@@ -35,6 +41,10 @@ pub struct MemorySettings {
     pub meta_ttl: Duration,
     pub idempotency_ttl: Duration,
     pub node_ttl: Duration,
+    /// Channels remembered at most (`--max-idle-channels`); subscribed ones are never forgotten.
+    pub max_channels: usize,
+    /// Bytes of history held at most (`--max-history-bytes`).
+    pub max_history_bytes: usize,
 }
 
 /// The single-node engine.
@@ -53,6 +63,16 @@ pub struct MemoryEngine {
     /// User -> end of ban (Unix ms).
     bans: Mutex<HashMap<String, u64>>,
     presence: Vec<Shard<HashMap<Arc<str>, ClientInfo>>>,
+    max_channels: usize,
+    max_history_bytes: usize,
+    /// Channels remembered now, and the bytes of their history.
+    held_channels: AtomicUsize,
+    held_bytes: AtomicUsize,
+    /// Set while a bound is being restored, so one pass runs at a time.
+    shedding: AtomicBool,
+    /// Counts uses of channels, for `ChannelLog::last_use`.
+    uses: AtomicU64,
+    metrics: MemoryMetrics,
 }
 
 /// One channel's history and position.
@@ -64,10 +84,21 @@ struct ChannelLog {
     published_ms: u64,
     /// When the channel was last published to, read or left (forgetting idle channels).
     touched_ms: u64,
+    /// The engine's use count at the last publish, read or leave: orders channels by last use
+    /// exactly, where milliseconds tie.
+    last_use: u64,
     /// Live subscriptions of this node: a subscribed channel is never forgotten.
     subscribers: usize,
     /// Idempotency key -> (offset, epoch, lapse time in ms).
     idempotent: HashMap<String, (Offset, Epoch, u64)>,
+    /// What the ring holds, by `held_size`.
+    bytes: usize,
+}
+
+/// What one stored publication costs the memory engine, roughly: its data, its frame (which
+/// repeats the data) and the bookkeeping around them.
+fn held_size(p: &Publication) -> usize {
+    p.data.get().len() + p.frame().len() + 160
 }
 
 impl ChannelLog {
@@ -79,18 +110,38 @@ impl ChannelLog {
             ring: VecDeque::new(),
             published_ms: now,
             touched_ms: now,
+            last_use: 0,
             subscribers: 0,
             idempotent: HashMap::new(),
+            bytes: 0,
         }
     }
 
+    /// Appends `p`, dropping the oldest beyond `size`; returns the bytes added and freed.
+    fn push(&mut self, p: Arc<Publication>, size: usize) -> (usize, usize) {
+        let freed = if self.ring.len() == size { self.drop_oldest() } else { 0 };
+        let added = held_size(&p);
+        self.ring.push_back(p);
+        self.bytes += added;
+        (added, freed)
+    }
+
+    /// Drops the oldest stored message; returns the bytes freed.
+    fn drop_oldest(&mut self) -> usize {
+        let freed = self.ring.pop_front().map_or(0, |p| held_size(&p));
+        self.bytes -= freed;
+        freed
+    }
+
     /// Drops the whole history once `ttl_ms` passed since the last publish; it is then gone for
-    /// replay like trimmed messages, while epoch and top stay.
-    fn expire(&mut self, now: u64, ttl_ms: u64) {
+    /// replay like trimmed messages, while epoch and top stay. Returns the bytes freed.
+    fn expire(&mut self, now: u64, ttl_ms: u64) -> usize {
+        self.idempotent.retain(|_, (_, _, lapse)| *lapse > now);
         if now.saturating_sub(self.published_ms) > ttl_ms {
             self.ring.clear();
+            return std::mem::take(&mut self.bytes);
         }
-        self.idempotent.retain(|_, (_, _, lapse)| *lapse > now);
+        0
     }
 
     /// Whether the sweeper may forget this channel.
@@ -112,8 +163,16 @@ impl ChannelLog {
 
 impl MemoryEngine {
     /// Starts the engine and its sweeper; `deliver` is the hub (held weakly: the hub owns us).
-    pub fn start(settings: MemorySettings, deliver: Weak<dyn Deliver>) -> Arc<Self> {
-        let MemorySettings { history_size, history_ttl, meta_ttl, idempotency_ttl, node_ttl } = settings;
+    pub fn start(settings: MemorySettings, deliver: Weak<dyn Deliver>, metrics: MemoryMetrics) -> Arc<Self> {
+        let MemorySettings {
+            history_size,
+            history_ttl,
+            meta_ttl,
+            idempotency_ttl,
+            node_ttl,
+            max_channels,
+            max_history_bytes,
+        } = settings;
         let engine = Arc::new(Self {
             history_size,
             history_ttl,
@@ -127,6 +186,13 @@ impl MemoryEngine {
             control: std::sync::OnceLock::new(),
             bans: Mutex::new(HashMap::new()),
             presence: shards(),
+            max_channels,
+            max_history_bytes,
+            held_channels: AtomicUsize::new(0),
+            held_bytes: AtomicUsize::new(0),
+            shedding: AtomicBool::new(false),
+            uses: AtomicU64::new(0),
+            metrics,
         });
         tokio::spawn(sweep(Arc::downgrade(&engine), history_ttl));
         engine
@@ -136,9 +202,45 @@ impl MemoryEngine {
         &shards[self.hasher.hash_one(channel) as usize % SHARDS]
     }
 
+    /// The channel's log, made if the channel is new (which may push the oldest unused channels
+    /// out, past `max_channels`).
     fn log(&self, channel: &ChannelName) -> Arc<Mutex<ChannelLog>> {
-        let mut shard = lock(self.shard(&self.channels, channel));
-        shard.entry(channel.clone()).or_insert_with(|| Arc::new(Mutex::new(ChannelLog::new()))).clone()
+        let (log, made) = {
+            let mut shard = lock(self.shard(&self.channels, channel));
+            let mut made = false;
+            let log = shard
+                .entry(channel.clone())
+                .or_insert_with(|| {
+                    made = true;
+                    Arc::new(Mutex::new(ChannelLog { last_use: self.used(), ..ChannelLog::new() }))
+                })
+                .clone();
+            (log, made)
+        };
+        if made {
+            let held = self.held_channels.fetch_add(1, Ordering::Relaxed) + 1;
+            self.metrics.channels.set(held as i64);
+            if held > self.max_channels {
+                self.shed_channels();
+            }
+        }
+        log
+    }
+
+    /// The next use count.
+    fn used(&self) -> u64 {
+        self.uses.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Counts bytes added to and freed from history, restoring the bytes bound if it broke.
+    fn held(&self, added: usize, freed: usize) {
+        // Freed bytes were added before, so the count never goes below zero.
+        let now = self.held_bytes.fetch_add(added, Ordering::Relaxed) + added;
+        let now = if freed == 0 { now } else { self.held_bytes.fetch_sub(freed, Ordering::Relaxed) - freed };
+        self.metrics.history_bytes.set(now as i64);
+        if now > self.max_history_bytes {
+            self.shed_bytes();
+        }
     }
 
     fn ttl_ms(&self) -> u64 {
@@ -148,13 +250,24 @@ impl MemoryEngine {
     /// Expires old history and forgets idle channels nobody subscribes to.
     fn sweep_once(&self) {
         let (now, ttl, meta_ttl) = (now_ms(), self.ttl_ms(), self.meta_ttl.as_millis() as u64);
+        let (mut freed, mut forgotten) = (0, 0);
         for shard in &self.channels {
             lock(shard).retain(|_, log| {
                 let mut log = lock(log);
-                log.expire(now, ttl);
-                !log.forgettable(now, meta_ttl)
+                freed += log.expire(now, ttl);
+                let forget = log.forgettable(now, meta_ttl);
+                forgotten += usize::from(forget);
+                !forget
             });
         }
+        self.forgot(forgotten);
+        self.held(0, freed);
+    }
+
+    /// Counts `n` channels forgotten.
+    fn forgot(&self, n: usize) {
+        let held = self.held_channels.fetch_sub(n, Ordering::Relaxed) - n;
+        self.metrics.channels.set(held as i64);
     }
 
     fn announce(&self, change: PresenceChange, channel: &ChannelName, client: &ClientInfo) {
@@ -197,11 +310,9 @@ impl Engine for MemoryEngine {
         log.top += 1;
         log.touched_ms = now_us / 1000;
         log.published_ms = log.touched_ms;
+        log.last_use = self.used();
         let publication = Arc::new(Publication::new(channel.clone(), log.epoch.clone(), log.top, msg, now_us));
-        if log.ring.len() == self.history_size {
-            log.ring.pop_front();
-        }
-        log.ring.push_back(publication.clone());
+        let (added, freed) = log.push(publication.clone(), self.history_size);
         if let Some(key) = key {
             let lapse = log.touched_ms + self.idempotency_ttl.as_millis() as u64;
             log.idempotent.insert(key, (publication.offset, publication.epoch.clone(), lapse));
@@ -210,6 +321,8 @@ impl Engine for MemoryEngine {
         if let Some(hub) = self.deliver.upgrade() {
             hub.deliver(publication.clone());
         }
+        drop(log);
+        self.held(added, freed);
         Ok(publication)
     }
 
@@ -223,15 +336,21 @@ impl Engine for MemoryEngine {
         let mut log = lock(&log);
         log.subscribers = log.subscribers.saturating_sub(1);
         log.touched_ms = now_ms();
+        log.last_use = self.used();
     }
 
     async fn history(&self, channel: &ChannelName, query: HistoryQuery) -> Result<HistoryPage, EngineError> {
         let log = self.log(channel);
-        let mut log = lock(&log);
-        let now = now_ms();
-        log.expire(now, self.ttl_ms());
-        log.touched_ms = now;
-        Ok(HistoryPage { epoch: log.epoch.clone(), top: log.top, publications: log.read(query) })
+        let (page, freed) = {
+            let mut log = lock(&log);
+            let now = now_ms();
+            let freed = log.expire(now, self.ttl_ms());
+            log.touched_ms = now;
+            log.last_use = self.used();
+            (HistoryPage { epoch: log.epoch.clone(), top: log.top, publications: log.read(query) }, freed)
+        };
+        self.held(0, freed);
+        Ok(page)
     }
 
     async fn join(&self, channel: &ChannelName, client: &ClientInfo, announce: bool) -> Result<(), EngineError> {
@@ -306,14 +425,19 @@ impl Engine for MemoryEngine {
 
     async fn history_bounds(&self, channel: &ChannelName) -> Result<HistoryBounds, EngineError> {
         let log = self.log(channel);
-        let mut log = lock(&log);
-        log.expire(now_ms(), self.ttl_ms());
-        Ok(HistoryBounds {
-            epoch: log.epoch.to_string(),
-            last_offset: log.top,
-            len: log.ring.len() as u64,
-            first_offset: log.ring.front().map(|p| p.offset),
-        })
+        let (bounds, freed) = {
+            let mut log = lock(&log);
+            let freed = log.expire(now_ms(), self.ttl_ms());
+            let bounds = HistoryBounds {
+                epoch: log.epoch.to_string(),
+                last_offset: log.top,
+                len: log.ring.len() as u64,
+                first_offset: log.ring.front().map(|p| p.offset),
+            };
+            (bounds, freed)
+        };
+        self.held(0, freed);
+        Ok(bounds)
     }
 
     async fn deregister(&self, node: &str) {
@@ -334,6 +458,10 @@ mod tests {
     }
 
     fn engine(size: usize) -> Arc<MemoryEngine> {
+        bounded(size, 100_000, 1 << 30)
+    }
+
+    fn bounded(size: usize, max_channels: usize, max_history_bytes: usize) -> Arc<MemoryEngine> {
         let none: Weak<dyn Deliver> = Weak::<NoHub>::new();
         let s = Duration::from_secs;
         let settings = MemorySettings {
@@ -342,8 +470,11 @@ mod tests {
             meta_ttl: s(600),
             idempotency_ttl: s(60),
             node_ttl: s(5),
+            max_channels,
+            max_history_bytes,
         };
-        MemoryEngine::start(settings, none)
+        let identity = crate::metrics::Identity { node_id: "n", engine: "memory", max_connections: 1 };
+        MemoryEngine::start(settings, none, crate::metrics::Metrics::new(&identity).memory)
     }
 
     struct NoHub;
@@ -433,5 +564,43 @@ mod tests {
         assert_eq!(e.presence(&ch).await.unwrap(), vec![a.clone()]);
         e.leave(&ch, &a, false).await;
         assert!(e.presence(&ch).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn past_the_channel_bound_the_longest_unused_channels_are_forgotten() {
+        let e = bounded(10, 10, 1 << 30);
+        let ch = |i: usize| ChannelName::parse(&format!("c{i}")).unwrap();
+        let kept = ch(0);
+        e.subscribe(&kept).await.unwrap();
+        let kept_epoch = e.history(&kept, HistoryQuery::Latest { limit: 0 }).await.unwrap().epoch;
+        let mut epochs = Vec::new();
+        for i in 1..=30 {
+            epochs.push(e.history(&ch(i), HistoryQuery::Latest { limit: 0 }).await.unwrap().epoch);
+        }
+        assert!(e.held_channels.load(Ordering::Relaxed) <= 10, "{}", e.held_channels.load(Ordering::Relaxed));
+        assert_eq!(e.history(&kept, HistoryQuery::Latest { limit: 0 }).await.unwrap().epoch, kept_epoch, "subscribed");
+        assert_eq!(e.history(&ch(30), HistoryQuery::Latest { limit: 0 }).await.unwrap().epoch, epochs[29], "recent");
+        assert_ne!(e.history(&ch(1), HistoryQuery::Latest { limit: 0 }).await.unwrap().epoch, epochs[0], "forgotten");
+    }
+
+    #[tokio::test]
+    async fn past_the_bytes_bound_the_oldest_history_goes() {
+        let one = held_size(&e_publication());
+        let e = bounded(1000, 100, 20 * one);
+        let ch = ChannelName::parse("c").unwrap();
+        for n in 1..=50 {
+            e.publish(&ch, msg(n)).await.unwrap();
+        }
+        assert!(e.held_bytes.load(Ordering::Relaxed) <= 20 * one);
+        let page = e.history(&ch, HistoryQuery::After { after: 0, limit: 1000 }).await.unwrap();
+        assert_eq!(page.top, 50, "positions stay");
+        let kept = offsets(&page);
+        assert!(kept.len() <= 20 && kept.last() == Some(&50), "{kept:?}");
+        assert_eq!(kept, (51 - kept.len() as u64..=50).collect::<Vec<_>>(), "the newest, contiguous");
+    }
+
+    /// A publication the size the tests publish (data "1" to "50" are a byte or two).
+    fn e_publication() -> Publication {
+        Publication::new(ChannelName::parse("c").unwrap(), Epoch::new("e"), 10, msg(10), 0)
     }
 }
