@@ -126,6 +126,12 @@ pub enum Command {
         #[arg(long, value_name = "DURATION", requires = "user", value_parser = parse_duration)]
         ban: Option<u64>,
     },
+
+    /// Lift a user's ban (from `kick --ban`) on every node before it lapses.
+    Unban {
+        /// The banned user id.
+        user: String,
+    },
 }
 
 /// Order of `pushctl rooms`.

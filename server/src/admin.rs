@@ -13,7 +13,7 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use pushd_wire::{
     ChannelDetail, ChannelRow, ChannelsAnswer, ConnectionInfo, ConnectionsAnswer, KickAnswer, KickedOnNode, MAX_BAN_S,
-    NodesAnswer, StatsAnswer, Subscriber, Totals,
+    NodesAnswer, StatsAnswer, Subscriber, Totals, UnbanAnswer,
 };
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
@@ -47,6 +47,7 @@ enum Route {
     History,
     Publish,
     Kick,
+    Unban,
 }
 
 impl Route {
@@ -59,6 +60,7 @@ impl Route {
             "/admin/history" => Route::History,
             "/admin/publish" => Route::Publish,
             "/admin/kick" => Route::Kick,
+            "/admin/unban" => Route::Unban,
             p if p.starts_with(CHANNEL_PREFIX) => Route::Channel,
             _ => return None,
         })
@@ -75,12 +77,13 @@ impl Route {
             Route::History => "history",
             Route::Publish => "publish",
             Route::Kick => "kick",
+            Route::Unban => "unban",
         }
     }
 
     fn method(self) -> Method {
         match self {
-            Route::Publish | Route::Kick => Method::POST,
+            Route::Publish | Route::Kick | Route::Unban => Method::POST,
             Route::Stats | Route::Nodes | Route::Connections | Route::Channels | Route::Channel | Route::History => {
                 Method::GET
             }
@@ -123,6 +126,7 @@ async fn respond(node: &Node, route: Option<Route>, req: Request<Incoming>) -> A
         Route::History => api::history(node, &req).await,
         Route::Publish => api::publish(node, req, "admin").await,
         Route::Kick => kick(node, req).await,
+        Route::Unban => unban(node, req).await,
     }
 }
 
@@ -377,4 +381,18 @@ async fn kick(node: &Node, req: Request<Incoming>) -> AdminResult {
     let total = answers.iter().map(|(_, k)| k.count).sum();
     let closed = answers.into_iter().map(|(node, k)| KickedOnNode { node, count: k.count }).collect();
     Ok(http::json(StatusCode::OK, &KickAnswer { closed, total, banned_until_ms, missing }))
+}
+
+#[derive(Deserialize)]
+struct UnbanBody {
+    user: String,
+}
+
+/// Lifts a user's ban on every node at once (the ban is one key in the shared store).
+async fn unban(node: &Node, req: Request<Incoming>) -> AdminResult {
+    let deadline = Deadline::of(&req)?;
+    let body: UnbanBody = api::read_json(node, req).await?;
+    let was_banned = deadline.bound(node.engine.unban(&body.user)).await.map_err(unavailable)?;
+    tracing::info!(user = %body.user, was_banned, "operator unban");
+    Ok(http::json(StatusCode::OK, &UnbanAnswer { user: body.user, was_banned }))
 }

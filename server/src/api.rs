@@ -81,7 +81,7 @@ async fn respond(node: &Node, route: Option<Route>, req: Request<Incoming>) -> R
         Ok(origin) => origin,
         Err(refused) => return refused.into_response(),
     };
-    let result = match (check_key(node, &req), route) {
+    let result = match (check_key(node, &req).and_then(|()| rate(node)), route) {
         (Err(refused), _) => Err(refused),
         (Ok(()), None) => {
             let text = format!("no API route {} {}", req.method(), req.uri().path());
@@ -99,6 +99,13 @@ async fn respond(node: &Node, route: Option<Route>, req: Request<Incoming>) -> R
         },
     };
     http::with_cors(result.unwrap_or_else(HttpError::into_response), origin)
+}
+
+/// Takes the request from `--api-rate-limit`, or answers 429 with when to come back.
+fn rate(node: &Node) -> Result<(), HttpError> {
+    node.api_request().map_err(|wait| {
+        HttpError::rate_limited("too many server API requests (--api-rate-limit): retry after Retry-After", wait)
+    })
 }
 
 fn check_key<B>(node: &Node, req: &Request<B>) -> Result<(), HttpError> {

@@ -151,6 +151,15 @@ pub struct Args {
     #[arg(long, env = "PUSHD_REQUEST_TIMEOUT", default_value_t = 10)]
     pub request_timeout: u64,
 
+    /// Server API requests per second this node takes from backends (the API key); more get
+    /// 429 with Retry-After. 0 = no limit.
+    #[arg(long, env = "PUSHD_API_RATE_LIMIT", default_value_t = 0)]
+    pub api_rate_limit: u32,
+
+    /// Server API requests a backend may burst above --api-rate-limit.
+    #[arg(long, env = "PUSHD_API_RATE_BURST", default_value_t = 1000)]
+    pub api_rate_burst: u32,
+
     /// Sustained inbound commands per second per connection.
     #[arg(long, env = "PUSHD_RATE_LIMIT", default_value_t = 50)]
     pub rate_limit: u32,
@@ -293,6 +302,10 @@ pub struct Config {
     pub max_tcp_connections: usize,
     /// Time to send a request, and the keep-alive idle limit. Default 10 s.
     pub request_timeout: Duration,
+    /// Server API requests per second; 0 = no limit. Default 0.
+    pub api_rate_limit: u32,
+    /// Server API burst. Default 1000.
+    pub api_rate_burst: u32,
     /// Commands per second per connection. Default 50.
     pub rate_limit: u32,
     /// Command burst per connection. Default 100.
@@ -446,6 +459,8 @@ impl TryFrom<Args> for Config {
                 .collect::<anyhow::Result<_>>()?,
             max_tcp_connections: a.max_tcp_connections.unwrap_or_else(default_tcp_limit),
             request_timeout: Duration::from_secs(a.request_timeout),
+            api_rate_limit: a.api_rate_limit,
+            api_rate_burst: a.api_rate_burst.max(1),
             rate_limit: a.rate_limit,
             rate_burst: a.rate_burst,
             send_queue: a.send_queue,

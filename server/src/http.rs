@@ -122,11 +122,19 @@ fn preflight<B>(node: &Node, req: &Request<B>) -> Response<Body> {
 pub struct HttpError {
     pub status: StatusCode,
     pub error: CommandError,
+    /// Seconds for a `Retry-After` header (429s).
+    pub retry_after: Option<u64>,
 }
 
 impl HttpError {
     pub fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Self {
-        Self { status, error: CommandError::new(code, message) }
+        Self { status, error: CommandError::new(code, message), retry_after: None }
+    }
+
+    /// 429 for a client over a rate, with how long to wait.
+    pub fn rate_limited(message: impl Into<String>, wait: std::time::Duration) -> Self {
+        let retry_after = Some(wait.as_secs_f64().ceil().max(1.0) as u64);
+        Self { retry_after, ..Self::new(StatusCode::TOO_MANY_REQUESTS, ErrorCode::RateLimited, message) }
     }
 
     /// 405 for a known path asked with the wrong method.
@@ -139,7 +147,11 @@ impl HttpError {
     }
 
     pub fn into_response(self) -> Response<Body> {
-        json(self.status, &serde_json::json!({ "error": self.error }))
+        let mut r = json(self.status, &serde_json::json!({ "error": self.error }));
+        if let Some(secs) = self.retry_after {
+            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        r
     }
 }
 
@@ -173,7 +185,7 @@ impl From<CommandError> for HttpError {
             | ErrorCode::TooManyChannels => StatusCode::BAD_REQUEST,
             ErrorCode::TooManyConnections => StatusCode::TOO_MANY_REQUESTS,
         };
-        Self { status, error }
+        Self { status, error, retry_after: None }
     }
 }
 

@@ -28,6 +28,7 @@ pub mod metrics;
 pub mod node;
 pub mod origin;
 pub mod protocol;
+pub mod rate;
 pub mod session;
 pub mod shutdown;
 pub mod sse;

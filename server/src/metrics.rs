@@ -47,12 +47,12 @@ pub const REFUSALS: [&str; 10] = [
 pub const CLOSE_CODES: [&str; 13] =
     ["1001", "1002", "1003", "1007", "1009", "1012", "4001", "4003", "4008", "4009", "4010", "4011", "peer"];
 /// HTTP statuses the server and admin APIs answer with; others appear when first used.
-const HTTP_CODES: [&str; 8] = ["200", "400", "401", "403", "404", "405", "413", "503"];
+const HTTP_CODES: [&str; 10] = ["200", "400", "401", "403", "404", "405", "413", "429", "503", "504"];
 /// `/api/*` routes by name (`unknown` for paths that match none).
 pub const API_ROUTES: [&str; 6] = ["publish", "broadcast", "history", "presence", "disconnect", "unknown"];
 /// `/admin/*` routes by name.
-pub const ADMIN_ROUTES: [&str; 9] =
-    ["stats", "nodes", "connections", "channels", "channel", "history", "publish", "kick", "unknown"];
+pub const ADMIN_ROUTES: [&str; 10] =
+    ["stats", "nodes", "connections", "channels", "channel", "history", "publish", "kick", "unban", "unknown"];
 /// What a Redis round trip was for.
 pub const REDIS_OPERATIONS: [&str; 5] = ["publish", "history", "subscribe", "presence", "control"];
 /// How a Redis round trip failed: not sent (no connection), timed out, connection lost

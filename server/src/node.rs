@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -24,6 +24,7 @@ use crate::engine::{
 use crate::hub::Hub;
 use crate::metrics::{Identity, Metrics, TRANSPORTS};
 use crate::protocol::{CommandError, ErrorCode};
+use crate::rate::RateLimiter;
 use crate::session::ConnId;
 use prometheus::core::Collector;
 
@@ -49,6 +50,8 @@ pub struct Node {
     /// `SERVING`, `UNREADY` or `CLOSING` (see `shutdown.rs`).
     drain: AtomicU8,
     admission: Arc<Admission>,
+    /// The server API's bucket (`--api-rate-limit`); `None` without a limit.
+    api_rate: Option<Mutex<RateLimiter>>,
     next_conn: AtomicU64,
 }
 
@@ -99,6 +102,8 @@ impl Node {
                 MemoryEngine::start(settings, Arc::downgrade(&deliver), metrics.memory.clone())
             }
         };
+        let api_rate = (config.api_rate_limit > 0)
+            .then(|| Mutex::new(RateLimiter::new(config.api_rate_limit, config.api_rate_burst)));
         let admission =
             Admission::new(config.max_connections, config.max_connections_per_user, config.max_connections_per_ip);
         let node = Arc::new(Self {
@@ -116,6 +121,7 @@ impl Node {
             started_ms: crate::engine::now_ms(),
             drain: AtomicU8::new(SERVING),
             admission,
+            api_rate,
             next_conn: AtomicU64::new(1),
         });
         let handler: Arc<dyn ControlHandler> = node.clone();
@@ -140,6 +146,14 @@ impl Node {
             return Err(Refusal::Draining);
         }
         self.admission.admit(user, ip)
+    }
+
+    /// Takes one server API request from `--api-rate-limit`; `Err` says how long until the next.
+    pub fn api_request(&self) -> Result<(), Duration> {
+        match &self.api_rate {
+            Some(bucket) => bucket.lock().unwrap_or_else(|e| e.into_inner()).take(Instant::now()),
+            None => Ok(()),
+        }
     }
 
     /// True from the start of a drain: /readyz answers 503 from then on.

@@ -25,6 +25,7 @@ use crate::engine::{
 };
 use crate::node::Node;
 use crate::protocol::{Close, CloseCode, CommandError, ErrorCode, Reply, Reset, to_frame};
+use crate::rate::RateLimiter;
 
 /// A connection's id, unique in the cluster: `<node>.<sequence>`.
 pub type ConnId = Arc<str>;
@@ -131,31 +132,6 @@ struct Subscription {
 pub struct Subscribed {
     pub reply: Reply,
     pub replay: Vec<Arc<Publication>>,
-}
-
-/// A token bucket for inbound commands.
-struct RateLimiter {
-    rate: f64,
-    burst: f64,
-    tokens: f64,
-    at: Instant,
-}
-
-impl RateLimiter {
-    fn new(rate: u32, burst: u32) -> Self {
-        Self { rate: rate as f64, burst: burst as f64, tokens: burst as f64, at: Instant::now() }
-    }
-
-    fn allow(&mut self, now: Instant) -> bool {
-        self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * self.rate).min(self.burst);
-        self.at = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
 }
 
 /// Frames a session has ready for its transport to write, with how many of them are messages;
@@ -280,7 +256,7 @@ impl Session {
 
     /// Takes one token for an inbound command; `Err` means close with 4008.
     pub fn rate_check(&mut self) -> Result<(), Close> {
-        if self.rate.allow(Instant::now()) {
+        if self.rate.take(Instant::now()).is_ok() {
             Ok(())
         } else {
             Err(Close::new(CloseCode::RateLimited, "too many commands: back off before reconnecting"))
@@ -561,7 +537,6 @@ fn unavailable(e: crate::engine::EngineError) -> CommandError {
 mod tests {
     use super::*;
     use crate::engine::NewMessage;
-    use std::time::Duration;
 
     fn publications(epoch: &Epoch, offsets: std::ops::RangeInclusive<u64>) -> Vec<Arc<Publication>> {
         let ch = ChannelName::parse("c").unwrap();
@@ -589,15 +564,5 @@ mod tests {
         assert!(complete_replay(&since, &other, 6, publications(&other, 4..=6), 10).is_none());
         // position from the future
         assert!(complete_replay(&Position { epoch: e.clone(), offset: 9 }, &e, 6, vec![], 10).is_none());
-    }
-
-    #[test]
-    fn the_rate_limiter_allows_the_burst_then_the_rate() {
-        let mut r = RateLimiter::new(10, 3);
-        let t0 = r.at;
-        assert!((0..3).all(|_| r.allow(t0)));
-        assert!(!r.allow(t0));
-        assert!(r.allow(t0 + Duration::from_millis(100)));
-        assert!(!r.allow(t0 + Duration::from_millis(100)));
     }
 }

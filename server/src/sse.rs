@@ -68,7 +68,8 @@ async fn start<B>(node: Arc<Node>, remote: SocketAddr, req: &Request<B>) -> Resu
     let token = http::query(req, "token").or_else(|| http::bearer(req).map(str::to_owned));
     let refused = |e: AuthError| {
         let reason = if matches!(e, AuthError::Banned { .. }) { "banned" } else { "auth" };
-        (reason, HttpError { status: auth_status(&e), error: e.command_error() })
+        let error = e.command_error();
+        (reason, HttpError::new(auth_status(&e), error.code, error.message))
     };
     let identity = node.auth.authenticate(token.as_deref(), http::query(req, "user").as_deref()).map_err(refused)?;
     node.check_ban(&identity.user).await.map_err(refused)?;

@@ -629,3 +629,18 @@ async fn publish_reaches_subscribers_on_other_nodes_and_shows_in_history() {
     assert_eq!(sub.command(json!({ "op": "ping" })).await["ok"], true);
     assert!(sub.pending_is_empty(), "nothing more reached the subscriber");
 }
+
+#[tokio::test]
+async fn unban_lets_a_banned_user_back_in_on_every_node() {
+    let (_redis, nodes) = cluster3().await;
+    ok_text(ctl(&nodes[0], &["kick", "--user", "u7", "--ban", "1h"]).await);
+    let mut refused = WsClient::connect(nodes[1].addr, "user=u7").await;
+    assert_eq!(refused.closed().await.code, 4003, "banned");
+    let text = ok_text(ctl(&nodes[2], &["unban", "u7"]).await);
+    assert_eq!(text.trim(), "unbanned u7: every node lets them in again");
+    for node in &nodes {
+        assert_eq!(node.ws("user=u7").await.welcome["user"], "u7");
+    }
+    let again = json_of(&ctl(&nodes[0], &["--json", "unban", "u7"]).await, 0);
+    assert_eq!(again, json!({ "user": "u7", "was_banned": false }));
+}

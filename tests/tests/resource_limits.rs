@@ -227,3 +227,31 @@ async fn a_channel_nobody_published_to_keeps_its_redis_key_only_for_the_history_
     let ttl: u64 = redis.cli(&["TTL", "pushd:{quiet}:meta"]).await.trim().parse().unwrap();
     assert!(ttl > history_ttl, "once it holds messages its position lives --history-meta-ttl: {ttl} s");
 }
+
+#[tokio::test]
+async fn backends_over_the_api_rate_get_429_with_retry_after_and_nothing_is_stored() {
+    let node = TestNode::start(Config { api_rate_limit: 5, api_rate_burst: 5, ..secure_config() }).await;
+    // Requests without the key do not spend the backend's budget.
+    for _ in 0..10 {
+        let (status, _) = node.api_raw(reqwest::Method::POST, "/api/publish", Some("wrong"), "{}").await;
+        assert_eq!(status, 401);
+    }
+    for n in 1..=5 {
+        assert_eq!(node.publish("rated", serde_json::json!(n)).await, n);
+    }
+    let resp = reqwest::Client::new()
+        .post(node.url("/api/publish"))
+        .bearer_auth(API_KEY)
+        .json(&serde_json::json!({ "channel": "rated", "data": 6 }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 429);
+    let retry_after: u64 = resp.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!(retry_after >= 1, "{retry_after}");
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "rate_limited", "{body}");
+    // The API is still over its rate: look through a client instead.
+    let reply = node.ws(&token("alice")).await.subscribe("rated", None).await;
+    assert_eq!(reply["offset"], 5, "the refused publish stored nothing: {reply}");
+}

@@ -252,6 +252,14 @@ pub struct KickedOnNode {
     pub count: u64,
 }
 
+/// `POST /admin/unban`: whether the user was banned until now. What `pushctl unban` shows.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct UnbanAnswer {
+    pub user: String,
+    pub was_banned: bool,
+}
+
 #[cfg(test)]
 mod tests {
     //! The examples of docs/ADMIN-API.md: each reads into its type and writes back to the same

@@ -16,6 +16,7 @@ mod publish;
 mod room;
 mod rooms;
 mod stats;
+mod unban;
 
 /// How a command went, when it did not fail.
 #[derive(Debug, PartialEq, Eq)]
@@ -55,6 +56,7 @@ pub async fn run(client: &Client, command: Command, json: bool) -> anyhow::Resul
             };
             kick::run(client, json, target, reason).await
         }
+        Command::Unban { user } => unban::run(client, json, &user).await,
     }
 }
 

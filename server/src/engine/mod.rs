@@ -311,6 +311,9 @@ pub trait Engine: Send + Sync + 'static {
     /// Refuses `user` on every node until `until_ms` (Unix ms).
     async fn ban(&self, user: &str, until_ms: u64) -> Result<(), EngineError>;
 
+    /// Lifts `user`'s ban on every node; true if there was one.
+    async fn unban(&self, user: &str) -> Result<bool, EngineError>;
+
     /// When `user`'s ban ends, if banned now.
     async fn banned_until(&self, user: &str) -> Result<Option<u64>, EngineError>;
 

@@ -419,6 +419,11 @@ impl Engine for MemoryEngine {
         Ok(())
     }
 
+    async fn unban(&self, user: &str) -> Result<bool, EngineError> {
+        let now = now_ms();
+        Ok(lock(&self.bans).remove(user).is_some_and(|until| until > now))
+    }
+
     async fn banned_until(&self, user: &str) -> Result<Option<u64>, EngineError> {
         Ok(lock(&self.bans).get(user).copied().filter(|until| *until > now_ms()))
     }

@@ -407,6 +407,11 @@ impl Engine for RedisEngine {
         self.call(Operation::Control, |c| c.set(self.keys.ban(user), until_ms as i64, expiry, None, false)).await
     }
 
+    async fn unban(&self, user: &str) -> Result<bool, EngineError> {
+        let removed: i64 = self.call(Operation::Control, |c| c.del(self.keys.ban(user))).await?;
+        Ok(removed > 0)
+    }
+
     async fn banned_until(&self, user: &str) -> Result<Option<u64>, EngineError> {
         let until: Option<u64> = self.call(Operation::Control, |c| c.get(self.keys.ban(user))).await?;
         Ok(until.filter(|u| *u > now_ms()))
