@@ -27,6 +27,7 @@ pub mod listener;
 pub mod metrics;
 pub mod node;
 pub mod origin;
+pub mod panics;
 pub mod protocol;
 pub mod rate;
 pub mod session;
@@ -46,6 +47,7 @@ pub use node::Node;
 
 /// Serves clients on `listener` until `shutdown` resolves, then drains and returns.
 pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    panics::install();
     let addr = listener.local_addr()?;
     if config.dev_mode() {
         tracing::warn!(

@@ -107,6 +107,8 @@ pub struct Metrics {
     pub draining: IntGauge,
     /// 1 while the engine can take traffic (always, for the memory engine).
     pub engine_up: IntGauge,
+    /// Panics in this process (each one a bug), from `panics.rs`.
+    pub panics: IntCounter,
     /// The Redis engine's own metrics; registered only on nodes that use Redis.
     pub redis: RedisMetrics,
     /// The memory engine's own metrics; registered only on nodes that use it.
@@ -286,6 +288,7 @@ impl Metrics {
             ready: r.gauge("pushd_ready", "1 while /readyz answers 200"),
             draining: r.gauge("pushd_draining", "1 from SIGTERM until exit"),
             engine_up: r.gauge("pushd_engine_up", "1 while the engine can take traffic"),
+            panics: r.counter("pushd_panics_total", "Panics in this process (each one a bug)"),
             redis,
             memory,
             registry,
@@ -322,7 +325,8 @@ impl Metrics {
     }
 
     /// Sets the state gauges, then renders the text exposition format for `/metrics`.
-    pub fn render(&self, ready: bool, draining: bool, engine_up: bool) -> String {
+    pub fn render(&self, ready: bool, draining: bool, engine_up: bool, panics: u64) -> String {
+        self.panics.inc_by(panics.saturating_sub(self.panics.get()));
         self.ready.set(ready as i64);
         self.draining.set(draining as i64);
         self.engine_up.set(engine_up as i64);
@@ -429,7 +433,7 @@ mod tests {
 
     #[test]
     fn labelled_series_exist_at_zero_from_the_start() {
-        let text = metrics("memory").render(true, false, true);
+        let text = metrics("memory").render(true, false, true, 0);
         assert!(text.contains("pushd_connections_closed_total{code=\"4010\",transport=\"sse\"} 0"), "{text}");
         assert!(text.contains("pushd_commands_total{op=\"subscribe\",result=\"forbidden\"} 0"));
         assert!(text.contains("pushd_http_requests_total{api=\"admin\",code=\"503\",route=\"kick\"} 0"));
@@ -441,7 +445,7 @@ mod tests {
 
     #[test]
     fn redis_nodes_expose_the_engine_metrics() {
-        let text = metrics("redis").render(false, false, false);
+        let text = metrics("redis").render(false, false, false, 0);
         assert!(text.contains("pushd_redis_errors_total{kind=\"timeout\",operation=\"publish\"} 0"), "{text}");
         assert!(text.contains("pushd_redis_gap_fills_total{result=\"reset\"} 0"));
         assert!(text.contains("pushd_engine_up 0"));

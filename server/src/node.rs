@@ -192,7 +192,7 @@ impl Node {
 
     /// The `/metrics` text, with the readiness gauges as they stand now.
     pub fn render_metrics(&self) -> String {
-        self.metrics.render(self.is_ready(), self.is_draining(), self.engine.ready())
+        self.metrics.render(self.is_ready(), self.is_draining(), self.engine.ready(), crate::panics::count())
     }
 
     /// This node's registry entry: identity and current stats.
