@@ -11,6 +11,7 @@ mod fanout;
 mod load_balancer;
 mod operator_plane;
 mod origins;
+mod properties;
 mod pushctl;
 mod redis_faults;
 mod replay;
