@@ -38,6 +38,42 @@ pub enum Command {
     /// No subscribers: concurrent publishers POST to /api/publish as fast as they can (or at
     /// --rate); reports publishes/s and publish latency, and checks the offsets returned.
     Publish(PublishArgs),
+    /// A network fuzzer: random and mutated WebSocket frames (broken ones included) over many
+    /// connections, then a check that the node still serves and, with --metrics-url, that
+    /// nothing panicked. Give the node a high --rate-limit, or most connections end at 4008.
+    Fuzz(FuzzArgs),
+}
+
+/// Flags of `pushload fuzz`.
+#[derive(Debug, Args)]
+pub struct FuzzArgs {
+    /// Base URL of the node (plain http://).
+    #[arg(long, env = "PUSHLOAD_URL", default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+
+    /// Frames to send in all.
+    #[arg(long, env = "PUSHLOAD_FRAMES", default_value_t = 1_000_000)]
+    pub frames: u64,
+
+    /// Connections sending at the same time.
+    #[arg(long, env = "PUSHLOAD_CONNECTIONS", default_value_t = 32)]
+    pub connections: usize,
+
+    /// The generator's seed: the same seed sends the same frames. Default: the clock.
+    #[arg(long, env = "PUSHLOAD_SEED")]
+    pub seed: Option<u64>,
+
+    /// Client JWT to connect with. Unset = dev mode (`?user=`).
+    #[arg(long, env = "PUSHLOAD_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+
+    /// Server API key for the check's publish (not needed in dev mode).
+    #[arg(long, env = "PUSHLOAD_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+
+    /// The node's /metrics (on its --admin-listen, if set), to check no task panicked.
+    #[arg(long, env = "PUSHLOAD_METRICS_URL")]
+    pub metrics_url: Option<String>,
 }
 
 /// The nodes under test and the processes to watch; shared by every subcommand.
@@ -287,7 +323,7 @@ fn positive(flags: &[(&str, u64)]) -> anyhow::Result<()> {
 }
 
 /// One `--url`, checked, with its endpoints derived.
-fn node(url: &str) -> anyhow::Result<Node> {
+pub fn node(url: &str) -> anyhow::Result<Node> {
     let base = Url::parse(url).with_context(|| format!("--url {url:?} is not a URL"))?;
     match base.scheme() {
         "http" => {}

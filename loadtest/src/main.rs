@@ -5,6 +5,7 @@
 
 mod checker;
 mod cli;
+mod fuzz;
 mod publisher;
 mod report;
 mod subscriber;
@@ -28,6 +29,7 @@ async fn main() -> ExitCode {
     let plan = match cli.command {
         Command::Fanout(args) => Fanout::try_from(args).map(Plan::Fanout),
         Command::Publish(args) => PublishRun::try_from(args).map(Plan::Publish),
+        Command::Fuzz(args) => fuzz::plan(args).map(Plan::Fuzz),
     };
     let plan = match plan {
         Ok(plan) => plan,
@@ -39,6 +41,7 @@ async fn main() -> ExitCode {
     let report: anyhow::Result<Box<dyn Verdict>> = match plan {
         Plan::Fanout(plan) => workload::fanout(plan).await.map(|r| Box::new(r) as _),
         Plan::Publish(plan) => workload::publish(plan).await.map(|r| Box::new(r) as _),
+        Plan::Fuzz(plan) => fuzz::run(plan).await.map(|r| Box::new(r) as _),
     };
     let report = match report {
         Ok(report) => report,
@@ -62,4 +65,5 @@ async fn main() -> ExitCode {
 enum Plan {
     Fanout(Fanout),
     Publish(PublishRun),
+    Fuzz(fuzz::FuzzPlan),
 }

@@ -160,7 +160,7 @@ pub trait Verdict {
 }
 
 /// `report` as one JSON object, with `ok` and `failures` first.
-fn json<R: Serialize>(report: &R, failures: Vec<String>) -> String {
+pub fn json<R: Serialize>(report: &R, failures: Vec<String>) -> String {
     #[derive(Serialize)]
     struct Json<'a, R> {
         ok: bool,

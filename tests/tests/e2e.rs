@@ -8,6 +8,7 @@ mod deploy_config;
 mod drain;
 mod engine_suite;
 mod fanout;
+mod fuzz;
 mod load_balancer;
 mod operator_plane;
 mod origins;
