@@ -171,6 +171,13 @@ pub struct FanoutArgs {
     /// what it missed (the server asks slow consumers and draining clients to reconnect).
     #[arg(long, env = "PUSHLOAD_NO_RECONNECT")]
     pub no_reconnect: bool,
+
+    /// A reconnect storm: once this many messages are published, every subscriber drops its
+    /// socket at once (no close handshake, as when a network or a balancer drops them all) and
+    /// reconnects with its position while publishing goes on. The report says how long until all
+    /// were back, at what connect rate, and what the nodes' memory did.
+    #[arg(long, env = "PUSHLOAD_STORM_AFTER", value_name = "MESSAGES")]
+    pub storm_after: Option<u64>,
 }
 
 /// Flags of `pushload publish`.
@@ -245,6 +252,8 @@ pub struct Fanout {
     pub token: Option<String>,
     pub connect_concurrency: usize,
     pub reconnect: bool,
+    /// Messages published before every subscriber drops and reconnects at once.
+    pub storm_after: Option<u64>,
 }
 
 /// A checked publish-only plan: what `workload::publish` runs.
@@ -267,6 +276,7 @@ impl TryFrom<FanoutArgs> for Fanout {
             token: a.token.filter(|t| !t.is_empty()),
             connect_concurrency: a.connect_concurrency,
             reconnect: !a.no_reconnect,
+            storm_after: a.storm_after.filter(|n| *n < a.messages),
         })
     }
 }

@@ -32,6 +32,8 @@ pub struct Publisher {
     pad: String,
     /// Makes this run's idempotency keys differ from an earlier run's still in Redis.
     run: u64,
+    /// Notified when `ok` reaches the count: the storm's trigger.
+    pub milestone: Option<(u64, Arc<tokio::sync::Notify>)>,
 }
 
 /// Retries of a publish after its first attempt, with pauses doubling from `FIRST_PAUSE`.
@@ -147,6 +149,7 @@ impl Publisher {
             channel_json,
             pad: "x".repeat(load.payload_bytes),
             run: unix_micros(),
+            milestone: None,
         })
     }
 
@@ -174,7 +177,12 @@ impl Publisher {
                 Ok(offset) => {
                     out.latency.saturating_record((sent.elapsed().as_micros() as u64).max(1));
                     out.ok += 1;
-                    self.ok.fetch_add(1, Ordering::Relaxed);
+                    let ok = self.ok.fetch_add(1, Ordering::Relaxed) + 1;
+                    if let Some((at, reached)) = &self.milestone
+                        && ok == *at
+                    {
+                        reached.notify_one();
+                    }
                     out.offsets[channel].push(offset);
                 }
                 Err(e) => {

@@ -56,6 +56,20 @@ pub struct Report {
     /// The delivery counts of each node's subscribers, in `--url` order.
     pub nodes: Vec<NodeTally>,
     pub usage: Usage,
+    /// The reconnect storm (`--storm-after`), if there was one.
+    pub storm: Option<StormReport>,
+}
+
+/// Every subscriber dropped its socket at once and reconnected with its position.
+#[derive(Debug, Serialize)]
+pub struct StormReport {
+    /// Subscribers running when the storm began.
+    pub clients: usize,
+    /// Those that were subscribed again (recovered or not; `unrecovered` counts the latter).
+    pub back: usize,
+    /// From the storm's start to the last one back.
+    pub seconds: f64,
+    pub connects_per_second: f64,
 }
 
 /// What the subscribers connected to one node saw.
@@ -189,6 +203,7 @@ impl Verdict for Report {
             (self.unfinished, "subscribers unfinished"),
             (self.unrecovered, "rejoins unrecovered"),
             (self.resets, "resets"),
+            (self.storm.as_ref().map_or(0, |s| (s.clients - s.back) as u64), "subscribers not back after the storm"),
         ];
         failure_lines(&counts, self.timed_out, self.published, self.usage.gone())
     }
@@ -230,6 +245,14 @@ impl Verdict for Report {
         }
         if let Some(e) = &self.subscriber_error {
             r.row("subscriber error", e.clone());
+        }
+        if let Some(s) = &self.storm {
+            r.head("reconnect storm");
+            r.row(
+                "back",
+                format!("{} of {} in {:.2} s = {:.0} connects/s", s.back, s.clients, s.seconds, s.connects_per_second),
+            );
+            r.flag("not back", (s.clients - s.back) as u64);
         }
         if self.nodes.len() > 1 {
             r.head("per node (subscribers connected to it)");

@@ -51,6 +51,8 @@ type Ws = WebSocketStream<TcpStream>;
 pub struct Goal {
     pub targets: Option<Arc<[Option<u64>]>>,
     pub stop: bool,
+    /// Set once: drop the socket and reconnect now (a reconnect storm).
+    pub storm: bool,
 }
 
 /// State shared by all subscriber tasks; touched per batch or per event, never per message.
@@ -64,6 +66,8 @@ pub struct Shared {
     pub settled: AtomicUsize,
     /// Notified once, when the last subscriber settles.
     pub all_settled: Notify,
+    /// When the reconnect storm began, if it did.
+    pub storm_started: std::sync::OnceLock<std::time::Instant>,
 }
 
 impl Shared {
@@ -75,6 +79,7 @@ impl Shared {
             delivered: AtomicU64::new(0),
             settled: AtomicUsize::new(0),
             all_settled: Notify::new(),
+            storm_started: std::sync::OnceLock::new(),
         }
     }
 
@@ -110,6 +115,8 @@ pub struct Outcome {
     pub last_delivery: Option<u64>,
     /// The last error a rejoin ran into.
     pub error: Option<String>,
+    /// When this subscriber was back after the storm (resubscribed with its position).
+    pub back_after_storm: Option<std::time::Instant>,
 }
 
 /// One subscriber task. Reports its first join on `ready` (an `Err` ends the task), then reads
@@ -133,16 +140,22 @@ pub async fn run(
     let (node, channel) = shared.plan.load.slot(n as u64);
     let mut sub = Subscriber::new(n, channel, shared.clone(), Checker::new(reply.offset.unwrap_or(0)));
     let (mut closes, mut rejoins, mut unrecovered, mut error) = (Vec::new(), 0, 0, None);
+    let mut back_after_storm = None;
     loop {
-        let (code, reason) = match sub.read(&mut ws, &mut goal).await {
+        let (code, stormed) = match sub.read(&mut ws, &mut goal).await {
             Ended::Stop => {
                 let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
                 break;
             }
-            Ended::Closed(code, reason) => (code, reason),
+            Ended::Closed(code, reason) => {
+                closes.push((code, reason));
+                (code, false)
+            }
+            // Dropped without a close handshake, as when a balancer drops every connection.
+            Ended::Storm => (1006, true),
         };
-        closes.push((code, reason));
-        let rejoined = if shared.plan.reconnect && !FINAL_CLOSES.contains(&code) {
+        drop(ws);
+        let rejoined = if stormed || (shared.plan.reconnect && !FINAL_CLOSES.contains(&code)) {
             tokio::select! {
                 r = rejoin(&shared, n, &epoch, sub.checker.last()) => r,
                 _ = goal.wait_for(|g| g.stop) => Err(None),
@@ -155,6 +168,9 @@ pub async fn run(
                 ws = next;
                 rejoins += 1;
                 unrecovered += u64::from(reply.recovered == Some(false));
+                if stormed {
+                    back_after_storm = Some(std::time::Instant::now());
+                }
             }
             Err(e) => {
                 error = e.or(error);
@@ -167,7 +183,18 @@ pub async fn run(
     sub.latency.flush(&shared);
     shared.delivered.fetch_add(sub.unreported, Ordering::Relaxed);
     let (checker, resets, last_delivery) = (sub.checker, sub.resets, sub.last_delivery);
-    Some(Outcome { node, channel, checker, closes, rejoins, unrecovered, resets, last_delivery, error })
+    Some(Outcome {
+        node,
+        channel,
+        checker,
+        closes,
+        rejoins,
+        unrecovered,
+        resets,
+        last_delivery,
+        error,
+        back_after_storm,
+    })
 }
 
 /// Reconnects and resubscribes from `last`, with backoff; the last error after `MAX_REJOINS`
@@ -216,6 +243,8 @@ struct Reply {
 enum Ended {
     Stop,
     Closed(u16, String),
+    /// The storm: drop the socket and come back.
+    Storm,
 }
 
 /// The per-message state of one subscriber.
@@ -233,13 +262,14 @@ struct Subscriber {
     unreported: u64,
     resets: u64,
     last_delivery: Option<u64>,
+    stormed: bool,
 }
 
 impl Subscriber {
     fn new(n: usize, channel: usize, shared: Arc<Shared>, checker: Checker) -> Self {
         let latency = LatencyBuf { shard: n % SHARDS, samples: Vec::new() };
         let (target, settled, unreported, resets, last_delivery) = (None, false, 0, 0, None);
-        Self { checker, latency, channel, target, settled, shared, unreported, resets, last_delivery }
+        Self { checker, latency, channel, target, settled, shared, unreported, resets, last_delivery, stormed: false }
     }
 
     /// Reads frames until the run stops or the socket closes. The `changed` future lives across
@@ -248,12 +278,16 @@ impl Subscriber {
         let mut open = true;
         loop {
             // Also catches a change a rejoin consumed while this loop was not running.
-            let (stop, target) = {
+            let (stop, target, storm) = {
                 let g = goal.borrow_and_update();
-                (g.stop, g.targets.as_ref().map(|t| t[self.channel]))
+                (g.stop, g.targets.as_ref().map(|t| t[self.channel]), g.storm)
             };
             if stop || !open {
                 return Ended::Stop;
+            }
+            if storm && !self.stormed {
+                self.stormed = true;
+                return Ended::Storm;
             }
             self.target = target;
             self.check_settled();

@@ -12,13 +12,13 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::checker::Tally;
 use crate::cli::{Fanout, Load, PublishRun};
 use crate::publisher::{Published, Publisher};
-use crate::report::{CloseCount, Latency, NodeTally, PublishReport, Report};
+use crate::report::{CloseCount, Latency, NodeTally, PublishReport, Report, StormReport};
 use crate::subscriber::{self, Goal, Outcome, Shared};
 use crate::usage::Usage;
 
@@ -44,7 +44,7 @@ pub async fn fanout(plan: Fanout) -> anyhow::Result<Report> {
 
     let connect_started = Instant::now();
     if let Err(e) = connect_all(&plan, ready_rx).await {
-        goal_tx.send_replace(Goal { targets: None, stop: true });
+        goal_tx.send_modify(|g| g.stop = true);
         return Err(e);
     }
     let connect_seconds = connect_started.elapsed().as_secs_f64();
@@ -57,12 +57,16 @@ pub async fn fanout(plan: Fanout) -> anyhow::Result<Report> {
     }
     usage.end();
     let targets = targets(&published);
-    goal_tx.send_replace(Goal { targets: Some(targets.clone().into()), stop: true });
+    goal_tx.send_modify(|g| {
+        g.targets = Some(targets.clone().into());
+        g.stop = true;
+    });
     let mut outcomes = Vec::with_capacity(tasks.len());
     for task in tasks {
         outcomes.extend(task.await.context("a subscriber task panicked")?);
     }
-    let run = Run { connect_seconds, timed_out, latency: shared.latency(), usage };
+    let storm_started = shared.storm_started.get().copied();
+    let run = Run { connect_seconds, timed_out, latency: shared.latency(), usage, storm_started };
     Ok(summarise(&plan, outcomes, published, targets, run))
 }
 
@@ -179,7 +183,13 @@ async fn publish_all(
     goal: &watch::Sender<Goal>,
     usage: &mut Usage,
 ) -> anyhow::Result<(Published, bool)> {
-    let publisher = Arc::new(Publisher::new(&plan.load)?);
+    let mut publisher = Publisher::new(&plan.load)?;
+    let storm = plan.storm_after.map(|at| {
+        let reached = Arc::new(Notify::new());
+        publisher.milestone = Some((at, reached.clone()));
+        reached
+    });
+    let publisher = Arc::new(publisher);
     let deadline = tokio::time::Instant::now() + plan.load.timeout;
     let expected = plan.load.messages * plan.subscribers as u64 / plan.load.channels.len() as u64;
     let progress = |published: u64| {
@@ -190,9 +200,23 @@ async fn publish_all(
             plan.load.messages, plan.subscribers
         );
     };
-    let (published, late) = run_publishers(&plan.load, &publisher, usage, progress).await?;
+    let (published, late) = {
+        let publishing = run_publishers(&plan.load, &publisher, usage, progress);
+        tokio::pin!(publishing);
+        loop {
+            tokio::select! {
+                r = &mut publishing => break r?,
+                () = wait_for(storm.as_deref()), if shared.storm_started.get().is_none() => {
+                    eprintln!("storm: every subscriber drops its socket now and reconnects");
+                    let _ = shared.storm_started.set(Instant::now());
+                    goal.send_modify(|g| g.storm = true);
+                }
+            }
+        }
+    };
     let targets = targets(&published);
-    goal.send_replace(Goal { targets: Some(targets.clone().into()), stop: false });
+    // A modify, not a replace: a subscriber yet to see the storm must still see it.
+    goal.send_modify(|g| g.targets = Some(targets.clone().into()));
     if late {
         return Ok((published, true));
     }
@@ -212,12 +236,22 @@ async fn publish_all(
     }
 }
 
+/// Waits for `n` to be notified; forever without one.
+async fn wait_for(n: Option<&Notify>) {
+    match n {
+        Some(n) => n.notified().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// What the timeline measured besides the subscribers and publishers.
 struct Run {
     connect_seconds: f64,
     timed_out: bool,
     latency: Latency,
     usage: Usage,
+    /// When every subscriber was told to drop its socket.
+    storm_started: Option<Instant>,
 }
 
 /// Folds the subscribers' outcomes and the publishers' results into the report.
@@ -235,6 +269,7 @@ fn summarise(
     let mut closes: BTreeMap<u16, (u64, String)> = BTreeMap::new();
     let (mut rejoins, mut unrecovered, mut resets, mut unfinished) = (0, 0, 0, 0);
     let (mut last_delivery, mut first_error) = (None, None);
+    let storm = run.storm_started.map(|started| storm_report(started, &outcomes));
     for o in outcomes {
         // A channel nothing was published to: the subscriber should be where it started.
         let target = targets[o.channel].unwrap_or_else(|| o.checker.start());
@@ -290,6 +325,19 @@ fn summarise(
         timed_out: run.timed_out,
         nodes,
         usage: run.usage,
+        storm,
+    }
+}
+
+/// How the reconnect storm went: how many subscribers came back, and how fast.
+fn storm_report(started: Instant, outcomes: &[Outcome]) -> StormReport {
+    let back: Vec<Instant> = outcomes.iter().filter_map(|o| o.back_after_storm).collect();
+    let last = back.iter().max().map_or(0.0, |t| t.saturating_duration_since(started).as_secs_f64());
+    StormReport {
+        clients: outcomes.len(),
+        back: back.len(),
+        seconds: last,
+        connects_per_second: per_second(back.len() as u64, last),
     }
 }
 

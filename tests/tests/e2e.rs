@@ -19,3 +19,4 @@ mod replay;
 mod resource_limits;
 mod slow_consumer;
 mod sse;
+mod storm;
