@@ -12,11 +12,11 @@ use futures_util::{SinkExt, StreamExt};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
-use hyper_tungstenite::HyperWebsocketStream;
 use hyper_tungstenite::tungstenite::error::{CapacityError, ProtocolError};
 use hyper_tungstenite::tungstenite::protocol::frame::CloseFrame;
 use hyper_tungstenite::tungstenite::protocol::{WebSocketConfig, frame::coding::CloseCode as WsCloseCode};
 use hyper_tungstenite::tungstenite::{Error as WsError, Message};
+use hyper_tungstenite::{HyperWebsocket, HyperWebsocketStream};
 use tracing::Instrument;
 
 use crate::admission::Slot;
@@ -69,47 +69,48 @@ pub fn upgrade(node: Arc<Node>, remote: SocketAddr, mut req: Request<Incoming>) 
             return http::error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, format!("bad WebSocket upgrade: {e}"));
         }
     };
-    let task_node = node.clone();
-    let fut = async move {
-        match websocket.await {
-            Ok(ws) => run(task_node, ws, identity, slot, remote).await,
-            Err(e) => tracing::debug!(%remote, error = %e, "websocket upgrade failed"),
-        }
-    };
-    node.tracker.spawn(fut);
+    node.tracker.spawn(run(node.clone(), websocket, identity, slot, remote));
     response.map(|b| b.boxed())
 }
 
 /// Serves one upgraded socket. `slot` is `Some` exactly when `identity` is `Ok`.
 async fn run(
     node: Arc<Node>,
-    mut ws: HyperWebsocketStream,
+    websocket: HyperWebsocket,
     identity: Result<Identity, AuthError>,
     slot: Option<Slot>,
     remote: SocketAddr,
 ) {
-    let identity = match identity {
-        Ok(identity) => node.check_ban(&identity.user).await.map(|()| identity),
-        Err(e) => Err(e),
+    // A block, so that its locals (the stream before it is boxed, above all) are not kept in
+    // every connection's task for as long as it serves.
+    let (mut conn, info, span) = {
+        let mut ws = match websocket.await {
+            Ok(ws) => ws,
+            Err(e) => return tracing::debug!(%remote, error = %e, "websocket upgrade failed"),
+        };
+        let identity = match identity {
+            Ok(identity) => node.check_ban(&identity.user).await.map(|()| identity),
+            Err(e) => Err(e),
+        };
+        let identity = match identity {
+            Ok(identity) => identity,
+            Err(e) => {
+                let reason = if matches!(e, AuthError::Banned { .. }) { "banned" } else { "auth" };
+                node.metrics.refused.with_label_values(&[reason]).inc();
+                tracing::debug!(%remote, error = %e, "websocket refused");
+                drop(slot);
+                return send_close(&mut ws, Close::new(e.close_code(), e.to_string())).await;
+            }
+        };
+        let session = Session::open(node, identity, Transport::Ws, Some(remote));
+        let span = tracing::debug_span!("ws", conn = %session.conn(), user = %session.identity.user);
+        let info = session.info_arc();
+        (Box::new(WsConn { ws, session, frames: Frames::default(), last_seen: Instant::now() }), info, span)
     };
-    let identity = match identity {
-        Ok(identity) => identity,
-        Err(e) => {
-            let reason = if matches!(e, AuthError::Banned { .. }) { "banned" } else { "auth" };
-            node.metrics.refused.with_label_values(&[reason]).inc();
-            tracing::debug!(%remote, error = %e, "websocket refused");
-            drop(slot);
-            return send_close(&mut ws, Close::new(e.close_code(), e.to_string())).await;
-        }
-    };
-    let session = Session::open(node, identity, Transport::Ws, Some(remote));
-    let span = tracing::debug_span!("ws", conn = %session.conn(), user = %session.identity.user);
     async move {
         tracing::debug!(%remote, "connected");
-        let info = session.info_arc();
-        let mut conn = WsConn { ws, session, frames: Frames::default(), last_seen: Instant::now() };
         let ended = conn.serve(&info).await;
-        let WsConn { mut ws, session, .. } = conn;
+        let WsConn { mut ws, session, .. } = *conn;
         session.ended(ended.as_ref());
         // Leave the hub and free the slot before the close handshake: a closed session must not
         // be listed, counted, kicked or hold a slot while its client takes its time to answer.
