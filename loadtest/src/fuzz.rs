@@ -7,8 +7,9 @@
 //!
 //! Then it checks that the node still serves (health, and a fresh client that subscribes and
 //! gets a message published through the API) and, given `--metrics-url`, that nothing panicked
-//! (`pushd_panics_total` did not move). Every frame comes from a seeded generator: `--seed`
-//! replays a run.
+//! (`pushd_panics_total` did not move). Every frame comes from a seeded generator, one stream
+//! per sender: `--seed` replays the same frames in the same order on each sender, though where
+//! the node cuts a connection short depends on timing.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
