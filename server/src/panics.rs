@@ -25,3 +25,15 @@ pub fn install() {
 pub fn count() -> u64 {
     PANICS.load(Ordering::Relaxed)
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_panic_anywhere_in_the_process_is_counted() {
+        super::install();
+        let before = super::count();
+        let joined = std::thread::spawn(|| panic!("a deliberate panic in a test")).join();
+        assert!(joined.is_err());
+        assert!(super::count() > before);
+    }
+}
