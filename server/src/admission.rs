@@ -7,6 +7,8 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
+use crate::locks::lock;
+
 /// Why a client connection was refused before its session started.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
@@ -78,7 +80,7 @@ impl Admission {
 
     /// Takes a place for `user` at `ip`, or says which limit is in the way.
     pub fn admit(self: &Arc<Self>, user: &str, ip: IpAddr) -> Result<Slot, Refusal> {
-        let mut taken = self.taken.lock().unwrap_or_else(|e| e.into_inner());
+        let mut taken = lock(&self.taken);
         let over = |limit: usize, count: Option<&usize>| limit > 0 && count.is_some_and(|n| *n >= limit);
         if taken.total >= self.max {
             return Err(Refusal::Full);
@@ -99,7 +101,7 @@ impl Admission {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        let mut taken = self.admission.taken.lock().unwrap_or_else(|e| e.into_inner());
+        let mut taken = lock(&self.admission.taken);
         taken.total = taken.total.saturating_sub(1);
         release(&mut taken.users, &self.user);
         release(&mut taken.ips, &self.ip);

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::channel::{ChannelName, ChannelPattern};
 use crate::engine::ControlHandler;
+use crate::locks::lock;
 use crate::node::Node;
 use crate::protocol::{Close, CloseCode};
 
@@ -72,7 +73,7 @@ impl Node {
     /// This node's stats for `pushctl stats`, with its users and channels for the totals.
     pub fn stats(&self) -> NodeReport {
         let info = self.info(&self.addr());
-        let (msgs_in_per_s, msgs_out_per_s) = *self.rates.lock().unwrap_or_else(|e| e.into_inner());
+        let (msgs_in_per_s, msgs_out_per_s) = *lock(&self.rates);
         let mut user_ids: Vec<String> = self.hub.sessions().iter().map(|s| s.info.user.to_string()).collect();
         user_ids.sort();
         user_ids.dedup();

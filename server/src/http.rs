@@ -1,121 +1,23 @@
-//! The HTTP front door: the route table, response helpers and the browser origin policy. The
-//! accept loop and connection limits are `listener.rs`; upgraded WebSockets and SSE streams
-//! leave hyper and are tracked by the node.
+//! What every HTTP handler shares: the body type, JSON answers and errors (`HttpError`), the
+//! origin policy as an answer, bearer tokens and query strings. Handlers (`ws`, `sse`, `api`)
+//! use this; it knows none of them, and no route: the route table is `router.rs`.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
-use std::sync::Arc;
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use serde::Serialize;
 
 use crate::admission::Refusal;
-use crate::client_addr;
-use crate::node::Node;
+use crate::config::Config;
+use crate::origin;
 use crate::protocol::{CommandError, ErrorCode};
-use crate::{admin, api, origin, sse, ws};
 
 /// The body type of every response: buffered JSON or a streaming SSE body.
 pub type Body = BoxBody<Bytes, Infallible>;
-
-/// Which routes a listener serves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Plane {
-    /// Everything: the only listener when no `--admin-listen` is set.
-    All,
-    /// Clients and backends (`--listen` beside an `--admin-listen`): /ws, /sse, /api/*.
-    Public,
-    /// Operators (`--admin-listen`): /admin/* and /metrics.
-    Admin,
-}
-
-impl Plane {
-    /// Whether a request for `path` belongs on this listener; health checks are on both.
-    fn serves(self, path: &str) -> bool {
-        let operator = path.starts_with("/admin/") || path == "/metrics";
-        match self {
-            Plane::All => true,
-            Plane::Public => !operator,
-            Plane::Admin => operator || path == "/healthz" || path == "/readyz",
-        }
-    }
-}
-
-/// The route table.
-pub(crate) async fn route(
-    node: Arc<Node>,
-    remote: SocketAddr,
-    plane: Plane,
-    req: Request<Incoming>,
-) -> Result<Response<Body>, Infallible> {
-    let path = req.uri().path().to_owned();
-    if !plane.serves(&path) {
-        let other = if plane == Plane::Admin { "--listen" } else { "--admin-listen" };
-        let text = format!("no route for {} {path} on this address: it is served on the node's {other}", req.method());
-        return Ok(error(StatusCode::NOT_FOUND, ErrorCode::NotFound, text));
-    }
-    let remote = client_addr::resolve(&node.config.trusted_proxies, remote, req.headers());
-    let response = match (req.method(), path.as_str()) {
-        (&Method::GET, "/ws") => ws::upgrade(node, remote, req),
-        (&Method::GET, "/sse") => sse::open(node, remote, req).await,
-        (
-            &Method::OPTIONS,
-            "/sse" | "/api/publish" | "/api/broadcast" | "/api/history" | "/api/presence" | "/api/disconnect",
-        ) => preflight(&node, &req),
-        (_, p) if p.starts_with("/api/") => api::handle(node, req).await,
-        (_, p) if p.starts_with("/admin/") => admin::handle(node, req).await,
-        (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
-        (&Method::GET, "/readyz") => readyz(&node),
-        (&Method::GET, "/metrics") => metrics(&node),
-        (&Method::GET, "/") => {
-            text(StatusCode::OK, "pushd: connect to /ws (WebSocket) or /sse; publish with POST /api/publish\n")
-        }
-        _ => error(StatusCode::NOT_FOUND, ErrorCode::NotFound, format!("no route for {} {path}", req.method())),
-    };
-    Ok(response)
-}
-
-/// The Prometheus text format, with the content type Prometheus expects of it.
-fn metrics(node: &Node) -> Response<Body> {
-    let mut r = text(StatusCode::OK, node.render_metrics());
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
-    r
-}
-
-fn readyz(node: &Node) -> Response<Body> {
-    if node.is_ready() {
-        json(StatusCode::OK, &serde_json::json!({"ready": true}))
-    } else {
-        let reason = if node.is_draining() { "draining" } else { "engine unavailable" };
-        json(StatusCode::SERVICE_UNAVAILABLE, &serde_json::json!({"ready": false, "reason": reason}))
-    }
-}
-
-/// Answers a CORS preflight for an allowed origin.
-fn preflight<B>(node: &Node, req: &Request<B>) -> Response<Body> {
-    match allowed_origin(node, req, false) {
-        Ok(Some(origin)) => {
-            let mut r = empty(StatusCode::NO_CONTENT);
-            let h = r.headers_mut();
-            h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
-            h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("GET, POST, OPTIONS"));
-            h.insert(
-                header::ACCESS_CONTROL_ALLOW_HEADERS,
-                HeaderValue::from_static("authorization, content-type, last-event-id"),
-            );
-            h.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
-            h.insert(header::VARY, HeaderValue::from_static("origin"));
-            r
-        }
-        Ok(None) => empty(StatusCode::NO_CONTENT),
-        Err(e) => e.into_response(),
-    }
-}
 
 /// A refused request: the status and the `{"error":{..}}` body.
 #[derive(Debug)]
@@ -192,8 +94,8 @@ impl From<CommandError> for HttpError {
 /// The origin policy (`origin.rs`) as an HTTP answer: `Ok(None)` for requests without an Origin
 /// (not browsers), `Ok(Some(origin))` to echo in CORS headers, or 403. `changes` marks requests
 /// that change state.
-pub fn allowed_origin<B>(node: &Node, req: &Request<B>, changes: bool) -> Result<Option<HeaderValue>, HttpError> {
-    origin::check(&node.config, req, changes)
+pub fn allowed_origin<B>(config: &Config, req: &Request<B>, changes: bool) -> Result<Option<HeaderValue>, HttpError> {
+    origin::check(config, req, changes)
         .map_err(|refused| HttpError::new(StatusCode::FORBIDDEN, ErrorCode::Forbidden, refused.0))
 }
 

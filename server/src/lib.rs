@@ -11,7 +11,6 @@
 //! - [`api`]: `/api/*` for backends. [`auth`]: tokens and keys. [`protocol`]: the wire types.
 //! - [`node`]: state every handler shares. [`metrics`]: `/metrics`. [`shutdown`]: the drain.
 
-pub mod admin;
 pub mod admission;
 pub mod api;
 pub mod auth;
@@ -24,13 +23,16 @@ pub mod engine;
 pub mod http;
 pub mod hub;
 pub mod listener;
+pub mod locks;
 pub mod metrics;
 pub mod node;
 pub mod origin;
 pub mod panics;
 pub mod protocol;
 pub mod rate;
+pub mod router;
 pub mod session;
+pub mod shard;
 pub mod shutdown;
 pub mod sse;
 pub mod ws;
@@ -40,7 +42,7 @@ use std::future::Future;
 use anyhow::Context;
 use tokio::net::TcpListener;
 
-use crate::http::Plane;
+use crate::router::Plane;
 
 pub use config::{Args, Config};
 pub use node::Node;

@@ -20,8 +20,8 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::http::{self, Plane};
 use crate::node::Node;
+use crate::router::{self, Plane};
 
 /// Most bytes hyper buffers for one connection's request head (hyper's floor is 8 KiB): heads
 /// bigger than this are refused with 431 instead of growing the buffer to hyper's ~400 KB.
@@ -76,7 +76,7 @@ fn refuse(node: &Node, stream: TcpStream) {
 
 async fn serve_connection(stream: Counted, remote: SocketAddr, node: Arc<Node>, plane: Plane) {
     let svc_node = node.clone();
-    let svc = service_fn(move |req| http::route(svc_node.clone(), remote, plane, req));
+    let svc = service_fn(move |req| router::route(svc_node.clone(), remote, plane, req));
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(node.config.request_timeout)

@@ -21,11 +21,12 @@ use crate::engine::{
     ClientInfo, ControlHandler, Deliver, Engine, EngineError, MemoryEngine, NewMessage, NodeInfo, Publication,
     RedisEngine, RedisSettings,
 };
+use crate::hub::ConnId;
 use crate::hub::Hub;
+use crate::locks::lock;
 use crate::metrics::{Identity, Metrics, TRANSPORTS};
 use crate::protocol::{CommandError, ErrorCode};
 use crate::rate::RateLimiter;
-use crate::session::ConnId;
 use prometheus::core::Collector;
 
 /// Shared state of one pushd node.
@@ -151,7 +152,7 @@ impl Node {
     /// Takes one server API request from `--api-rate-limit`; `Err` says how long until the next.
     pub fn api_request(&self) -> Result<(), Duration> {
         match &self.api_rate {
-            Some(bucket) => bucket.lock().unwrap_or_else(|e| e.into_inner()).take(Instant::now()),
+            Some(bucket) => lock(bucket).take(Instant::now()),
             None => Ok(()),
         }
     }
@@ -235,7 +236,7 @@ impl Node {
             let elapsed = at.elapsed();
             let secs = elapsed.as_secs_f64().max(0.001);
             let rates = ((info.messages_in - last.0) as f64 / secs, (info.messages_out - last.1) as f64 / secs);
-            *self.rates.lock().unwrap_or_else(|e| e.into_inner()) = rates;
+            *lock(&self.rates) = rates;
             self.hub.sample_rates(elapsed);
             (last, at) = ((info.messages_in, info.messages_out), Instant::now());
             if let Err(e) = self.engine.heartbeat(&info).await {

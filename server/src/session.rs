@@ -9,117 +9,24 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use hyper_tungstenite::tungstenite::Utf8Bytes;
 use prometheus::IntCounter;
 use serde_json::value::RawValue;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::mpsc;
 
 use crate::auth::Identity;
 use crate::channel::ChannelName;
 use crate::engine::{
     ClientInfo, Epoch, HistoryQuery, NewMessage, Offset, Position, Publication, check_idempotency_key,
 };
+use crate::hub::{ConnId, Out, SessionHandle, SessionInfo, Transport};
 use crate::node::Node;
 use crate::protocol::{Close, CloseCode, CommandError, ErrorCode, Reply, Reset, to_frame};
 use crate::rate::RateLimiter;
-
-/// A connection's id, unique in the cluster: `<node>.<sequence>`.
-pub type ConnId = Arc<str>;
-
-/// Which transport a session uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Transport {
-    Ws,
-    Sse,
-}
-
-impl Transport {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Transport::Ws => "ws",
-            Transport::Sse => "sse",
-        }
-    }
-}
-
-/// What the hub queues for a session. Kept to two words (rare variants boxed): every session's
-/// queue preallocates a block of these.
-#[derive(Debug)]
-pub enum Out {
-    /// A stored message of a channel the session subscribes to.
-    Message(Arc<Publication>),
-    /// A transient frame (join/leave) for a channel.
-    Event(Box<(ChannelName, Utf8Bytes)>),
-    /// History lost: live delivery continues after `Position` in a new epoch.
-    Reset(Box<(ChannelName, Position)>),
-}
-
-/// The part of a session the hub holds: enough to queue frames and to close it.
-#[derive(Clone)]
-pub struct SessionHandle {
-    pub conn: ConnId,
-    pub info: Arc<SessionInfo>,
-    tx: mpsc::Sender<Out>,
-}
-
-/// Facts about a session for operators, plus its close signal.
-pub struct SessionInfo {
-    pub user: Arc<str>,
-    pub transport: Transport,
-    pub remote: Option<SocketAddr>,
-    pub connected_at: SystemTime,
-    pub messages_out: AtomicU64,
-    close: Mutex<Option<Close>>,
-    closed: Notify,
-}
-
-impl SessionHandle {
-    /// Queues `out` without waiting. A full queue closes the session as a slow consumer.
-    pub fn push(&self, out: Out) -> bool {
-        match self.tx.try_send(out) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.close(Close::new(CloseCode::SlowConsumer, "send queue full: reconnect and replay"));
-                false
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
-        }
-    }
-
-    /// Asks the session to close with `close`; the first request wins. True if this call was
-    /// the one that closed it.
-    pub fn close(&self, close: Close) -> bool {
-        let mut slot = self.info.close.lock().unwrap_or_else(|e| e.into_inner());
-        if slot.is_some() {
-            return false;
-        }
-        *slot = Some(close);
-        self.info.closed.notify_one();
-        true
-    }
-
-    /// Messages waiting in the send queue.
-    pub fn queue_depth(&self) -> usize {
-        self.tx.max_capacity() - self.tx.capacity()
-    }
-}
-
-impl SessionInfo {
-    /// Resolves when someone asked this session to close, with the reason.
-    pub async fn closed(&self) -> Close {
-        loop {
-            if let Some(close) = self.close.lock().unwrap_or_else(|e| e.into_inner()).clone() {
-                return close;
-            }
-            self.closed.notified().await;
-        }
-    }
-}
 
 /// Where a subscriber is in one channel.
 #[derive(Debug, Clone)]
@@ -200,17 +107,8 @@ pub struct Session {
 impl Session {
     /// Registers a new session with the hub.
     pub fn open(node: Arc<Node>, identity: Identity, transport: Transport, remote: Option<SocketAddr>) -> Session {
-        let (tx, rx) = mpsc::channel(node.config.send_queue);
-        let info = Arc::new(SessionInfo {
-            user: identity.user.as_str().into(),
-            transport,
-            remote,
-            connected_at: SystemTime::now(),
-            messages_out: AtomicU64::new(0),
-            close: Mutex::new(None),
-            closed: Notify::new(),
-        });
-        let handle = SessionHandle { conn: node.next_conn_id(), info, tx };
+        let info = SessionInfo::new(identity.user.as_str().into(), transport, remote);
+        let (handle, rx) = SessionHandle::new(node.next_conn_id(), info, node.config.send_queue);
         node.hub.register(handle.clone());
         let m = &node.metrics;
         let t = [transport.as_str()];

@@ -31,9 +31,10 @@ use crate::channel::ChannelName;
 use crate::cursor::{self, Cursor};
 use crate::engine::{HistoryQuery, Position, Publication};
 use crate::http::{self, Body, HttpError};
+use crate::hub::{Out, SessionInfo, Transport};
 use crate::node::Node;
 use crate::protocol::{Close, CloseCode, ErrorCode, Reply, to_frame};
-use crate::session::{Frames, Out, Session, SessionInfo, Subscribed, Tally, Transport};
+use crate::session::{Frames, Session, Subscribed, Tally};
 
 /// Events buffered between the session task and hyper; small, so a stalled client backs up
 /// into the session's queue, where the slow-consumer rule applies.
@@ -45,7 +46,7 @@ const REPLAY_CHUNK: usize = 64 * 1024;
 
 /// Answers `GET /sse`.
 pub async fn open<B>(node: Arc<Node>, remote: SocketAddr, req: Request<B>) -> Response<Body> {
-    let origin = match http::allowed_origin(&node, &req, false) {
+    let origin = match http::allowed_origin(&node.config, &req, false) {
         Ok(origin) => origin,
         Err(refused) => {
             node.metrics.refused.with_label_values(&["origin"]).inc();

@@ -22,9 +22,10 @@ use tracing::Instrument;
 use crate::admission::Slot;
 use crate::auth::{AuthError, Identity};
 use crate::http::{self, Body, HttpError};
+use crate::hub::{Out, SessionInfo, Transport};
 use crate::node::Node;
 use crate::protocol::{Close, CloseCode, Command, CommandError, ErrorCode, Op, Reply, Welcome, to_frame};
-use crate::session::{Frames, Out, Session, SessionInfo, Subscribed, Transport};
+use crate::session::{Frames, Session, Subscribed};
 
 /// Bytes tungstenite reads per syscall; small, because every idle connection holds one buffer
 /// (commands are small; a bigger frame grows it while it is read).
@@ -44,7 +45,7 @@ pub fn upgrade(node: Arc<Node>, remote: SocketAddr, mut req: Request<Incoming>) 
     if !hyper_tungstenite::is_upgrade_request(&req) {
         return http::error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, "expected a WebSocket upgrade request");
     }
-    if let Err(refused) = http::allowed_origin(&node, &req, false) {
+    if let Err(refused) = http::allowed_origin(&node.config, &req, false) {
         node.metrics.refused.with_label_values(&["origin"]).inc();
         return refused.into_response();
     }

@@ -33,7 +33,7 @@ impl MemoryEngine {
         idle.sort_unstable_by_key(|(touched, _)| *touched);
         let (mut forgotten, mut freed) = (0, 0);
         for (_, name) in idle.into_iter().take(held.saturating_sub(target)) {
-            let mut shard = lock(self.shard(&self.channels, &name));
+            let mut shard = lock(self.channels.of(&name));
             // Still idle? A subscriber may have come since the scan.
             if shard.get(&name).is_some_and(|log| lock(log).subscribers == 0)
                 && let Some(log) = shard.remove(&name)
@@ -65,7 +65,7 @@ impl MemoryEngine {
             if self.held_bytes.load(Ordering::Relaxed) <= target {
                 break;
             }
-            let Some(log) = lock(self.shard(&self.channels, &name)).get(&name).cloned() else { continue };
+            let Some(log) = lock(self.channels.of(&name)).get(&name).cloned() else { continue };
             let mut log = lock(&log);
             while !log.ring.is_empty() && self.held_bytes.load(Ordering::Relaxed) > target {
                 let freed = log.drop_oldest();

@@ -15,7 +15,6 @@
 mod bounds;
 
 use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -27,9 +26,9 @@ use super::{
     NewMessage, NodeInfo, Offset, PresenceChange, Publication, Survey, now_ms, now_us, presence_frame,
 };
 use crate::channel::ChannelName;
+use crate::locks::lock;
 use crate::metrics::MemoryMetrics;
-
-const SHARDS: usize = 64;
+use crate::shard::Sharded;
 
 type Shard<T> = Mutex<HashMap<ChannelName, T>>;
 
@@ -55,14 +54,13 @@ pub struct MemoryEngine {
     idempotency_ttl: Duration,
     node_ttl: Duration,
     deliver: Weak<dyn Deliver>,
-    hasher: RandomState,
-    channels: Vec<Shard<Arc<Mutex<ChannelLog>>>>,
+    channels: Sharded<Shard<Arc<Mutex<ChannelLog>>>>,
     /// The one node of a memory-engine cluster.
     node: Mutex<Option<NodeInfo>>,
     control: std::sync::OnceLock<Weak<dyn ControlHandler>>,
     /// User -> end of ban (Unix ms).
     bans: Mutex<HashMap<String, u64>>,
-    presence: Vec<Shard<HashMap<Arc<str>, ClientInfo>>>,
+    presence: Sharded<Shard<HashMap<Arc<str>, ClientInfo>>>,
     max_channels: usize,
     max_history_bytes: usize,
     /// Channels remembered now, and the bytes of their history.
@@ -180,12 +178,11 @@ impl MemoryEngine {
             idempotency_ttl,
             node_ttl,
             deliver,
-            hasher: RandomState::new(),
-            channels: shards(),
+            channels: Sharded::default(),
             node: Mutex::new(None),
             control: std::sync::OnceLock::new(),
             bans: Mutex::new(HashMap::new()),
-            presence: shards(),
+            presence: Sharded::default(),
             max_channels,
             max_history_bytes,
             held_channels: AtomicUsize::new(0),
@@ -198,15 +195,11 @@ impl MemoryEngine {
         engine
     }
 
-    fn shard<'a, T>(&self, shards: &'a [Shard<T>], channel: &ChannelName) -> &'a Shard<T> {
-        &shards[self.hasher.hash_one(channel) as usize % SHARDS]
-    }
-
     /// The channel's log, made if the channel is new (which may push the oldest unused channels
     /// out, past `max_channels`).
     fn log(&self, channel: &ChannelName) -> Arc<Mutex<ChannelLog>> {
         let (log, made) = {
-            let mut shard = lock(self.shard(&self.channels, channel));
+            let mut shard = lock(self.channels.of(channel));
             let mut made = false;
             let log = shard
                 .entry(channel.clone())
@@ -288,15 +281,6 @@ async fn sweep(engine: Weak<MemoryEngine>, ttl: Duration) {
     }
 }
 
-fn shards<T>() -> Vec<Shard<T>> {
-    (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect()
-}
-
-/// Locks a mutex; a poisoned lock only means another thread panicked mid-update of plain data.
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 #[async_trait]
 impl Engine for MemoryEngine {
     async fn publish(&self, channel: &ChannelName, msg: NewMessage) -> Result<Arc<Publication>, EngineError> {
@@ -354,10 +338,7 @@ impl Engine for MemoryEngine {
     }
 
     async fn join(&self, channel: &ChannelName, client: &ClientInfo, announce: bool) -> Result<(), EngineError> {
-        lock(self.shard(&self.presence, channel))
-            .entry(channel.clone())
-            .or_default()
-            .insert(client.conn.clone(), client.clone());
+        lock(self.presence.of(channel)).entry(channel.clone()).or_default().insert(client.conn.clone(), client.clone());
         if announce {
             self.announce(PresenceChange::Join, channel, client);
         }
@@ -366,7 +347,7 @@ impl Engine for MemoryEngine {
 
     async fn leave(&self, channel: &ChannelName, client: &ClientInfo, announce: bool) {
         let removed = {
-            let mut shard = lock(self.shard(&self.presence, channel));
+            let mut shard = lock(self.presence.of(channel));
             let removed = shard.get_mut(channel).and_then(|m| m.remove(&client.conn)).is_some();
             if shard.get(channel).is_some_and(HashMap::is_empty) {
                 shard.remove(channel);
@@ -379,7 +360,7 @@ impl Engine for MemoryEngine {
     }
 
     async fn presence(&self, channel: &ChannelName) -> Result<Vec<ClientInfo>, EngineError> {
-        let shard = lock(self.shard(&self.presence, channel));
+        let shard = lock(self.presence.of(channel));
         let mut clients: Vec<ClientInfo> =
             shard.get(channel).map(|m| m.values().cloned().collect()).unwrap_or_default();
         clients.sort_by(|a, b| (&a.user, &a.conn).cmp(&(&b.user, &b.conn)));

@@ -3,8 +3,9 @@
 //! every local subscriber with a non-blocking `try_send`. Channels are sharded and each has its
 //! own lock, so fan-out for one busy channel never waits on another's.
 
+mod handle;
+
 use std::collections::HashMap;
-use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -12,11 +13,12 @@ use hyper_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::channel::ChannelName;
 use crate::engine::{Deliver, Position, Publication};
+use crate::locks::{lock, read, write};
 use crate::metrics::Metrics;
 use crate::protocol::Close;
-use crate::session::{ConnId, Out, SessionHandle};
+use crate::shard::Sharded;
 
-const SHARDS: usize = 64;
+pub use handle::{ConnId, Out, SessionHandle, SessionInfo, Transport};
 
 /// One channel's local subscribers and its message rate.
 #[derive(Default)]
@@ -48,33 +50,23 @@ pub struct ChannelStat {
 
 /// Local subscribers and sessions of this node.
 pub struct Hub {
-    hasher: RandomState,
-    channels: Vec<RwLock<HashMap<ChannelName, Arc<LocalChannel>>>>,
-    sessions: Vec<Mutex<HashMap<ConnId, SessionHandle>>>,
+    channels: Sharded<RwLock<HashMap<ChannelName, Arc<LocalChannel>>>>,
+    sessions: Sharded<Mutex<HashMap<ConnId, SessionHandle>>>,
     metrics: Metrics,
 }
 
 impl Hub {
     pub fn new(metrics: Metrics) -> Self {
-        Self {
-            hasher: RandomState::new(),
-            channels: (0..SHARDS).map(|_| RwLock::default()).collect(),
-            sessions: (0..SHARDS).map(|_| Mutex::default()).collect(),
-            metrics,
-        }
-    }
-
-    fn index<T: std::hash::Hash + ?Sized>(&self, key: &T) -> usize {
-        self.hasher.hash_one(key) as usize % SHARDS
+        Self { channels: Sharded::default(), sessions: Sharded::default(), metrics }
     }
 
     fn subscribers(&self, channel: &ChannelName) -> Option<Arc<LocalChannel>> {
-        read(&self.channels[self.index(channel)]).get(channel).cloned()
+        read(self.channels.of(channel)).get(channel).cloned()
     }
 
     /// Adds a session to a channel's local subscribers.
     pub fn add_subscriber(&self, channel: &ChannelName, handle: &SessionHandle) {
-        let mut shard = write(&self.channels[self.index(channel)]);
+        let mut shard = write(self.channels.of(channel));
         let subs = shard.entry(channel.clone()).or_insert_with(|| {
             self.metrics.channels.inc();
             Arc::default()
@@ -86,7 +78,7 @@ impl Hub {
 
     /// Removes a session from a channel; the channel goes when its last local subscriber does.
     pub fn remove_subscriber(&self, channel: &ChannelName, conn: &ConnId) {
-        let mut shard = write(&self.channels[self.index(channel)]);
+        let mut shard = write(self.channels.of(channel));
         let Some(subs) = shard.get(channel) else { return };
         let mut subs_w = write(&subs.subs);
         if let Some(handle) = subs_w.remove(conn) {
@@ -127,11 +119,11 @@ impl Hub {
     }
 
     pub fn register(&self, handle: SessionHandle) {
-        lock(&self.sessions[self.index(&*handle.conn)]).insert(handle.conn.clone(), handle);
+        lock(self.sessions.of(&*handle.conn)).insert(handle.conn.clone(), handle);
     }
 
     pub fn unregister(&self, conn: &ConnId) {
-        lock(&self.sessions[self.index(&**conn)]).remove(conn);
+        lock(self.sessions.of(&**conn)).remove(conn);
     }
 
     /// Every session on this node.
@@ -140,7 +132,7 @@ impl Hub {
     }
 
     pub fn session(&self, conn: &str) -> Option<SessionHandle> {
-        lock(&self.sessions[self.index(conn)]).get(conn).cloned()
+        lock(self.sessions.of(conn)).get(conn).cloned()
     }
 
     /// Closes the sessions of `user` (or the one with id `conn`); returns how many were open.
@@ -175,16 +167,4 @@ impl Deliver for Hub {
     fn reset(&self, channel: &ChannelName, position: &Position) {
         self.push_all(channel, || Out::Reset(Box::new((channel.clone(), position.clone()))));
     }
-}
-
-fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
-    l.read().unwrap_or_else(|e| e.into_inner())
-}
-
-fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
-    l.write().unwrap_or_else(|e| e.into_inner())
-}
-
-fn lock<T>(l: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    l.lock().unwrap_or_else(|e| e.into_inner())
 }

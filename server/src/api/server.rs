@@ -5,15 +5,12 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
-use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::auth::keys_match;
+use super::read_json;
 use crate::channel::ChannelName;
 use crate::engine::{Epoch, HistoryQuery, NewMessage, Offset, check_idempotency_key};
 use crate::http::{self, Body, HttpError};
@@ -77,7 +74,7 @@ pub async fn handle(node: Arc<Node>, req: Request<Incoming>) -> Response<Body> {
 }
 
 async fn respond(node: &Node, route: Option<Route>, req: Request<Incoming>) -> Response<Body> {
-    let origin = match http::allowed_origin(node, &req, req.method() == Method::POST) {
+    let origin = match http::allowed_origin(&node.config, &req, req.method() == Method::POST) {
         Ok(origin) => origin,
         Err(refused) => return refused.into_response(),
     };
@@ -108,38 +105,12 @@ fn rate(node: &Node) -> Result<(), HttpError> {
     })
 }
 
+/// Backends carry `--api-key`; without one (dev mode) the API is open.
 fn check_key<B>(node: &Node, req: &Request<B>) -> Result<(), HttpError> {
-    let Some(expected) = &node.config.api_key else { return Ok(()) };
-    match http::bearer(req) {
-        Some(given) if keys_match(given.as_bytes(), expected.as_bytes()) => Ok(()),
-        Some(_) => Err(HttpError::new(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, "wrong API key")),
-        None => Err(HttpError::new(
-            StatusCode::UNAUTHORIZED,
-            ErrorCode::Unauthorized,
-            "missing API key: send Authorization: Bearer <PUSHD_API_KEY>",
-        )),
+    match &node.config.api_key {
+        Some(expected) => super::check_key(req, expected, "API", "PUSHD_API_KEY"),
+        None => Ok(()),
     }
-}
-
-/// Reads and parses a JSON body, refusing bodies over the payload limit plus envelope room, and
-/// bodies that do not arrive within `--request-timeout` (a client trickling bytes must not hold
-/// the connection and its buffer forever).
-pub(crate) async fn read_json<T: DeserializeOwned>(node: &Node, req: Request<Incoming>) -> Result<T, HttpError> {
-    let limit = node.config.max_payload + 16 * 1024 + node.config.max_channels * 140;
-    let read = tokio::time::timeout(node.config.request_timeout, Limited::new(req.into_body(), limit).collect());
-    let Ok(read) = read.await else {
-        let msg = "the request body did not arrive within --request-timeout";
-        return Err(HttpError::new(StatusCode::REQUEST_TIMEOUT, ErrorCode::BadRequest, msg));
-    };
-    let body: Bytes = match read {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            let msg = format!("request body is larger than {limit} bytes (--max-payload)");
-            return Err(HttpError::new(StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::PayloadTooLarge, msg));
-        }
-        Err(e) => return Err(HttpError::bad_request(format!("could not read the request body: {e}"))),
-    };
-    serde_json::from_slice(&body).map_err(|e| HttpError::bad_request(format!("malformed JSON body: {e}")))
 }
 
 fn channel(name: &str) -> Result<ChannelName, HttpError> {
@@ -171,7 +142,7 @@ struct Published {
 }
 
 /// Stores one message; `route` says which API it came through (`api`, `admin`).
-pub(crate) async fn publish(node: &Node, req: Request<Incoming>, route: &str) -> ApiResult {
+pub(super) async fn publish(node: &Node, req: Request<Incoming>, route: &str) -> ApiResult {
     let body: PublishBody = read_json(node, req).await?;
     let channel = channel(&body.channel)?;
     let msg = NewMessage {
@@ -251,7 +222,7 @@ struct HistoryBody<'a> {
     publications: Vec<HistoryEntry<'a>>,
 }
 
-pub(crate) async fn history(node: &Node, req: &Request<Incoming>) -> ApiResult {
+pub(super) async fn history(node: &Node, req: &Request<Incoming>) -> ApiResult {
     let name = http::query(req, "channel").ok_or_else(|| HttpError::bad_request("missing ?channel="))?;
     let channel = channel(&name)?;
     let number = |key: &str| -> Result<Option<u64>, HttpError> {

@@ -18,8 +18,7 @@ use pushd_wire::{
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
-use crate::api;
-use crate::auth::keys_match;
+use super::{read_json, server};
 use crate::channel::ChannelName;
 use crate::control::{ChannelOnNode, ControlRequest, Kicked, NodeReport, conn_order};
 use crate::engine::{EngineError, HistoryBounds, Survey, now_ms};
@@ -107,7 +106,7 @@ async fn respond(node: &Node, route: Option<Route>, req: Request<Incoming>) -> A
     check_key(node, &req)?;
     // No browser page has business changing the cluster unless the origin policy says so.
     if req.method() == Method::POST {
-        http::allowed_origin(node, &req, true)?;
+        http::allowed_origin(&node.config, &req, true)?;
     }
     let path = req.uri().path().to_owned();
     let Some(route) = route else {
@@ -123,29 +122,23 @@ async fn respond(node: &Node, route: Option<Route>, req: Request<Incoming>) -> A
         Route::Connections => connections(node, &req).await,
         Route::Channels => channels(node, &req).await,
         Route::Channel => channel(node, &req, &path[CHANNEL_PREFIX.len()..]).await,
-        Route::History => api::history(node, &req).await,
-        Route::Publish => api::publish(node, req, "admin").await,
+        Route::History => server::history(node, &req).await,
+        Route::Publish => server::publish(node, req, "admin").await,
         Route::Kick => kick(node, req).await,
         Route::Unban => unban(node, req).await,
     }
 }
 
+/// Operators carry `--admin-key`. Without one the admin API is open in dev mode only: a node on
+/// the internet must not be steerable by anyone because a flag was forgotten.
 fn check_key<B>(node: &Node, req: &Request<B>) -> Result<(), HttpError> {
-    let Some(expected) = &node.config.admin_key else {
-        if node.config.dev_mode() {
-            return Ok(());
+    match &node.config.admin_key {
+        Some(expected) => super::check_key(req, expected, "admin", "PUSHD_ADMIN_KEY"),
+        None if node.config.dev_mode() => Ok(()),
+        None => {
+            let msg = "admin API disabled: set PUSHD_ADMIN_KEY (--admin-key) on the node";
+            Err(HttpError::new(StatusCode::FORBIDDEN, ErrorCode::Forbidden, msg))
         }
-        let msg = "admin API disabled: set PUSHD_ADMIN_KEY (--admin-key) on the node";
-        return Err(HttpError::new(StatusCode::FORBIDDEN, ErrorCode::Forbidden, msg));
-    };
-    match http::bearer(req) {
-        Some(given) if keys_match(given.as_bytes(), expected.as_bytes()) => Ok(()),
-        Some(_) => Err(HttpError::new(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, "wrong admin key")),
-        None => Err(HttpError::new(
-            StatusCode::UNAUTHORIZED,
-            ErrorCode::Unauthorized,
-            "missing admin key: send Authorization: Bearer <PUSHD_ADMIN_KEY>",
-        )),
     }
 }
 
@@ -358,7 +351,7 @@ struct KickBody {
 /// Closes sockets with 4009 wherever they are; with `ban_s`, refuses the user cluster-wide.
 async fn kick(node: &Node, req: Request<Incoming>) -> AdminResult {
     let deadline = Deadline::of(&req)?;
-    let body: KickBody = api::read_json(node, req).await?;
+    let body: KickBody = read_json(node, req).await?;
     if body.conns.is_empty() == body.user.is_none() {
         return Err(HttpError::bad_request("give either \"conns\" (a list) or \"user\""));
     }
@@ -391,7 +384,7 @@ struct UnbanBody {
 /// Lifts a user's ban on every node at once (the ban is one key in the shared store).
 async fn unban(node: &Node, req: Request<Incoming>) -> AdminResult {
     let deadline = Deadline::of(&req)?;
-    let body: UnbanBody = api::read_json(node, req).await?;
+    let body: UnbanBody = read_json(node, req).await?;
     let was_banned = deadline.bound(node.engine.unban(&body.user)).await.map_err(unavailable)?;
     tracing::info!(user = %body.user, was_banned, "operator unban");
     Ok(http::json(StatusCode::OK, &UnbanAnswer { user: body.user, was_banned }))

@@ -1,0 +1,122 @@
+//! What the hub holds of a session: its id, the facts operators see, the sending side of its
+//! queue and its close signal. The session itself (`session.rs`) owns the receiving side and
+//! everything else; it builds these and hands them to the hub, so the hub never needs to know
+//! what a session is.
+
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use hyper_tungstenite::tungstenite::Utf8Bytes;
+use tokio::sync::{Notify, mpsc};
+
+use crate::channel::ChannelName;
+use crate::engine::{Position, Publication};
+use crate::locks::lock;
+use crate::protocol::{Close, CloseCode};
+
+/// A connection's id, unique in the cluster: `<node>.<sequence>`.
+pub type ConnId = Arc<str>;
+
+/// Which transport a session uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    Ws,
+    Sse,
+}
+
+impl Transport {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Ws => "ws",
+            Transport::Sse => "sse",
+        }
+    }
+}
+
+/// What the hub queues for a session. Kept to two words (rare variants boxed): every session's
+/// queue preallocates a block of these.
+#[derive(Debug)]
+pub enum Out {
+    /// A stored message of a channel the session subscribes to.
+    Message(Arc<Publication>),
+    /// A transient frame (join/leave) for a channel.
+    Event(Box<(ChannelName, Utf8Bytes)>),
+    /// History lost: live delivery continues after `Position` in a new epoch.
+    Reset(Box<(ChannelName, Position)>),
+}
+
+/// The part of a session the hub holds: enough to queue frames and to close it.
+#[derive(Clone)]
+pub struct SessionHandle {
+    pub conn: ConnId,
+    pub info: Arc<SessionInfo>,
+    tx: mpsc::Sender<Out>,
+}
+
+/// Facts about a session for operators, plus its close signal.
+pub struct SessionInfo {
+    pub user: Arc<str>,
+    pub transport: Transport,
+    pub remote: Option<SocketAddr>,
+    pub connected_at: SystemTime,
+    pub messages_out: AtomicU64,
+    close: Mutex<Option<Close>>,
+    closed: Notify,
+}
+
+impl SessionHandle {
+    /// A handle for a new session, and the receiving side of its queue of `capacity` items.
+    pub fn new(conn: ConnId, info: SessionInfo, capacity: usize) -> (Self, mpsc::Receiver<Out>) {
+        let (tx, rx) = mpsc::channel(capacity);
+        (Self { conn, info: Arc::new(info), tx }, rx)
+    }
+
+    /// Queues `out` without waiting. A full queue closes the session as a slow consumer.
+    pub fn push(&self, out: Out) -> bool {
+        match self.tx.try_send(out) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.close(Close::new(CloseCode::SlowConsumer, "send queue full: reconnect and replay"));
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    /// Asks the session to close with `close`; the first request wins. True if this call was
+    /// the one that closed it.
+    pub fn close(&self, close: Close) -> bool {
+        let mut slot = lock(&self.info.close);
+        if slot.is_some() {
+            return false;
+        }
+        *slot = Some(close);
+        self.info.closed.notify_one();
+        true
+    }
+
+    /// Messages waiting in the send queue.
+    pub fn queue_depth(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
+}
+
+impl SessionInfo {
+    pub fn new(user: Arc<str>, transport: Transport, remote: Option<SocketAddr>) -> Self {
+        let (connected_at, messages_out) = (SystemTime::now(), AtomicU64::new(0));
+        Self { user, transport, remote, connected_at, messages_out, close: Mutex::new(None), closed: Notify::new() }
+    }
+
+    /// Resolves when someone asked this session to close, with the reason.
+    pub async fn closed(&self) -> Close {
+        loop {
+            if let Some(close) = lock(&self.close).clone() {
+                return close;
+            }
+            self.closed.notified().await;
+        }
+    }
+}
