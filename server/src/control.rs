@@ -10,7 +10,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::channel::{ChannelName, ChannelPattern};
 use crate::engine::ControlHandler;
-use crate::locks::lock;
 use crate::node::Node;
 use crate::protocol::{Close, CloseCode};
 
@@ -73,24 +72,24 @@ impl Node {
     /// This node's stats for `pushctl stats`, with its users and channels for the totals.
     pub fn stats(&self) -> NodeReport {
         let info = self.info(&self.addr());
-        let (msgs_in_per_s, msgs_out_per_s) = *lock(&self.rates);
-        let mut user_ids: Vec<String> = self.hub.sessions().iter().map(|s| s.info.user.to_string()).collect();
+        let (msgs_in_per_s, msgs_out_per_s) = self.rates();
+        let mut user_ids: Vec<String> = self.hub().sessions().iter().map(|s| s.info.user.to_string()).collect();
         user_ids.sort();
         user_ids.dedup();
-        let channel_names = self.hub.channels().into_iter().map(|c| c.channel.to_string()).collect();
-        let stats = NodeStats { info, uptime_s: self.started.elapsed().as_secs(), msgs_in_per_s, msgs_out_per_s };
+        let channel_names = self.hub().channels().into_iter().map(|c| c.channel.to_string()).collect();
+        let stats = NodeStats { info, uptime_s: self.uptime().as_secs(), msgs_in_per_s, msgs_out_per_s };
         NodeReport { stats, user_ids, channel_names }
     }
 
     fn connections(&self, user: Option<&str>, channel: Option<&str>) -> Vec<ConnectionInfo> {
         let mut channels_of: HashMap<String, Vec<String>> = HashMap::new();
-        for stat in self.hub.channels() {
-            for handle in self.hub.channel_subscribers(&stat.channel) {
+        for stat in self.hub().channels() {
+            for handle in self.hub().channel_subscribers(&stat.channel) {
                 channels_of.entry(handle.conn.to_string()).or_default().push(stat.channel.to_string());
             }
         }
         let mut out: Vec<ConnectionInfo> = self
-            .hub
+            .hub()
             .sessions()
             .into_iter()
             .filter(|h| user.is_none_or(|u| &*h.info.user == u))
@@ -100,7 +99,7 @@ impl Node {
                 ConnectionInfo {
                     conn: h.conn.to_string(),
                     user: h.info.user.to_string(),
-                    node: self.config.node_id.clone(),
+                    node: self.config().node_id.clone(),
                     transport: h.info.transport.as_str().to_owned(),
                     remote: h.info.remote.map(|r| r.to_string()),
                     connected_ms: h
@@ -121,7 +120,7 @@ impl Node {
 
     fn local_channels(&self, pattern: Option<&str>) -> Vec<ChannelOnNode> {
         let pattern = pattern.and_then(|p| ChannelPattern::parse(p).ok());
-        self.hub
+        self.hub()
             .channels()
             .into_iter()
             .filter(|c| pattern.as_ref().is_none_or(|p| p.matches(c.channel.as_str())))
@@ -132,13 +131,13 @@ impl Node {
     fn subscribers_of(&self, channel: &str) -> Vec<Subscriber> {
         let Ok(channel) = ChannelName::parse(channel) else { return Vec::new() };
         let mut subscribers: Vec<Subscriber> = self
-            .hub
+            .hub()
             .channel_subscribers(&channel)
             .into_iter()
             .map(|h| Subscriber {
                 conn: h.conn.to_string(),
                 user: h.info.user.to_string(),
-                node: self.config.node_id.clone(),
+                node: self.config().node_id.clone(),
             })
             .collect();
         subscribers.sort_by_key(|s| conn_order(&s.conn));
@@ -148,11 +147,11 @@ impl Node {
     /// Closes the named connections and the user's sockets on this node with 4009.
     fn kick(&self, conns: &[String], user: Option<&str>, reason: String) -> Kicked {
         let close = Close::new(CloseCode::Kicked, reason);
-        let mut count = conns.iter().map(|c| self.hub.disconnect(None, Some(c), close.clone())).sum::<usize>();
+        let mut count = conns.iter().map(|c| self.hub().disconnect(None, Some(c), close.clone())).sum::<usize>();
         if let Some(user) = user {
-            count += self.hub.disconnect(Some(user), None, close);
+            count += self.hub().disconnect(Some(user), None, close);
         }
-        self.metrics.kicks.inc_by(count as u64);
+        self.metrics().kicks.inc_by(count as u64);
         Kicked { count: count as u64 }
     }
 }

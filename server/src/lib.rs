@@ -77,11 +77,11 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Ou
         }
         None => None,
     };
-    tracing::info!(%addr, admin_addr = admin_addr.map(tracing::field::display), node = %node.config.node_id, engine, "pushd listening");
-    if node.config.max_connections > node.config.max_tcp_connections {
+    tracing::info!(%addr, admin_addr = admin_addr.map(tracing::field::display), node = %node.config().node_id, engine, "pushd listening");
+    if node.config().max_connections > node.config().max_tcp_connections {
         tracing::warn!(
-            max_connections = node.config.max_connections,
-            max_tcp_connections = node.config.max_tcp_connections,
+            max_connections = node.config().max_connections,
+            max_tcp_connections = node.config().max_tcp_connections,
             "--max-connections is above what the open-file limit allows: raise `ulimit -n` (or set --max-tcp-connections)"
         );
     }
@@ -92,7 +92,7 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Ou
         accept.await?;
     }
     heartbeat.await?;
-    node.engine.close().await;
+    node.engine().close().await;
     tracing::info!("pushd stopped");
     Ok(())
 }

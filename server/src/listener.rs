@@ -33,13 +33,13 @@ const ADMIN_CONNECTIONS: usize = 64;
 pub async fn accept_loop(listener: TcpListener, node: Arc<Node>, plane: Plane) {
     let max = match plane {
         Plane::Admin => ADMIN_CONNECTIONS,
-        Plane::All | Plane::Public => node.config.max_tcp_connections,
+        Plane::All | Plane::Public => node.config().max_tcp_connections,
     };
     let budget = Arc::new(Budget { open: AtomicUsize::new(0), max });
     let mut backoff = AcceptBackoff::default();
     loop {
         let (stream, remote) = tokio::select! {
-            _ = node.stopping.cancelled() => return,
+            _ = node.stopped() => return,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
@@ -65,7 +65,7 @@ pub async fn accept_loop(listener: TcpListener, node: Arc<Node>, plane: Plane) {
 /// Answers a connection beyond the budget with a plain 503 and closes it. The socket was just
 /// accepted, so its send buffer is empty and a non-blocking write takes the whole answer.
 fn refuse(node: &Node, stream: TcpStream) {
-    node.metrics.refused.with_label_values(&["tcp_full"]).inc();
+    node.metrics().refused.with_label_values(&["tcp_full"]).inc();
     let body = r#"{"error":{"code":"unavailable","message":"node has too many open connections (--max-tcp-connections): connect to another node"}}"#;
     let answer = format!(
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
@@ -79,7 +79,7 @@ async fn serve_connection(stream: Counted, remote: SocketAddr, node: Arc<Node>, 
     let svc = service_fn(move |req| router::route(svc_node.clone(), remote, plane, req));
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(node.config.request_timeout)
+        .header_read_timeout(node.config().request_timeout)
         .max_buf_size(MAX_READ_BUFFER)
         .keep_alive(true)
         .serve_connection(TokioIo::new(stream), svc)
@@ -87,7 +87,7 @@ async fn serve_connection(stream: Counted, remote: SocketAddr, node: Arc<Node>, 
     tokio::pin!(conn);
     let result = tokio::select! {
         r = conn.as_mut() => r,
-        _ = node.stopping.cancelled() => {
+        _ = node.stopped() => {
             conn.as_mut().graceful_shutdown();
             conn.await
         }

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admission::{Admission, Refusal, Slot};
-use crate::auth::{AuthError, Authenticator};
+use crate::auth::{AuthError, Authenticator, Identity};
 use crate::channel::ChannelName;
 use crate::config::Config;
 use crate::engine::memory::MemorySettings;
@@ -24,30 +24,30 @@ use crate::engine::{
 use crate::hub::ConnId;
 use crate::hub::Hub;
 use crate::locks::lock;
-use crate::metrics::{Identity, Metrics, TRANSPORTS};
+use crate::metrics::{self, Metrics, TRANSPORTS};
 use crate::protocol::{CommandError, ErrorCode};
 use crate::rate::RateLimiter;
 use prometheus::core::Collector;
 
 /// Shared state of one pushd node.
 pub struct Node {
-    pub config: Config,
+    config: Config,
     addr: String,
     /// Messages in and out per second over the last heartbeat period.
-    pub rates: Mutex<(f64, f64)>,
+    rates: Mutex<(f64, f64)>,
     /// `config.node_id`, shared by every presence entry.
-    pub node_id: Arc<str>,
-    pub hub: Arc<Hub>,
-    pub engine: Arc<dyn Engine>,
-    pub auth: Authenticator,
-    pub metrics: Metrics,
+    node_id: Arc<str>,
+    hub: Arc<Hub>,
+    engine: Arc<dyn Engine>,
+    auth: Authenticator,
+    metrics: Metrics,
     /// Counts every session task, so shutdown can wait for them.
-    pub tracker: TaskTracker,
+    tracker: TaskTracker,
     /// Cancelled when the drain is over: the listener closes and idle HTTP connections end.
-    pub stopping: CancellationToken,
-    pub started: Instant,
+    stopping: CancellationToken,
+    started: Instant,
     /// Unix ms when the node started, for the registry.
-    pub started_ms: u64,
+    started_ms: u64,
     /// `SERVING`, `UNREADY` or `CLOSING` (see `shutdown.rs`).
     drain: AtomicU8,
     admission: Arc<Admission>,
@@ -67,7 +67,7 @@ impl Node {
     /// Builds the node on the engine the config names: Redis with `--redis-url`, else memory.
     pub async fn start(config: Config, addr: SocketAddr) -> anyhow::Result<Arc<Self>> {
         let engine_name = if config.redis_url.is_some() { "redis" } else { "memory" };
-        let metrics = Metrics::new(&Identity {
+        let metrics = Metrics::new(&metrics::Identity {
             node_id: &config.node_id,
             engine: engine_name,
             max_connections: config.max_connections,
@@ -128,6 +128,66 @@ impl Node {
         let handler: Arc<dyn ControlHandler> = node.clone();
         node.engine.set_control(Arc::downgrade(&handler));
         Ok(node)
+    }
+
+    /// The node's configuration, as validated at start.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// This node's sessions and subscriptions.
+    pub fn hub(&self) -> &Hub {
+        &self.hub
+    }
+
+    /// The cluster seam: history, fan-out, presence, bans, surveys.
+    pub fn engine(&self) -> &dyn Engine {
+        &*self.engine
+    }
+
+    /// `--node-id`, shared (one allocation for every presence entry).
+    pub fn node_id(&self) -> &Arc<str> {
+        &self.node_id
+    }
+
+    /// Checks a client's token (or, in dev mode, takes the `?user=` it names).
+    pub fn authenticate(&self, token: Option<&str>, dev_user: Option<&str>) -> Result<Identity, AuthError> {
+        self.auth.authenticate(token, dev_user)
+    }
+
+    /// Runs a session task that the drain waits for.
+    pub fn spawn(&self, session: impl Future<Output = ()> + Send + 'static) {
+        self.tracker.spawn(session);
+    }
+
+    /// Resolves once the drain is over: listeners close and idle HTTP connections end.
+    pub async fn stopped(&self) {
+        self.stopping.cancelled().await
+    }
+
+    /// Ends the drain (see `stopped`).
+    pub fn stop(&self) {
+        self.stopping.cancel();
+    }
+
+    /// Waits until every session task has ended, or `deadline`; `Err` says how many remain.
+    pub async fn wait_for_sessions(&self, deadline: tokio::time::Instant) -> Result<(), usize> {
+        self.tracker.close();
+        tokio::time::timeout_at(deadline, self.tracker.wait()).await.map_err(|_| self.tracker.len())
+    }
+
+    /// How long this node has run.
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Messages in and out per second over the last heartbeat period.
+    pub fn rates(&self) -> (f64, f64) {
+        *lock(&self.rates)
     }
 
     /// The address this node listens on.

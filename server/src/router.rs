@@ -52,7 +52,7 @@ pub async fn route(
         let text = format!("no route for {} {path} on this address: it is served on the node's {other}", req.method());
         return Ok(error(StatusCode::NOT_FOUND, ErrorCode::NotFound, text));
     }
-    let remote = client_addr::resolve(&node.config.trusted_proxies, remote, req.headers());
+    let remote = client_addr::resolve(&node.config().trusted_proxies, remote, req.headers());
     let response = match (req.method(), path.as_str()) {
         (&Method::GET, "/ws") => ws::upgrade(node, remote, req),
         (&Method::GET, "/sse") => sse::open(node, remote, req).await,
@@ -91,7 +91,7 @@ fn readyz(node: &Node) -> Response<Body> {
 
 /// Answers a CORS preflight for an allowed origin.
 fn preflight<B>(node: &Node, req: &Request<B>) -> Response<Body> {
-    match allowed_origin(&node.config, req, false) {
+    match allowed_origin(node.config(), req, false) {
         Ok(Some(origin)) => {
             let mut r = empty(StatusCode::NO_CONTENT);
             let h = r.headers_mut();

@@ -108,9 +108,9 @@ impl Session {
     /// Registers a new session with the hub.
     pub fn open(node: Arc<Node>, identity: Identity, transport: Transport, remote: Option<SocketAddr>) -> Session {
         let info = SessionInfo::new(identity.user.as_str().into(), transport, remote);
-        let (handle, rx) = SessionHandle::new(node.next_conn_id(), info, node.config.send_queue);
-        node.hub.register(handle.clone());
-        let m = &node.metrics;
+        let (handle, rx) = SessionHandle::new(node.next_conn_id(), info, node.config().send_queue);
+        node.hub().register(handle.clone());
+        let m = &node.metrics();
         let t = [transport.as_str()];
         m.connections.with_label_values(&t).inc();
         let counters = Counters {
@@ -118,19 +118,19 @@ impl Session {
             control: m.control_frames.with_label_values(&t),
             resets: m.resets.with_label_values(&t),
         };
-        let rate = RateLimiter::new(node.config.rate_limit, node.config.rate_burst);
+        let rate = RateLimiter::new(node.config().rate_limit, node.config().rate_burst);
         Session { node, handle, identity, rx, subs: HashMap::new(), rate, counters }
     }
 
     /// Counts the session as opened: the transport is about to send its welcome.
     pub fn started(&self) {
-        self.node.metrics.connections_opened.with_label_values(&[self.handle.info.transport.as_str()]).inc();
+        self.node.metrics().connections_opened.with_label_values(&[self.handle.info.transport.as_str()]).inc();
     }
 
     /// Counts how a started session ended: the close code the server sends, or `None` when the client
     /// left. A slow consumer is also logged: it tells an operator a client cannot keep up.
     pub fn ended(&self, close: Option<&Close>) {
-        let m = &self.node.metrics;
+        let m = &self.node.metrics();
         let code = close.map_or("peer", |c| c.code.label());
         m.connections_closed.with_label_values(&[self.handle.info.transport.as_str(), code]).inc();
         if close.is_some_and(|c| c.code == CloseCode::SlowConsumer) {
@@ -182,16 +182,16 @@ impl Session {
         if self.subs.contains_key(&channel) {
             return Err(CommandError::new(ErrorCode::AlreadySubscribed, format!("already subscribed to {channel}")));
         }
-        if self.subs.len() >= self.node.config.max_channels {
-            let msg = format!("at most {} channels per connection", self.node.config.max_channels);
+        if self.subs.len() >= self.node.config().max_channels {
+            let msg = format!("at most {} channels per connection", self.node.config().max_channels);
             return Err(CommandError::new(ErrorCode::TooManyChannels, msg));
         }
-        self.node.hub.add_subscriber(&channel, &self.handle);
+        self.node.hub().add_subscriber(&channel, &self.handle);
         let replayed = self.position_and_replay(&channel, since.as_ref()).await;
         let (position, replay) = match replayed {
             Ok(r) => r,
             Err(e) => {
-                self.node.hub.remove_subscriber(&channel, &self.handle.conn);
+                self.node.hub().remove_subscriber(&channel, &self.handle.conn);
                 return Err(e);
             }
         };
@@ -204,7 +204,7 @@ impl Session {
             fits
         });
         let recovered = since.as_ref().map(|_| replay.is_some());
-        let metrics = &self.node.metrics;
+        let metrics = &self.node.metrics();
         if let Some(ok) = recovered {
             metrics.replays.with_label_values(&[if ok { "recovered" } else { "not_recovered" }]).inc();
         }
@@ -232,9 +232,9 @@ impl Session {
         channel: &ChannelName,
         since: Option<&Position>,
     ) -> Result<(Position, Option<Vec<Arc<Publication>>>), CommandError> {
-        let engine = &self.node.engine;
+        let engine = &self.node.engine();
         engine.subscribe(channel).await.map_err(unavailable)?;
-        let max = self.node.config.max_replay;
+        let max = self.node.config().max_replay;
         let query = match since {
             Some(p) => HistoryQuery::After { after: p.offset, limit: max },
             None => HistoryQuery::Latest { limit: 0 },
@@ -251,10 +251,10 @@ impl Session {
     }
 
     async fn join_presence(&self, channel: &ChannelName) {
-        let config = &self.node.config;
+        let config = &self.node.config();
         if config.presence_on(channel.as_str()) {
             let announce = config.join_leave_on(channel.as_str());
-            if let Err(e) = self.node.engine.join(channel, &self.client_info(), announce).await {
+            if let Err(e) = self.node.engine().join(channel, &self.client_info(), announce).await {
                 tracing::warn!(conn = %self.handle.conn, %channel, error = %e, "presence join failed");
             }
         }
@@ -264,7 +264,7 @@ impl Session {
         ClientInfo {
             user: self.handle.info.user.clone(),
             conn: self.handle.conn.clone(),
-            node: self.node.node_id.clone(),
+            node: self.node.node_id().clone(),
         }
     }
 
@@ -274,7 +274,7 @@ impl Session {
         if self.subs.remove(&channel).is_none() {
             return Err(CommandError::new(ErrorCode::NotSubscribed, format!("not subscribed to {channel}")));
         }
-        self.node.hub.remove_subscriber(&channel, &self.handle.conn);
+        self.node.hub().remove_subscriber(&channel, &self.handle.conn);
         leave(&self.node, &channel, &self.client_info()).await;
         Ok(Reply { channel: Some(channel), ..Reply::ok(None) })
     }
@@ -362,7 +362,7 @@ impl Session {
     pub fn observe_latency(&self, batch: &[Out]) {
         if let Some(Out::Message(p)) = batch.first() {
             let age_us = crate::engine::now_us().saturating_sub(p.time_us);
-            self.node.metrics.delivery_latency.observe(age_us as f64 / 1e6);
+            self.node.metrics().delivery_latency.observe(age_us as f64 / 1e6);
         }
     }
 
@@ -379,11 +379,11 @@ impl Drop for Session {
     /// mid-frame must not leak subscriptions (this runs however the transport task ended).
     fn drop(&mut self) {
         let node = self.node.clone();
-        node.hub.unregister(&self.handle.conn);
-        node.metrics.connections.with_label_values(&[self.handle.info.transport.as_str()]).dec();
+        node.hub().unregister(&self.handle.conn);
+        node.metrics().connections.with_label_values(&[self.handle.info.transport.as_str()]).dec();
         let channels: Vec<ChannelName> = self.subs.drain().map(|(c, _)| c).collect();
         for channel in &channels {
-            node.hub.remove_subscriber(channel, &self.handle.conn);
+            node.hub().remove_subscriber(channel, &self.handle.conn);
         }
         if channels.is_empty() {
             return;
@@ -399,9 +399,9 @@ impl Drop for Session {
 
 /// Releases the engine's subscription and presence for one channel.
 async fn leave(node: &Node, channel: &ChannelName, client: &ClientInfo) {
-    node.engine.unsubscribe(channel).await;
-    if node.config.presence_on(channel.as_str()) {
-        node.engine.leave(channel, client, node.config.join_leave_on(channel.as_str())).await;
+    node.engine().unsubscribe(channel).await;
+    if node.config().presence_on(channel.as_str()) {
+        node.engine().leave(channel, client, node.config().join_leave_on(channel.as_str())).await;
     }
 }
 

@@ -17,15 +17,15 @@ const DRAIN_TICK: Duration = Duration::from_millis(50);
 /// Drains `node`; returns when every session task ended or the deadline passed.
 pub async fn drain(node: &Node) {
     node.start_draining();
-    let grace = node.config.drain_grace;
+    let grace = node.config().drain_grace;
     if !grace.is_zero() {
         tracing::info!(grace_s = grace.as_secs_f64(), "draining: readiness off, closing clients after the grace");
         tokio::time::sleep(grace).await;
     }
     node.stop_accepting();
-    let window = node.config.drain_window;
+    let window = node.config().drain_window;
     let deadline = tokio::time::Instant::now() + window.max(Duration::from_millis(500));
-    let sessions = node.hub.sessions();
+    let sessions = node.hub().sessions();
     tracing::info!(sessions = sessions.len(), window_s = window.as_secs_f64(), "draining");
     let per_tick = batch_size(sessions.len(), window.mul_f64(0.6), DRAIN_TICK);
     let close = Close::new(CloseCode::Restart, "server restarting: reconnect");
@@ -38,14 +38,13 @@ pub async fn drain(node: &Node) {
         }
     }
     // Sessions whose upgrade was already under way when the drain began.
-    for session in node.hub.sessions() {
+    for session in node.hub().sessions() {
         session.close(close.clone());
     }
-    node.tracker.close();
-    if tokio::time::timeout_at(deadline, node.tracker.wait()).await.is_err() {
-        tracing::warn!(remaining = node.tracker.len(), "drain window overran; dropping the remaining sessions");
+    if let Err(remaining) = node.wait_for_sessions(deadline).await {
+        tracing::warn!(remaining, "drain window overran; dropping the remaining sessions");
     }
-    node.stopping.cancel();
+    node.stop();
 }
 
 /// Sessions to close per tick so that `n` of them are spread evenly over `spread`.

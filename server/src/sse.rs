@@ -46,14 +46,14 @@ const REPLAY_CHUNK: usize = 64 * 1024;
 
 /// Answers `GET /sse`.
 pub async fn open<B>(node: Arc<Node>, remote: SocketAddr, req: Request<B>) -> Response<Body> {
-    let origin = match http::allowed_origin(&node.config, &req, false) {
+    let origin = match http::allowed_origin(node.config(), &req, false) {
         Ok(origin) => origin,
         Err(refused) => {
-            node.metrics.refused.with_label_values(&["origin"]).inc();
+            node.metrics().refused.with_label_values(&["origin"]).inc();
             return refused.into_response();
         }
     };
-    let metrics = node.metrics.clone();
+    let metrics = node.metrics().clone();
     let response = start(node, remote, &req).await.unwrap_or_else(|(reason, e)| {
         metrics.refused.with_label_values(&[reason]).inc();
         e.into_response()
@@ -72,7 +72,7 @@ async fn start<B>(node: Arc<Node>, remote: SocketAddr, req: &Request<B>) -> Resu
         let error = e.command_error();
         (reason, HttpError::new(auth_status(&e), error.code, error.message))
     };
-    let identity = node.auth.authenticate(token.as_deref(), http::query(req, "user").as_deref()).map_err(refused)?;
+    let identity = node.authenticate(token.as_deref(), http::query(req, "user").as_deref()).map_err(refused)?;
     node.check_ban(&identity.user).await.map_err(refused)?;
     let slot = node.reserve_connection(&identity.user, remote.ip()).map_err(|r| (r.reason(), HttpError::from(r)))?;
     let last_id = req.headers().get("last-event-id").and_then(|v| v.to_str().ok()).map(str::to_owned);
@@ -100,7 +100,7 @@ async fn start<B>(node: Arc<Node>, remote: SocketAddr, req: &Request<B>) -> Resu
     session.sent(std::mem::take(&mut stream.tally));
     let first = Bytes::from(std::mem::take(&mut stream.out));
     tx.try_send(first).expect("a new channel has room");
-    node.tracker.spawn(stream.run(session, tx, slot));
+    node.spawn(stream.run(session, tx, slot));
     let mut response = Response::new(SseBody { rx }.boxed());
     let h = response.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
@@ -124,10 +124,10 @@ fn channels<B>(node: &Node, req: &Request<B>) -> Result<Vec<ChannelName>, HttpEr
     if names.is_empty() {
         return Err(bad(ErrorCode::BadRequest, "name at least one channel: /sse?channel=a&channel=b".into()));
     }
-    if names.len() > node.config.max_channels {
+    if names.len() > node.config().max_channels {
         return Err(bad(
             ErrorCode::TooManyChannels,
-            format!("at most {} channels per connection", node.config.max_channels),
+            format!("at most {} channels per connection", node.config().max_channels),
         ));
     }
     let mut out: Vec<ChannelName> = Vec::with_capacity(names.len());
@@ -151,7 +151,7 @@ async fn resolve(node: &Node, channels: &[ChannelName], cursor: Cursor) -> Resul
         Cursor::Positions(list) => list.into_iter().map(Some).collect(),
         Cursor::Unusable => vec![Some(cursor::unusable()); n],
         Cursor::Digest { digest, offsets } => {
-            let reads = channels.iter().map(|c| node.engine.history(c, HistoryQuery::Latest { limit: 0 }));
+            let reads = channels.iter().map(|c| node.engine().history(c, HistoryQuery::Latest { limit: 0 }));
             let pages = join_all(reads).await.into_iter().collect::<Result<Vec<_>, _>>().map_err(|e| {
                 HttpError::new(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, format!("{e}: retry shortly"))
             })?;
@@ -197,7 +197,7 @@ impl SseStream {
     /// and writes the welcome; the replays wait in `replays` for `stream_replays`.
     async fn subscribe_all(&mut self, session: &mut Session, since: Vec<Option<Position>>) -> Result<(), HttpError> {
         let mut replies = Vec::with_capacity(self.channels.len());
-        let mut budget = session.node().config.max_replay_bytes;
+        let mut budget = session.node().config().max_replay_bytes;
         for (i, (channel, since)) in self.channels.iter().zip(since).enumerate() {
             let Subscribed { reply, replay } = session.subscribe(channel.as_str(), since.clone(), &mut budget).await?;
             let current = Position {
@@ -215,7 +215,7 @@ impl SseStream {
         }
         self.digest = cursor::digest(self.cursor.iter().map(|p| &p.epoch));
         self.out.extend_from_slice(b"retry: 1000\n\n");
-        let node = session.node().config.node_id.clone();
+        let node = session.node().config().node_id.clone();
         let welcome = to_frame(&SseWelcome {
             kind: "welcome",
             conn: session.conn(),
@@ -281,7 +281,7 @@ impl SseStream {
     /// Streams queued messages until the client leaves or the session is closed.
     async fn run(mut self, mut session: Session, tx: mpsc::Sender<Bytes>, _slot: Slot) {
         let info = session.info_arc();
-        let ping_every = session.node().config.ping_interval;
+        let ping_every = session.node().config().ping_interval;
         let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
         let (mut batch, mut frames) = (Vec::new(), Frames::default());
         let expiry = session.identity.expired();

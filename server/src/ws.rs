@@ -45,16 +45,16 @@ pub fn upgrade(node: Arc<Node>, remote: SocketAddr, mut req: Request<Incoming>) 
     if !hyper_tungstenite::is_upgrade_request(&req) {
         return http::error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, "expected a WebSocket upgrade request");
     }
-    if let Err(refused) = http::allowed_origin(&node.config, &req, false) {
-        node.metrics.refused.with_label_values(&["origin"]).inc();
+    if let Err(refused) = http::allowed_origin(node.config(), &req, false) {
+        node.metrics().refused.with_label_values(&["origin"]).inc();
         return refused.into_response();
     }
     let token = http::query(&req, "token").or_else(|| http::bearer(&req).map(str::to_owned));
-    let identity = node.auth.authenticate(token.as_deref(), http::query(&req, "user").as_deref());
+    let identity = node.authenticate(token.as_deref(), http::query(&req, "user").as_deref());
     let slot = match identity.as_ref().map(|id| node.reserve_connection(&id.user, remote.ip())) {
         Ok(Ok(slot)) => Some(slot),
         Ok(Err(refused)) => {
-            node.metrics.refused.with_label_values(&[refused.reason()]).inc();
+            node.metrics().refused.with_label_values(&[refused.reason()]).inc();
             return HttpError::from(refused).into_response();
         }
         Err(_) => None,
@@ -62,15 +62,15 @@ pub fn upgrade(node: Arc<Node>, remote: SocketAddr, mut req: Request<Incoming>) 
     let config = WebSocketConfig::default()
         .read_buffer_size(READ_BUFFER)
         .write_buffer_size(WRITE_BUFFER)
-        .max_message_size(Some(node.config.max_frame))
-        .max_frame_size(Some(node.config.max_frame));
+        .max_message_size(Some(node.config().max_frame))
+        .max_frame_size(Some(node.config().max_frame));
     let (response, websocket) = match hyper_tungstenite::upgrade(&mut req, Some(config)) {
         Ok(pair) => pair,
         Err(e) => {
             return http::error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, format!("bad WebSocket upgrade: {e}"));
         }
     };
-    node.tracker.spawn(run(node.clone(), websocket, identity, slot, remote));
+    node.spawn(run(node.clone(), websocket, identity, slot, remote));
     response.map(|b| b.boxed())
 }
 
@@ -97,7 +97,7 @@ async fn run(
             Ok(identity) => identity,
             Err(e) => {
                 let reason = if matches!(e, AuthError::Banned { .. }) { "banned" } else { "auth" };
-                node.metrics.refused.with_label_values(&[reason]).inc();
+                node.metrics().refused.with_label_values(&[reason]).inc();
                 tracing::debug!(%remote, error = %e, "websocket refused");
                 drop(slot);
                 return send_close(&mut ws, Close::new(e.close_code(), e.to_string())).await;
@@ -145,7 +145,7 @@ enum Wake {
 impl WsConn {
     /// Runs until the peer leaves (`None`) or the session must be closed with a code.
     async fn serve(&mut self, info: &SessionInfo) -> Option<Close> {
-        let config = &self.session.node().config;
+        let config = &self.session.node().config();
         let (ping_every, idle_timeout) = (config.ping_interval, config.idle_timeout);
         let node_id = config.node_id.clone();
         let welcome = to_frame(&Welcome {
@@ -251,7 +251,7 @@ impl WsConn {
             }
         };
         let op = cmd.op.name();
-        let mut replay_budget = self.session.node().config.max_replay_bytes;
+        let mut replay_budget = self.session.node().config().max_replay_bytes;
         let result: Result<Reply, CommandError> = match cmd.op {
             Op::Subscribe { channel, since } => match self.session.subscribe(&channel, since, &mut replay_budget).await
             {
@@ -282,7 +282,7 @@ impl WsConn {
 
     fn count_command(&self, op: &str, result: Result<(), &CommandError>) {
         let result = result.map_or_else(|e| e.code.as_str(), |()| "ok");
-        self.session.node().metrics.commands.with_label_values(&[op, result]).inc();
+        self.session.node().metrics().commands.with_label_values(&[op, result]).inc();
     }
 
     /// Writes every pending frame (and a ping) with one flush, unless the session is closed

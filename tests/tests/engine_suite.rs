@@ -513,13 +513,13 @@ async fn history_expires_after_its_ttl_but_the_position_stays(config: Config) {
 /// (what `pushd::run` builds) without its listener or its heartbeat task.
 async fn registry_node(config: Config, node_ttl: Duration) -> std::sync::Arc<pushd::Node> {
     let node = pushd::Node::start(Config { node_ttl, ..config }, "127.0.0.1:0".parse().unwrap()).await.unwrap();
-    assert_eq!(node.engine.nodes().await.unwrap(), vec![], "a fresh registry is empty");
+    assert_eq!(node.engine().nodes().await.unwrap(), vec![], "a fresh registry is empty");
     node
 }
 
 async fn the_node_registry_lists_the_latest_heartbeat_until_the_node_deregisters(config: Config) {
     let node = registry_node(config, Duration::from_secs(5)).await;
-    let engine = &node.engine;
+    let engine = node.engine();
     let first = node.info("127.0.0.1:1");
     engine.heartbeat(&first).await.unwrap();
     assert_eq!(engine.nodes().await.unwrap(), vec![first.clone()]);
@@ -535,7 +535,7 @@ async fn the_node_registry_lists_the_latest_heartbeat_until_the_node_deregisters
 async fn a_node_that_stops_heartbeating_lapses_from_the_registry_after_node_ttl(config: Config) {
     let node_ttl = Duration::from_millis(500);
     let node = registry_node(config, node_ttl).await;
-    let engine = &node.engine;
+    let engine = node.engine();
     let report = node.info("127.0.0.1:1");
     engine.heartbeat(&report).await.unwrap();
     assert_eq!(engine.nodes().await.unwrap(), vec![report]);

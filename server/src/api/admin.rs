@@ -98,7 +98,7 @@ pub async fn handle(node: Arc<Node>, req: Request<Incoming>) -> Response<Body> {
     let route = Route::parse(req.uri().path());
     let response = respond(&node, route, req).await.unwrap_or_else(HttpError::into_response);
     let name = route.map_or("unknown", Route::name);
-    node.metrics.observe_http("admin", name, response.status().as_str(), started.elapsed());
+    node.metrics().observe_http("admin", name, response.status().as_str(), started.elapsed());
     response
 }
 
@@ -106,7 +106,7 @@ async fn respond(node: &Node, route: Option<Route>, req: Request<Incoming>) -> A
     check_key(node, &req)?;
     // No browser page has business changing the cluster unless the origin policy says so.
     if req.method() == Method::POST {
-        http::allowed_origin(&node.config, &req, true)?;
+        http::allowed_origin(node.config(), &req, true)?;
     }
     let path = req.uri().path().to_owned();
     let Some(route) = route else {
@@ -132,9 +132,9 @@ async fn respond(node: &Node, route: Option<Route>, req: Request<Incoming>) -> A
 /// Operators carry `--admin-key`. Without one the admin API is open in dev mode only: a node on
 /// the internet must not be steerable by anyone because a flag was forgotten.
 fn check_key<B>(node: &Node, req: &Request<B>) -> Result<(), HttpError> {
-    match &node.config.admin_key {
+    match &node.config().admin_key {
         Some(expected) => super::check_key(req, expected, "admin", "PUSHD_ADMIN_KEY"),
-        None if node.config.dev_mode() => Ok(()),
+        None if node.config().dev_mode() => Ok(()),
         None => {
             let msg = "admin API disabled: set PUSHD_ADMIN_KEY (--admin-key) on the node";
             Err(HttpError::new(StatusCode::FORBIDDEN, ErrorCode::Forbidden, msg))
@@ -192,13 +192,13 @@ async fn survey<T: DeserializeOwned>(
     deadline: Deadline,
 ) -> Result<(Vec<(String, T)>, Vec<String>), HttpError> {
     let request = serde_json::to_string(request).expect("control requests serialise");
-    let survey = match node.engine.survey(&request, deadline.left()).await {
+    let survey = match node.engine().survey(&request, deadline.left()).await {
         Ok(survey) => survey,
         // The store that carries surveys is away: answer for this node, and say the rest are
         // unknown rather than failing the operator outright.
         Err(e) => {
             tracing::warn!(error = %e, "survey failed; answering for this node only");
-            let own = (node.config.node_id.clone(), crate::engine::ControlHandler::answer(node, &request));
+            let own = (node.config().node_id.clone(), crate::engine::ControlHandler::answer(node, &request));
             Survey { answers: vec![own], missing: vec![format!("other nodes unknown: {e}")] }
         }
     };
@@ -237,17 +237,17 @@ async fn stats(node: &Node, req: &Request<Incoming>) -> AdminResult {
         nodes.push(s);
     }
     (totals.users, totals.channels) = (users.len() as u64, channels.len() as u64);
-    let redis = deadline.bound(node.engine.backend_stats()).await.unwrap_or_else(|e| {
+    let redis = deadline.bound(node.engine().backend_stats()).await.unwrap_or_else(|e| {
         tracing::warn!(error = %e, "backend stats unavailable");
         None
     });
-    let engine = if node.config.redis_url.is_some() { "redis" } else { "memory" };
+    let engine = if node.config().redis_url.is_some() { "redis" } else { "memory" };
     let body = StatsAnswer { engine: engine.into(), totals, nodes, missing, redis };
     Ok(http::json(StatusCode::OK, &body))
 }
 
 async fn nodes(node: &Node, req: &Request<Incoming>) -> AdminResult {
-    let mut nodes = Deadline::of(req)?.bound(node.engine.nodes()).await.map_err(unavailable)?;
+    let mut nodes = Deadline::of(req)?.bound(node.engine().nodes()).await.map_err(unavailable)?;
     nodes.sort_by(|a, b| a.id.cmp(&b.id));
     Ok(http::json(StatusCode::OK, &NodesAnswer { nodes, missing: Vec::new() }))
 }
@@ -311,7 +311,7 @@ async fn channels(node: &Node, req: &Request<Incoming>) -> AdminResult {
 /// `channel`'s history bounds if the engine gives them by `deadline`.
 async fn history_of(node: &Node, deadline: Deadline, channel: &str) -> Option<HistoryBounds> {
     let channel = ChannelName::parse(channel).ok()?;
-    deadline.bound(node.engine.history_bounds(&channel)).await.ok()
+    deadline.bound(node.engine().history_bounds(&channel)).await.ok()
 }
 
 async fn channel(node: &Node, req: &Request<Incoming>, name: &str) -> AdminResult {
@@ -323,7 +323,7 @@ async fn channel(node: &Node, req: &Request<Incoming>, name: &str) -> AdminResul
     let (surveyed, presence, history) = tokio::join!(
         survey::<Vec<Subscriber>>(node, &request, deadline),
         tokio::time::timeout_at(deadline.0, node.presence(&ch)),
-        deadline.bound(node.engine.history_bounds(&ch)),
+        deadline.bound(node.engine().history_bounds(&ch)),
     );
     let (answers, missing) = surveyed?;
     let mut subscribers: Vec<Subscriber> = answers.into_iter().flat_map(|(_, list)| list).collect();
@@ -364,7 +364,7 @@ async fn kick(node: &Node, req: Request<Incoming>) -> AdminResult {
     let mut banned_until_ms = None;
     if let (Some(user), Some(secs)) = (&body.user, body.ban_s) {
         let until = now_ms().saturating_add(secs.max(1) * 1000);
-        deadline.bound(node.engine.ban(user, until)).await.map_err(unavailable)?;
+        deadline.bound(node.engine().ban(user, until)).await.map_err(unavailable)?;
         banned_until_ms = Some(until);
     }
     let reason = body.reason.unwrap_or_else(|| "kicked by an operator".into());
@@ -385,7 +385,7 @@ struct UnbanBody {
 async fn unban(node: &Node, req: Request<Incoming>) -> AdminResult {
     let deadline = Deadline::of(&req)?;
     let body: UnbanBody = read_json(node, req).await?;
-    let was_banned = deadline.bound(node.engine.unban(&body.user)).await.map_err(unavailable)?;
+    let was_banned = deadline.bound(node.engine().unban(&body.user)).await.map_err(unavailable)?;
     tracing::info!(user = %body.user, was_banned, "operator unban");
     Ok(http::json(StatusCode::OK, &UnbanAnswer { user: body.user, was_banned }))
 }

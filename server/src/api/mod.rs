@@ -33,8 +33,8 @@ fn check_key<B>(req: &Request<B>, expected: &str, name: &str, env: &str) -> Resu
 /// bodies that do not arrive within `--request-timeout` (a client trickling bytes must not hold
 /// the connection and its buffer forever).
 async fn read_json<T: DeserializeOwned>(node: &Node, req: Request<Incoming>) -> Result<T, HttpError> {
-    let limit = node.config.max_payload + 16 * 1024 + node.config.max_channels * 140;
-    let read = tokio::time::timeout(node.config.request_timeout, Limited::new(req.into_body(), limit).collect());
+    let limit = node.config().max_payload + 16 * 1024 + node.config().max_channels * 140;
+    let read = tokio::time::timeout(node.config().request_timeout, Limited::new(req.into_body(), limit).collect());
     let Ok(read) = read.await else {
         let msg = "the request body did not arrive within --request-timeout";
         return Err(HttpError::new(StatusCode::REQUEST_TIMEOUT, ErrorCode::BadRequest, msg));

@@ -69,12 +69,12 @@ pub async fn handle(node: Arc<Node>, req: Request<Incoming>) -> Response<Body> {
     let route = Route::parse(req.uri().path());
     let response = respond(&node, route, req).await;
     let name = route.map_or("unknown", Route::name);
-    node.metrics.observe_http("api", name, response.status().as_str(), started.elapsed());
+    node.metrics().observe_http("api", name, response.status().as_str(), started.elapsed());
     response
 }
 
 async fn respond(node: &Node, route: Option<Route>, req: Request<Incoming>) -> Response<Body> {
-    let origin = match http::allowed_origin(&node.config, &req, req.method() == Method::POST) {
+    let origin = match http::allowed_origin(node.config(), &req, req.method() == Method::POST) {
         Ok(origin) => origin,
         Err(refused) => return refused.into_response(),
     };
@@ -107,7 +107,7 @@ fn rate(node: &Node) -> Result<(), HttpError> {
 
 /// Backends carry `--api-key`; without one (dev mode) the API is open.
 fn check_key<B>(node: &Node, req: &Request<B>) -> Result<(), HttpError> {
-    match &node.config.api_key {
+    match &node.config().api_key {
         Some(expected) => super::check_key(req, expected, "API", "PUSHD_API_KEY"),
         None => Ok(()),
     }
@@ -237,7 +237,7 @@ pub(super) async fn history(node: &Node, req: &Request<Incoming>) -> ApiResult {
         Some(after) => HistoryQuery::After { after, limit },
         None => HistoryQuery::Latest { limit },
     };
-    let page = node.engine.history(&channel, query).await.map_err(|e| {
+    let page = node.engine().history(&channel, query).await.map_err(|e| {
         HttpError::new(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, format!("{e}: retry shortly"))
     })?;
     let entries: Vec<HistoryEntry> = page
@@ -270,7 +270,7 @@ async fn disconnect(node: &Node, req: Request<Incoming>) -> ApiResult {
         return Err(HttpError::bad_request("give exactly one of \"user\" or \"conn\""));
     }
     let reason = body.reason.unwrap_or_else(|| "disconnected by the server".into());
-    let n = node.hub.disconnect(body.user.as_deref(), body.conn.as_deref(), Close::new(CloseCode::Kicked, reason));
-    node.metrics.kicks.inc_by(n as u64);
+    let n = node.hub().disconnect(body.user.as_deref(), body.conn.as_deref(), Close::new(CloseCode::Kicked, reason));
+    node.metrics().kicks.inc_by(n as u64);
     Ok(http::json(StatusCode::OK, &serde_json::json!({ "disconnected": n })))
 }
