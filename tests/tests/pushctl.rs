@@ -107,10 +107,13 @@ async fn client(node: &PushdProcess, user: &str, channels: &[String]) -> WsClien
     c
 }
 
-/// Client `i` of the 60 of the first test: on node `p(i % 3)` (20 each), user `u(i % 40)` (so
-/// u0..u19 have two sockets on two different nodes, as 40 is not a multiple of 3, and u20..u39
-/// one), subscribed to `room:(i % 5)`, plus `news` when `i % 4 == 0` (15 subscribers on every
-/// node) and `lobby` when `i % 6 == 0` (10 subscribers, all on p0).
+/// How many clients the survey tests connect, laid out by `plan`.
+const PLANNED: usize = 60;
+
+/// Client `i` of the `PLANNED` 60 of the survey tests: on node `p(i % 3)` (20 each), user
+/// `u(i % 40)` (so u0..u19 have two sockets on two different nodes, as 40 is not a multiple of 3,
+/// and u20..u39 one), subscribed to `room:(i % 5)`, plus `news` when `i % 4 == 0` (15 subscribers
+/// on every node) and `lobby` when `i % 6 == 0` (10 subscribers, all on p0).
 fn plan(i: usize) -> (usize, String, Vec<String>) {
     let mut channels = vec![format!("room:{}", i % 5)];
     if i.is_multiple_of(4) {
@@ -122,22 +125,21 @@ fn plan(i: usize) -> (usize, String, Vec<String>) {
     (i % 3, format!("u{}", i % 40), channels)
 }
 
-#[tokio::test]
-async fn stats_rooms_and_connections_report_exactly_what_is_connected_in_json_and_in_tables() {
-    let (_redis, nodes) = cluster3().await;
-    let mut clients = Vec::new();
-    for i in 0..60 {
-        let (n, user, channels) = plan(i);
-        let c = client(&nodes[n], &user, &channels).await;
-        assert_eq!(c.welcome["node"], format!("p{n}"), "{}", c.welcome);
-        clients.push(c);
-    }
-    // What the plan adds up to, per node and per channel.
-    let conn_of = |i: usize| clients[i].welcome["conn"].as_str().unwrap().to_owned();
+/// What the plan adds up to, per node and per channel.
+struct Expected {
+    /// Subscriptions on p0, p1 and p2.
+    subs_per_node: [u64; 3],
+    /// The distinct channels subscribed to on p0, p1 and p2.
+    channels_per_node: [BTreeSet<String>; 3],
+    /// Per channel: its subscribers, and the nodes they are on.
+    per_channel: BTreeMap<String, (u64, BTreeSet<usize>)>,
+}
+
+fn expected() -> Expected {
     let mut subs_per_node = [0u64; 3];
     let mut channels_per_node: [BTreeSet<String>; 3] = Default::default();
     let mut per_channel: BTreeMap<String, (u64, BTreeSet<usize>)> = BTreeMap::new();
-    for i in 0..60 {
+    for i in 0..PLANNED {
         let (n, _, channels) = plan(i);
         subs_per_node[n] += channels.len() as u64;
         for ch in channels {
@@ -147,8 +149,62 @@ async fn stats_rooms_and_connections_report_exactly_what_is_connected_in_json_an
             entry.1.insert(n);
         }
     }
-    assert_eq!(subs_per_node, [35, 25, 25]);
-    assert_eq!(channels_per_node.iter().map(BTreeSet::len).collect::<Vec<_>>(), [7, 6, 6]);
+    Expected { subs_per_node, channels_per_node, per_channel }
+}
+
+/// What `rooms` must list, in its order (most subscribers first): channel, subscribers, nodes.
+fn expected_rooms() -> Vec<(String, u64, u64)> {
+    let per_channel = expected().per_channel;
+    ["news", "room:0", "room:1", "room:2", "room:3", "room:4", "lobby"]
+        .iter()
+        .map(|ch| (ch.to_string(), per_channel[*ch].0, per_channel[*ch].1.len() as u64))
+        .collect()
+}
+
+/// `cluster3` with the `PLANNED` clients of `plan` connected and subscribed, each welcomed by
+/// its node. Dropped in field order: the clients, then the nodes, then Redis.
+struct Surveyed {
+    clients: Vec<WsClient>,
+    nodes: Vec<PushdProcess>,
+    _redis: RedisServer,
+}
+
+impl Surveyed {
+    async fn start() -> Self {
+        let (redis, nodes) = cluster3().await;
+        let mut clients = Vec::new();
+        for i in 0..PLANNED {
+            let (n, user, channels) = plan(i);
+            let c = client(&nodes[n], &user, &channels).await;
+            assert_eq!(c.welcome["node"], format!("p{n}"), "{}", c.welcome);
+            clients.push(c);
+        }
+        Self { clients, nodes, _redis: redis }
+    }
+
+    /// The connection id client `i` of the plan was welcomed with.
+    fn conn(&self, i: usize) -> String {
+        self.clients[i].welcome["conn"].as_str().unwrap().to_owned()
+    }
+}
+
+/// The survey tests below count on these numbers; a change to `plan` that breaks them fails here
+/// first, without a cluster.
+#[test]
+fn the_survey_plan_puts_85_subscriptions_on_7_channels_with_news_largest_and_lobby_on_p0_alone() {
+    let e = expected();
+    assert_eq!(e.subs_per_node, [35, 25, 25]);
+    assert_eq!(e.channels_per_node.iter().map(BTreeSet::len).collect::<Vec<_>>(), [7, 6, 6]);
+    let want = expected_rooms();
+    assert_eq!(want[0], ("news".into(), 15, 3));
+    assert_eq!(want[1], ("room:0".into(), 12, 3));
+    assert_eq!(want[6], ("lobby".into(), 10, 1));
+}
+
+#[tokio::test]
+async fn stats_json_counts_exactly_what_is_connected_per_node_and_in_total_and_any_node_answers() {
+    let s = Surveyed::start().await;
+    let (nodes, e) = (&s.nodes, expected());
 
     // stats --json: totals with unique users and channels, one exact row per node.
     let stats = json_of(&ctl(&nodes[0], &["--json", "stats"]).await, 0);
@@ -166,14 +222,39 @@ async fn stats_rooms_and_connections_report_exactly_what_is_connected_in_json_an
         assert_eq!(row["addr"], nodes[n].addr.to_string(), "{row}");
         assert_eq!(row["connections"], 20, "{row}");
         assert_eq!(row["users"], 20, "every node holds one socket of 20 different users: {row}");
-        assert_eq!(row["subscriptions"], subs_per_node[n], "{row}");
-        assert_eq!(row["channels"], channels_per_node[n].len(), "{row}");
+        assert_eq!(row["subscriptions"], e.subs_per_node[n], "{row}");
+        assert_eq!(row["channels"], e.channels_per_node[n].len(), "{row}");
         assert_eq!(row["draining"], false, "{row}");
     }
     // Any node answers for the whole cluster.
     let from_p2 = json_of(&ctl(&nodes[2], &["--json", "stats"]).await, 0);
     assert_eq!(from_p2["totals"]["connections"], 60, "{from_p2}");
     assert_eq!(from_p2["totals"]["users"], 40, "{from_p2}");
+}
+
+#[tokio::test]
+async fn stats_table_fits_80_columns_and_shows_the_cluster_totals_and_each_nodes_counts() {
+    let s = Surveyed::start().await;
+    let (nodes, e) = (&s.nodes, expected());
+
+    let text = ok_text(ctl(&nodes[1], &["stats"]).await);
+    assert_fits(&text);
+    assert!(text.starts_with("engine redis · 3 nodes · up "), "{text}");
+    assert!(text.contains("\n60 connections · 40 users · 85 subscriptions · 7 channels\n"), "{text}");
+    for (n, node) in nodes.iter().enumerate() {
+        let cells = row(&text, &format!("p{n}"));
+        let addr = node.addr.to_string();
+        let (conns, subs, chans) =
+            ("20".to_owned(), e.subs_per_node[n].to_string(), e.channels_per_node[n].len().to_string());
+        // NODE ADDR UP CONNS SUBS CHANS IN/S OUT/S
+        assert_eq!((cells[1], cells[3], cells[4], cells[5]), (addr.as_str(), &*conns, &*subs, &*chans), "{text}");
+    }
+}
+
+#[tokio::test]
+async fn nodes_table_fits_80_columns_and_lists_every_registered_node_with_its_address_serving() {
+    let s = Surveyed::start().await;
+    let nodes = &s.nodes;
 
     // nodes as a table: the registry, every node with its address.
     let text = ok_text(ctl(&nodes[2], &["nodes"]).await);
@@ -188,20 +269,12 @@ async fn stats_rooms_and_connections_report_exactly_what_is_connected_in_json_an
         assert!(cells[3].ends_with('s'), "UP is a duration like 3s: {text}");
         assert_eq!(cells.last(), Some(&"serving"), "{text}");
     }
+}
 
-    // stats as a table.
-    let text = ok_text(ctl(&nodes[1], &["stats"]).await);
-    assert_fits(&text);
-    assert!(text.starts_with("engine redis · 3 nodes · up "), "{text}");
-    assert!(text.contains("\n60 connections · 40 users · 85 subscriptions · 7 channels\n"), "{text}");
-    for (n, node) in nodes.iter().enumerate() {
-        let cells = row(&text, &format!("p{n}"));
-        let addr = node.addr.to_string();
-        let (conns, subs, chans) =
-            ("20".to_owned(), subs_per_node[n].to_string(), channels_per_node[n].len().to_string());
-        // NODE ADDR UP CONNS SUBS CHANS IN/S OUT/S
-        assert_eq!((cells[1], cells[3], cells[4], cells[5]), (addr.as_str(), &*conns, &*subs, &*chans), "{text}");
-    }
+#[tokio::test]
+async fn rooms_json_lists_every_channel_with_its_subscribers_and_nodes_most_first_and_obeys_pattern_and_limit() {
+    let s = Surveyed::start().await;
+    let nodes = &s.nodes;
 
     // rooms --json: every channel with its exact subscribers and nodes, most subscribers first.
     let rooms = json_of(&ctl(&nodes[0], &["--json", "rooms"]).await, 0);
@@ -218,20 +291,18 @@ async fn stats_rooms_and_connections_report_exactly_what_is_connected_in_json_an
             )
         })
         .collect();
-    let want: Vec<(String, u64, u64)> = ["news", "room:0", "room:1", "room:2", "room:3", "room:4", "lobby"]
-        .iter()
-        .map(|ch| (ch.to_string(), per_channel[*ch].0, per_channel[*ch].1.len() as u64))
-        .collect();
-    assert_eq!(want[0], ("news".into(), 15, 3));
-    assert_eq!(want[1], ("room:0".into(), 12, 3));
-    assert_eq!(want[6], ("lobby".into(), 10, 1));
-    assert_eq!(got, want, "{rooms}");
+    assert_eq!(got, expected_rooms(), "{rooms}");
     // --pattern and --limit reach the server.
     let some = json_of(&ctl(&nodes[0], &["--json", "rooms", "--pattern", "room:*", "--limit", "2"]).await, 0);
     assert_eq!(some["channels"].as_array().unwrap().len(), 2, "{some}");
     assert_eq!((&some["channels"][0]["channel"], &some["truncated"]), (&json!("room:0"), &json!(true)), "{some}");
+}
 
-    // rooms as a table.
+#[tokio::test]
+async fn rooms_table_fits_80_columns_with_one_line_per_channel_and_its_subscribers_and_nodes() {
+    let s = Surveyed::start().await;
+    let (nodes, want) = (&s.nodes, expected_rooms());
+
     let text = ok_text(ctl(&nodes[0], &["rooms"]).await);
     assert_fits(&text);
     assert!(text.lines().next().unwrap().starts_with("CHANNEL"), "{text}");
@@ -240,6 +311,12 @@ async fn stats_rooms_and_connections_report_exactly_what_is_connected_in_json_an
         assert_eq!((cells[1], cells[2]), (&*subscribers.to_string(), &*node_count.to_string()), "{ch}:\n{text}");
     }
     assert_eq!(text.lines().count(), 1 + want.len(), "a header and one line per channel:\n{text}");
+}
+
+#[tokio::test]
+async fn room_lists_a_channels_subscribers_with_their_nodes_and_its_presence_in_json_and_as_a_table() {
+    let s = Surveyed::start().await;
+    let (nodes, conn_of) = (&s.nodes, |i: usize| s.conn(i));
 
     // room <ch>: lobby's 10 subscribers are all on p0, and presence lists them too.
     let lobby = json_of(&ctl(&nodes[1], &["--json", "room", "lobby"]).await, 0);
@@ -250,9 +327,15 @@ async fn stats_rooms_and_connections_report_exactly_what_is_connected_in_json_an
     let text = ok_text(ctl(&nodes[2], &["room", "lobby"]).await);
     assert_fits(&text);
     assert!(text.contains("\n10 subscribers\n") && text.contains("\npresence: 10 users\n"), "{text}");
-    for i in (0..60).step_by(6) {
+    for i in (0..PLANNED).step_by(6) {
         assert!(text.lines().filter(|l| l.split_whitespace().any(|c| c == conn_of(i))).count() >= 1, "{text}");
     }
+}
+
+#[tokio::test]
+async fn connections_of_a_user_are_exactly_its_sockets_on_every_node_in_json_and_as_a_table() {
+    let s = Surveyed::start().await;
+    let (nodes, conn_of) = (&s.nodes, |i: usize| s.conn(i));
 
     // connections --user u7: its two sockets, i = 7 on p1 and i = 47 on p2, sorted by node.
     let u7 = json_of(&ctl(&nodes[0], &["--json", "connections", "--user", "u7"]).await, 0);
@@ -272,6 +355,23 @@ async fn stats_rooms_and_connections_report_exactly_what_is_connected_in_json_an
     assert_eq!(json!(got_u7), want_u7, "{u7}");
     assert_eq!((&u7["missing"], &u7["truncated"]), (&json!([]), &json!(false)), "{u7}");
 
+    // As a table: u7's two rows.
+    let text = ok_text(ctl(&nodes[0], &["connections", "--user", "u7"]).await);
+    assert_fits(&text);
+    assert_eq!(text.lines().count(), 3, "a header and two rows:\n{text}");
+    for (i, node) in [(7, "p1"), (47, "p2")] {
+        let cells = row(&text, &conn_of(i));
+        // CONN USER NODE VIA ...
+        assert_eq!((cells[1], cells[2], cells[3]), ("u7", node, "ws"), "{text}");
+        assert!(cells.contains(&"room:2"), "{text}");
+    }
+}
+
+#[tokio::test]
+async fn connections_list_every_socket_with_its_user_node_and_channels_sorted_by_node_then_sequence() {
+    let s = Surveyed::start().await;
+    let (nodes, conn_of) = (&s.nodes, |i: usize| s.conn(i));
+
     // connections --json: all 60, each on its node with its user and channels.
     let all = json_of(&ctl(&nodes[2], &["--json", "connections"]).await, 0);
     let got: BTreeMap<String, (String, String, Vec<String>)> = all["connections"]
@@ -284,7 +384,7 @@ async fn stats_rooms_and_connections_report_exactly_what_is_connected_in_json_an
             (s("conn"), (s("user"), s("node"), channels))
         })
         .collect();
-    let want_all: BTreeMap<String, (String, String, Vec<String>)> = (0..60)
+    let want_all: BTreeMap<String, (String, String, Vec<String>)> = (0..PLANNED)
         .map(|i| {
             let (n, user, mut channels) = plan(i);
             channels.sort();
@@ -300,6 +400,22 @@ async fn stats_rooms_and_connections_report_exactly_what_is_connected_in_json_an
         (node.to_owned(), seq.parse::<u64>().unwrap())
     });
     assert_eq!(order, sorted, "{all}");
+
+    // As a table: all 60.
+    let text = ok_text(ctl(&nodes[0], &["connections"]).await);
+    assert_fits(&text);
+    for i in 0..PLANNED {
+        let (n, user, _) = plan(i);
+        let cells = row(&text, &conn_of(i));
+        assert_eq!((cells[1], cells[2]), (user.as_str(), format!("p{n}").as_str()), "{text}");
+    }
+}
+
+#[tokio::test]
+async fn connections_filters_by_node_and_channel_combine_and_a_limit_truncates() {
+    let s = Surveyed::start().await;
+    let (nodes, conn_of) = (&s.nodes, |i: usize| s.conn(i));
+
     // The filters combine: news subscribers on p1 are i = 4, 16, 28, 40, 52.
     let filtered = json_of(&ctl(&nodes[0], &["--json", "connections", "--node", "p1", "--channel", "news"]).await, 0);
     let conns: BTreeSet<&str> =
@@ -312,25 +428,6 @@ async fn stats_rooms_and_connections_report_exactly_what_is_connected_in_json_an
         (10, &json!(true)),
         "{limited}"
     );
-
-    // connections as tables: u7's two rows, then all 60.
-    let text = ok_text(ctl(&nodes[0], &["connections", "--user", "u7"]).await);
-    assert_fits(&text);
-    assert_eq!(text.lines().count(), 3, "a header and two rows:\n{text}");
-    for (i, node) in [(7, "p1"), (47, "p2")] {
-        let cells = row(&text, &conn_of(i));
-        // CONN USER NODE VIA ...
-        assert_eq!((cells[1], cells[2], cells[3]), ("u7", node, "ws"), "{text}");
-        assert!(cells.contains(&"room:2"), "{text}");
-    }
-    let text = ok_text(ctl(&nodes[0], &["connections"]).await);
-    assert_fits(&text);
-    for i in 0..60 {
-        let (n, user, _) = plan(i);
-        let cells = row(&text, &conn_of(i));
-        assert_eq!((cells[1], cells[2]), (user.as_str(), format!("p{n}").as_str()), "{text}");
-    }
-    drop(clients);
 }
 
 #[tokio::test]
