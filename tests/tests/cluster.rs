@@ -25,7 +25,8 @@ async fn stop_all(nodes: Vec<TestNode>) {
 
 /// Retries `probe` until it yields `Some`, under the test guard. Only for state that changes on
 /// a clock rather than on an event we can await: the node registry is rewritten by a heartbeat
-/// every second and entries lapse by TTL, so there is no frame or reply that announces them.
+/// every second, presence entries are refreshed every third of their TTL, and both lapse by TTL,
+/// so there is no frame or reply that announces them.
 /// The pause between attempts keeps the poll from hammering Redis; the guard bounds the wait.
 async fn eventually<T, F: Future<Output = Option<T>>>(what: &str, mut probe: impl FnMut() -> F) -> T {
     within(what, async {
@@ -270,17 +271,35 @@ async fn join_and_leave_on_one_node_reach_subscribers_on_another() {
     stop_all(nodes).await;
 }
 
+/// When `conn`'s presence entry on `channel` lapses unless refreshed (Unix ms): its score in the
+/// channel's presence expiry set, which the node rewrites to now + TTL at every refresh.
+async fn presence_lapse(redis: &RedisServer, channel: &str, conn: &str) -> Option<u64> {
+    let key = format!("pushd:{{{channel}}}:presence:exp");
+    redis.cli(&["ZSCORE", &key, conn]).await.trim().parse::<f64>().ok().map(|ms| ms as u64)
+}
+
 #[tokio::test]
 async fn presence_outlives_its_ttl_while_the_node_keeps_refreshing_it() {
+    const TTL: Duration = Duration::from_secs(1);
     let redis = RedisServer::start().await;
-    let short = |c: Config| Config { presence_ttl: Duration::from_secs(1), ..quick_stop(c) };
+    let short = |c: Config| Config { presence_ttl: TTL, ..quick_stop(c) };
     let nodes = cluster_with(2, &redis, short).await;
     let mut alice = nodes[0].ws(&token("alice")).await;
     assert_eq!(alice.subscribe("lobby:1", None).await["ok"], true);
     assert_eq!(presence(&nodes[1], "lobby:1").await, json!([entry(&alice)]));
-    // No event marks "time passed while alive": wait several TTLs (n0 refreshes its entries
-    // every third of the TTL) and check alice is still listed, as she is still subscribed.
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // What must not happen is alice lapsing while she is still subscribed, and nothing announces
+    // a non-event. What keeps her listed is an event, though: n0 rewriting her entry's lapse time
+    // to now + TTL (every third of the TTL). Her join wrote `joined + TTL`; once a refresh has
+    // written a lapse time 4 TTLs later than that, that refresh ran 4 TTLs after the join, long
+    // after the entry (and the keys' expiry, 2 TTLs) would have lapsed had nobody refreshed it.
+    // Only then ask: the presence query drops every entry whose lapse time has passed.
+    let conn = alice.welcome["conn"].as_str().unwrap().to_owned();
+    let first = presence_lapse(&redis, "lobby:1", &conn).await.expect("alice's join wrote her lapse time");
+    let later = first + 4 * TTL.as_millis() as u64;
+    eventually("n0 to refresh alice's presence 4 TTLs after her join", || async {
+        presence_lapse(&redis, "lobby:1", &conn).await.is_some_and(|at| at >= later).then_some(())
+    })
+    .await;
     assert_eq!(presence(&nodes[1], "lobby:1").await, json!([entry(&alice)]), "a live subscriber lapsed");
     drop(alice);
     stop_all(nodes).await;
