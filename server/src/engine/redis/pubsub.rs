@@ -12,6 +12,7 @@
 //! subscribers get `reset` with the current position instead: never a silent gap.
 
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -51,6 +52,92 @@ struct LiveChannel {
     /// A gap is being filled: messages wait in `pending`.
     filling: bool,
     pending: Vec<Arc<Publication>>,
+}
+
+/// The merge of pub/sub and stream, one channel at a time: each method takes one event (an
+/// acknowledged SUBSCRIBE, a pub/sub message, a reconnect or lag, a page read for a gap fill),
+/// delivers what is now in order, and says whether a gap fill must read the stream. No I/O here,
+/// so the merge is tested without Redis: the callers do the reading, and hold the channels lock
+/// around each call so one channel's deliveries never interleave. Deliveries go straight to
+/// `deliver` instead of being returned, so the per-message path allocates nothing.
+impl LiveChannel {
+    /// Redis acknowledged the SUBSCRIBE and `top` was read right after: delivery starts there.
+    /// A message that raced the read may already have taken this node to or past `top` in the same
+    /// epoch; the position stays, so it is not delivered twice.
+    fn subscribed_at(&mut self, top: Position) {
+        self.subscribed = true;
+        let newer = self.position.as_ref().is_some_and(|p| p.epoch == top.epoch && p.offset >= top.offset);
+        if !newer {
+            self.position = Some(top);
+        }
+    }
+
+    /// Delivers `p` if it is the next offset; returns true when it revealed a gap to fill.
+    fn accept(&mut self, p: Arc<Publication>, deliver: &dyn Deliver) -> bool {
+        if self.filling {
+            self.pending.push(p);
+            return false;
+        }
+        match &self.position {
+            Some(pos) if pos.epoch == p.epoch && p.offset <= pos.offset => false,
+            Some(pos) if pos.epoch == p.epoch && p.offset > pos.offset + 1 => {
+                self.filling = true;
+                self.pending.push(p);
+                true
+            }
+            // The next offset, or a new epoch (sessions turn that into `reset`).
+            _ => {
+                self.position = Some(Position { epoch: p.epoch.clone(), offset: p.offset });
+                deliver.deliver(p);
+                false
+            }
+        }
+    }
+
+    /// Pub/sub messages may have been lost (a reconnect, a lagging receiver): a subscribed
+    /// channel starts filling from its last delivered offset. True when the caller must start
+    /// the fill; a channel already filling has one running, and one not yet subscribed starts
+    /// at the top it reads once the SUBSCRIBE is acknowledged.
+    fn start_catch_up(&mut self) -> bool {
+        if self.subscribed && !self.filling {
+            self.filling = true;
+            return true;
+        }
+        false
+    }
+
+    /// Delivers one page a gap fill read from the stream (after `reset`, if the history was
+    /// lost), then, once the whole range is delivered, the messages that waited, in order and
+    /// without what the page already delivered.
+    fn apply_fill(&mut self, channel: &ChannelName, missing: Missing, deliver: &dyn Deliver) -> FillStep {
+        if let Some(reset) = missing.reset {
+            deliver.reset(channel, &reset);
+            self.position = Some(reset);
+        }
+        for p in missing.publications {
+            self.position = Some(Position { epoch: p.epoch.clone(), offset: p.offset });
+            deliver.deliver(p);
+        }
+        if missing.more {
+            return FillStep::NextPage;
+        }
+        self.filling = false;
+        let mut gap = false;
+        for p in std::mem::take(&mut self.pending) {
+            gap |= self.accept(p, deliver);
+        }
+        FillStep::Filled { gap }
+    }
+}
+
+/// What a gap fill does after `LiveChannel::apply_fill`.
+#[derive(Debug, PartialEq, Eq)]
+enum FillStep {
+    /// The range is longer than a page: read on from the new position.
+    NextPage,
+    /// The range and the messages that waited are delivered, unless one of those revealed
+    /// another gap (`gap`): then the channel is filling again and the same task reads on.
+    Filled { gap: bool },
 }
 
 /// What travels on a channel's pub/sub: a stored message or a presence frame.
@@ -97,11 +184,8 @@ pub(super) async fn subscribe(engine: &RedisEngine, channel: &ChannelName) -> Re
     match subscribed {
         Ok(pages) => {
             for (name, page) in batch.iter().zip(pages) {
-                let Some(live) = channels.get_mut(name) else { continue };
-                live.subscribed = true;
-                let newer = live.position.as_ref().is_some_and(|p| p.epoch == page.epoch && p.offset >= page.top);
-                if !newer {
-                    live.position = Some(page.position());
+                if let Some(live) = channels.get_mut(name) {
+                    live.subscribed_at(page.position());
                 }
             }
             Ok(())
@@ -216,7 +300,7 @@ fn on_message(engine: &Arc<RedisEngine>, message: fred::types::Message) {
             let gap = {
                 let mut channels = lock(&engine.live.channels);
                 let Some(live) = channels.get_mut(&channel) else { return };
-                accept(live, p, deliver.as_ref())
+                live.accept(p, deliver.as_ref())
             };
             if gap {
                 tokio::spawn(fill(Arc::downgrade(engine), channel));
@@ -226,34 +310,11 @@ fn on_message(engine: &Arc<RedisEngine>, message: fred::types::Message) {
     }
 }
 
-/// Delivers `p` if it is the next offset; returns true when it revealed a gap to fill.
-fn accept(live: &mut LiveChannel, p: Arc<Publication>, deliver: &dyn Deliver) -> bool {
-    if live.filling {
-        live.pending.push(p);
-        return false;
-    }
-    match &live.position {
-        Some(pos) if pos.epoch == p.epoch && p.offset <= pos.offset => false,
-        Some(pos) if pos.epoch == p.epoch && p.offset > pos.offset + 1 => {
-            live.filling = true;
-            live.pending.push(p);
-            true
-        }
-        // The next offset, or a new epoch (sessions turn that into `reset`).
-        _ => {
-            live.position = Some(Position { epoch: p.epoch.clone(), offset: p.offset });
-            deliver.deliver(p);
-            false
-        }
-    }
-}
-
 /// Puts every live channel into gap filling from its last delivered offset.
 fn catch_up_all(engine: &Arc<RedisEngine>) {
     let mut to_fill = Vec::new();
     for (channel, live) in lock(&engine.live.channels).iter_mut() {
-        if live.subscribed && !live.filling {
-            live.filling = true;
+        if live.start_catch_up() {
             to_fill.push(channel.clone());
         }
     }
@@ -273,7 +334,8 @@ async fn fill(engine: Weak<RedisEngine>, channel: ChannelName) {
     loop {
         let Some(engine) = engine.upgrade() else { return };
         let Some(Some(from)) = lock(&engine.live.channels).get(&channel).map(|l| l.position.clone()) else { return };
-        let missing = match read_missing(&engine, &channel, &from).await {
+        let read = |after| engine.read_history(&channel, HistoryQuery::After { after, limit: FILL_PAGE });
+        let missing = match read_missing(read, &from).await {
             Ok(missing) => missing,
             Err(e) => {
                 tracing::debug!(%channel, error = %e, "gap fill waits for redis");
@@ -288,27 +350,17 @@ async fn fill(engine: Weak<RedisEngine>, channel: ChannelName) {
         let Some(live) = channels.get_mut(&channel) else { return };
         if let Some(reset) = &missing.reset {
             tracing::warn!(%channel, from = from.offset, epoch = %reset.epoch, offset = reset.offset, "history lost under live subscribers: reset");
-            deliver.reset(&channel, reset);
-            live.position = Some(reset.clone());
             lost = true;
         }
-        for p in missing.publications {
-            live.position = Some(Position { epoch: p.epoch.clone(), offset: p.offset });
-            deliver.deliver(p);
-        }
-        if missing.more {
-            continue;
-        }
-        engine.metrics.gap_fills.with_label_values(&[if lost { "reset" } else { "filled" }]).inc();
-        lost = false;
-        live.filling = false;
-        let pending = std::mem::take(&mut live.pending);
-        let mut gap = false;
-        for p in pending {
-            gap |= accept(live, p, deliver.as_ref());
-        }
-        if !gap {
-            return;
+        match live.apply_fill(&channel, missing, deliver.as_ref()) {
+            FillStep::NextPage => {}
+            FillStep::Filled { gap } => {
+                engine.metrics.gap_fills.with_label_values(&[if lost { "reset" } else { "filled" }]).inc();
+                lost = false;
+                if !gap {
+                    return;
+                }
+            }
         }
     }
 }
@@ -323,23 +375,36 @@ struct Missing {
     more: bool,
 }
 
-async fn read_missing(engine: &RedisEngine, channel: &ChannelName, from: &Position) -> Result<Missing, EngineError> {
-    let read = |after| engine.read_history(channel, HistoryQuery::After { after, limit: FILL_PAGE });
-    let mut page = read(from.offset).await?;
-    let mut start = from.clone();
-    let mut reset = None;
-    if page.epoch != from.epoch {
-        start = Position { epoch: page.epoch.clone(), offset: 0 };
-        page = read(0).await?;
-        reset = Some(start.clone());
+/// Reads what a gap fill is missing after `from`, one page, with `read(after)` (messages above
+/// `after`, at most `FILL_PAGE`, with the stream's epoch and top). If Redis has another epoch, its
+/// history was lost: everything of the new epoch is missing, from offset 0.
+async fn read_missing<F, R>(read: F, from: &Position) -> Result<Missing, EngineError>
+where
+    F: Fn(Offset) -> R,
+    R: Future<Output = Result<HistoryPage, EngineError>>,
+{
+    let page = read(from.offset).await?;
+    if page.epoch == from.epoch {
+        return Ok(Missing::judge(from, None, page));
     }
-    let complete = page.epoch == start.epoch
-        && page.top >= start.offset
-        && page.publications.first().is_none_or(|p| p.offset == start.offset + 1)
-        && (page.publications.is_empty() == (page.top == start.offset));
-    if !complete {
-        return Ok(Missing { reset: Some(page.position()), publications: Vec::new(), more: false });
+    let start = Position { epoch: page.epoch.clone(), offset: 0 };
+    let page = read(0).await?;
+    Ok(Missing::judge(&start, Some(start.clone()), page))
+}
+
+impl Missing {
+    /// Judges `page`, read after `start` (which follows `reset`, if any): its messages if they
+    /// continue `start` without a hole, else `reset` to the stream's current position and
+    /// nothing else — the range was trimmed or expired, or the epoch changed again.
+    fn judge(start: &Position, reset: Option<Position>, page: HistoryPage) -> Missing {
+        let complete = page.epoch == start.epoch
+            && page.top >= start.offset
+            && page.publications.first().is_none_or(|p| p.offset == start.offset + 1)
+            && (page.publications.is_empty() == (page.top == start.offset));
+        if !complete {
+            return Missing { reset: Some(page.position()), publications: Vec::new(), more: false };
+        }
+        let last = page.publications.last().map_or(start.offset, |p| p.offset);
+        Missing { reset, more: last < page.top, publications: page.publications }
     }
-    let last = page.publications.last().map_or(start.offset, |p| p.offset);
-    Ok(Missing { reset, more: last < page.top, publications: page.publications })
 }
