@@ -408,3 +408,425 @@ impl Missing {
         Missing { reset, more: last < page.top, publications: page.publications }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::cell::RefCell;
+    use std::ops::RangeInclusive;
+    use std::pin::pin;
+    use std::task::{Context, Poll, Waker};
+
+    use hyper_tungstenite::tungstenite::Utf8Bytes;
+    use serde_json::value::RawValue;
+
+    use super::*;
+
+    const E1: &str = "e1";
+    const E2: &str = "e2";
+
+    fn room() -> ChannelName {
+        ChannelName::parse("room").unwrap()
+    }
+
+    fn at(epoch: &str, offset: Offset) -> Position {
+        Position { epoch: Epoch::new(epoch), offset }
+    }
+
+    fn publication(epoch: &str, offset: Offset) -> Arc<Publication> {
+        let msg =
+            NewMessage { event: None, data: RawValue::from_string(offset.to_string()).unwrap(), idempotency_key: None };
+        Arc::new(Publication::new(room(), Epoch::new(epoch), offset, msg, 0))
+    }
+
+    /// What the node's subscribers were handed, in order.
+    #[derive(Debug, PartialEq, Eq)]
+    enum Got {
+        Message(String, Offset),
+        Reset(String, Offset),
+    }
+
+    fn message(epoch: &str, offset: Offset) -> Got {
+        Got::Message(epoch.into(), offset)
+    }
+
+    fn messages(epoch: &str, offsets: RangeInclusive<Offset>) -> Vec<Got> {
+        offsets.map(|o| message(epoch, o)).collect()
+    }
+
+    fn reset(epoch: &str, offset: Offset) -> Got {
+        Got::Reset(epoch.into(), offset)
+    }
+
+    /// Records deliveries the way the hub would receive them.
+    #[derive(Default)]
+    struct Hub(Mutex<Vec<Got>>);
+
+    impl Hub {
+        fn take(&self) -> Vec<Got> {
+            std::mem::take(&mut *lock(&self.0))
+        }
+    }
+
+    impl Deliver for Hub {
+        fn deliver(&self, p: Arc<Publication>) {
+            assert_eq!(p.channel, room());
+            lock(&self.0).push(Got::Message(p.epoch.to_string(), p.offset));
+        }
+        fn deliver_event(&self, _: &ChannelName, _: Utf8Bytes) {
+            panic!("the merge never hands on presence frames");
+        }
+        fn reset(&self, channel: &ChannelName, position: &Position) {
+            assert_eq!(*channel, room());
+            lock(&self.0).push(Got::Reset(position.epoch.to_string(), position.offset));
+        }
+    }
+
+    /// A channel whose SUBSCRIBE was acknowledged with the stream at `epoch`/`top`.
+    fn subscribed(epoch: &str, top: Offset) -> LiveChannel {
+        let mut live = LiveChannel { refs: 1, ..LiveChannel::default() };
+        live.subscribed_at(at(epoch, top));
+        live
+    }
+
+    /// Hands `offsets` of `epoch` to `live` as pub/sub messages; true if any revealed a gap.
+    fn arrive(live: &mut LiveChannel, hub: &Hub, epoch: &str, offsets: impl IntoIterator<Item = Offset>) -> bool {
+        offsets.into_iter().fold(false, |gap, o| live.accept(publication(epoch, o), hub) | gap)
+    }
+
+    fn pending(live: &LiveChannel) -> Vec<Offset> {
+        live.pending.iter().map(|p| p.offset).collect()
+    }
+
+    /// A channel's stream as the history script answers it: the epoch, the top, and the entries
+    /// still held, `first..=top` (trimming and expiry remove the oldest). Remembers every `after`
+    /// it was asked for.
+    struct Stream {
+        epoch: &'static str,
+        top: Offset,
+        first: Offset,
+        reads: RefCell<Vec<Offset>>,
+    }
+
+    impl Stream {
+        /// Everything from offset 1 to `top` is still held.
+        fn new(epoch: &'static str, top: Offset) -> Self {
+            Self::holding_from(epoch, top, 1)
+        }
+
+        /// Holds `first..=top`: nothing if `first` is above `top`.
+        fn holding_from(epoch: &'static str, top: Offset, first: Offset) -> Self {
+            Self { epoch, top, first, reads: RefCell::new(Vec::new()) }
+        }
+
+        fn read(&self, after: Offset) -> HistoryPage {
+            self.reads.borrow_mut().push(after);
+            let first = self.first.max(after + 1);
+            let publications = (first..=self.top).take(FILL_PAGE).map(|o| publication(self.epoch, o)).collect();
+            HistoryPage { epoch: Epoch::new(self.epoch), top: self.top, publications }
+        }
+
+        fn reads(&self) -> Vec<Offset> {
+            self.reads.borrow().clone()
+        }
+    }
+
+    /// Polls a future that never waits (the stream is in memory) to its end.
+    fn now<F: Future>(future: F) -> F::Output {
+        match pin!(future).poll(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(output) => output,
+            Poll::Pending => panic!("the in-memory stream never waits"),
+        }
+    }
+
+    /// One round of `fill`: read after the last delivered position, deliver what was read.
+    fn fill_round(live: &mut LiveChannel, stream: &Stream, hub: &Hub) -> FillStep {
+        assert!(live.filling, "only a filling channel is filled");
+        let from = live.position.clone().expect("a filling channel has a position");
+        let missing = now(read_missing(|after| std::future::ready(Ok(stream.read(after))), &from)).unwrap();
+        live.apply_fill(&room(), missing, hub)
+    }
+
+    #[test]
+    fn messages_in_offset_order_are_delivered_as_they_arrive() {
+        let (mut live, hub) = (subscribed(E1, 3), Hub::default());
+        assert!(!arrive(&mut live, &hub, E1, 4..=6));
+        assert_eq!(hub.take(), messages(E1, 4..=6));
+        assert_eq!(live.position, Some(at(E1, 6)));
+        assert!(!live.filling && live.pending.is_empty());
+    }
+
+    #[test]
+    fn a_message_at_or_below_the_last_delivered_offset_is_dropped() {
+        let (mut live, hub) = (subscribed(E1, 5), Hub::default());
+        assert!(!arrive(&mut live, &hub, E1, [5, 3, 1]));
+        assert_eq!(hub.take(), []);
+        assert_eq!(live.position, Some(at(E1, 5)));
+        assert!(!arrive(&mut live, &hub, E1, [6, 6]));
+        assert_eq!(hub.take(), [message(E1, 6)]);
+    }
+
+    #[test]
+    fn a_message_above_the_next_offset_opens_a_gap_that_is_read_from_the_last_delivered() {
+        let (mut live, hub) = (subscribed(E1, 3), Hub::default());
+        assert!(arrive(&mut live, &hub, E1, [6]), "4 and 5 are missing: a fill must start");
+        assert_eq!(hub.take(), [], "nothing is delivered around the hole");
+        assert!(live.filling);
+        assert_eq!(pending(&live), [6]);
+        assert_eq!(live.position, Some(at(E1, 3)), "the fill reads from here");
+
+        let stream = Stream::new(E1, 6);
+        assert_eq!(fill_round(&mut live, &stream, &hub), FillStep::Filled { gap: false });
+        assert_eq!(stream.reads(), [3]);
+        assert_eq!(hub.take(), messages(E1, 4..=6));
+    }
+
+    #[test]
+    fn a_fill_that_read_past_the_waiting_messages_delivers_each_offset_once() {
+        let (mut live, hub) = (subscribed(E1, 3), Hub::default());
+        assert!(arrive(&mut live, &hub, E1, [6]));
+        assert!(!arrive(&mut live, &hub, E1, [7]));
+        // 8 and 9 were published before the read: the stream has them, pub/sub has not yet.
+        let stream = Stream::new(E1, 9);
+        assert_eq!(fill_round(&mut live, &stream, &hub), FillStep::Filled { gap: false });
+        assert_eq!(hub.take(), messages(E1, 4..=9));
+        assert_eq!(live.position, Some(at(E1, 9)));
+        assert!(!live.filling && live.pending.is_empty());
+
+        assert!(!arrive(&mut live, &hub, E1, 8..=10));
+        assert_eq!(hub.take(), [message(E1, 10)], "8 and 9 came from the stream already");
+    }
+
+    #[test]
+    fn messages_arriving_while_a_fill_is_in_flight_wait_and_follow_the_range_in_order() {
+        let (mut live, hub) = (subscribed(E1, 3), Hub::default());
+        assert!(arrive(&mut live, &hub, E1, [5]));
+        // The read is on its way; more arrives, next offsets and all: none starts another fill.
+        assert!(!arrive(&mut live, &hub, E1, 6..=8));
+        assert_eq!(hub.take(), []);
+        assert_eq!(pending(&live), [5, 6, 7, 8]);
+        // The read saw the stream before 7 and 8 were published.
+        let stream = Stream::new(E1, 6);
+        assert_eq!(fill_round(&mut live, &stream, &hub), FillStep::Filled { gap: false });
+        assert_eq!(hub.take(), messages(E1, 4..=8));
+        assert_eq!(live.position, Some(at(E1, 8)));
+        assert!(!live.filling && live.pending.is_empty());
+    }
+
+    #[test]
+    fn a_waiting_message_that_reveals_another_gap_keeps_the_fill_going() {
+        let (mut live, hub) = (subscribed(E1, 3), Hub::default());
+        assert!(arrive(&mut live, &hub, E1, [5]));
+        // 6 arrives, 7 is lost on the way, 8 arrives: all while the first read is out.
+        assert!(!arrive(&mut live, &hub, E1, [6, 8]));
+        let stream = Stream::new(E1, 6);
+        assert_eq!(fill_round(&mut live, &stream, &hub), FillStep::Filled { gap: true });
+        assert_eq!(hub.take(), messages(E1, 4..=6));
+        assert!(live.filling, "8 waits for 7");
+        assert_eq!(pending(&live), [8]);
+
+        let stream = Stream::new(E1, 8);
+        assert_eq!(fill_round(&mut live, &stream, &hub), FillStep::Filled { gap: false });
+        assert_eq!(stream.reads(), [6]);
+        assert_eq!(hub.take(), messages(E1, 7..=8));
+        assert!(!live.filling && live.pending.is_empty());
+    }
+
+    #[test]
+    fn a_range_longer_than_a_page_is_read_page_by_page_while_messages_wait() {
+        let top = FILL_PAGE as Offset + 10;
+        let (mut live, hub) = (subscribed(E1, 1), Hub::default());
+        assert!(arrive(&mut live, &hub, E1, [top + 1]));
+        let stream = Stream::new(E1, top);
+        assert_eq!(fill_round(&mut live, &stream, &hub), FillStep::NextPage);
+        assert_eq!(hub.take(), messages(E1, 2..=FILL_PAGE as Offset + 1));
+        assert!(live.filling, "the rest of the range is still missing");
+        assert!(!arrive(&mut live, &hub, E1, [top + 2]));
+        assert_eq!(hub.take(), []);
+
+        assert_eq!(fill_round(&mut live, &stream, &hub), FillStep::Filled { gap: false });
+        assert_eq!(stream.reads(), [1, FILL_PAGE as Offset + 1]);
+        assert_eq!(hub.take(), messages(E1, FILL_PAGE as Offset + 2..=top + 2));
+        assert!(!live.filling && live.pending.is_empty());
+    }
+
+    #[test]
+    fn a_trimmed_range_resets_to_the_top_and_goes_on_live_from_there() {
+        let (mut live, hub) = (subscribed(E1, 3), Hub::default());
+        assert!(arrive(&mut live, &hub, E1, [10, 11]));
+        // 4 to 6 were trimmed (or expired) before the fill could read them.
+        let stream = Stream::holding_from(E1, 10, 7);
+        assert_eq!(fill_round(&mut live, &stream, &hub), FillStep::Filled { gap: false });
+        assert_eq!(
+            hub.take(),
+            [reset(E1, 10), message(E1, 11)],
+            "no message around the hole; 10 is before the reset position"
+        );
+        assert_eq!(live.position, Some(at(E1, 11)));
+    }
+
+    #[test]
+    fn a_stream_gone_under_its_kept_position_resets_to_the_top() {
+        let (mut live, hub) = (subscribed(E1, 3), Hub::default());
+        assert!(arrive(&mut live, &hub, E1, [5]));
+        // The stream expired; the meta key (longer expiry) still has the epoch and top.
+        let stream = Stream::holding_from(E1, 5, 6);
+        assert_eq!(fill_round(&mut live, &stream, &hub), FillStep::Filled { gap: false });
+        assert_eq!(hub.take(), [reset(E1, 5)]);
+        assert_eq!(live.position, Some(at(E1, 5)));
+        assert!(!live.filling && live.pending.is_empty());
+    }
+
+    #[test]
+    fn a_new_epoch_found_by_a_fill_resets_then_delivers_the_new_epoch_from_offset_1() {
+        let (mut live, hub) = (subscribed(E1, 5), Hub::default());
+        // Redis came back empty: the pub/sub connection dropped, and the channel has a new epoch.
+        assert!(live.start_catch_up());
+        assert!(!arrive(&mut live, &hub, E2, [3]));
+        let stream = Stream::new(E2, 3);
+        assert_eq!(fill_round(&mut live, &stream, &hub), FillStep::Filled { gap: false });
+        assert_eq!(stream.reads(), [5, 0], "after our offset in the old epoch, then the new epoch from its start");
+        let mut expected = vec![reset(E2, 0)];
+        expected.extend(messages(E2, 1..=3));
+        assert_eq!(hub.take(), expected);
+        assert_eq!(live.position, Some(at(E2, 3)));
+        assert!(!live.filling && live.pending.is_empty());
+    }
+
+    #[test]
+    fn a_new_epoch_whose_start_is_gone_resets_once_to_its_top() {
+        let (mut live, hub) = (subscribed(E1, 5), Hub::default());
+        assert!(live.start_catch_up());
+        let stream = Stream::holding_from(E2, 9, 4);
+        assert_eq!(fill_round(&mut live, &stream, &hub), FillStep::Filled { gap: false });
+        assert_eq!(hub.take(), [reset(E2, 9)]);
+        assert_eq!(live.position, Some(at(E2, 9)));
+        assert!(!arrive(&mut live, &hub, E2, 9..=10));
+        assert_eq!(hub.take(), [message(E2, 10)]);
+    }
+
+    #[test]
+    fn a_live_message_of_another_epoch_is_delivered_at_once_and_moves_the_position() {
+        // The sessions turn the epoch change into `reset`; the node does not fill for it.
+        let (mut live, hub) = (subscribed(E1, 5), Hub::default());
+        assert!(!arrive(&mut live, &hub, E2, [4]));
+        assert_eq!(hub.take(), [message(E2, 4)]);
+        assert_eq!(live.position, Some(at(E2, 4)));
+        assert!(!live.filling);
+        assert!(!arrive(&mut live, &hub, E2, [4, 5]));
+        assert_eq!(hub.take(), [message(E2, 5)]);
+    }
+
+    #[test]
+    fn a_reconnect_or_lag_fills_each_subscribed_channel_once() {
+        let mut live = subscribed(E1, 5);
+        assert!(live.start_catch_up(), "the caller starts a fill");
+        assert!(live.filling);
+        assert!(!live.start_catch_up(), "a second reconnect joins the fill already running");
+        let mut unacknowledged = LiveChannel { refs: 1, ..LiveChannel::default() };
+        assert!(!unacknowledged.start_catch_up(), "it starts at the top it reads after its SUBSCRIBE");
+        assert!(!unacknowledged.filling);
+    }
+
+    #[test]
+    fn after_a_reconnect_what_was_missed_comes_from_the_stream_before_new_messages() {
+        let (mut live, hub) = (subscribed(E1, 5), Hub::default());
+        assert!(live.start_catch_up());
+        // 6 and 7 were published while the connection was down; 8 arrives after the resubscribe.
+        assert!(!arrive(&mut live, &hub, E1, [8]));
+        assert_eq!(hub.take(), [], "8 waits: 6 and 7 come first");
+        let stream = Stream::new(E1, 8);
+        assert_eq!(fill_round(&mut live, &stream, &hub), FillStep::Filled { gap: false });
+        assert_eq!(stream.reads(), [5]);
+        assert_eq!(hub.take(), messages(E1, 6..=8));
+        assert_eq!(live.position, Some(at(E1, 8)));
+    }
+
+    #[test]
+    fn a_catch_up_with_nothing_missed_delivers_what_waited() {
+        let (mut live, hub) = (subscribed(E1, 5), Hub::default());
+        assert!(live.start_catch_up());
+        let stream = Stream::new(E1, 5);
+        assert!(!arrive(&mut live, &hub, E1, [6]), "published after the read");
+        assert_eq!(fill_round(&mut live, &stream, &hub), FillStep::Filled { gap: false });
+        assert_eq!(hub.take(), [message(E1, 6)]);
+        assert!(!live.filling && live.pending.is_empty());
+    }
+
+    #[test]
+    fn delivery_starts_at_the_top_read_after_the_subscribe() {
+        let (mut live, hub) = (subscribed(E1, 7), Hub::default());
+        assert!(live.subscribed);
+        assert!(!arrive(&mut live, &hub, E1, 6..=8));
+        assert_eq!(hub.take(), [message(E1, 8)], "sessions read up to 7 from history themselves");
+    }
+
+    #[test]
+    fn a_message_that_raced_the_top_read_is_not_moved_back_or_delivered_twice() {
+        let hub = Hub::default();
+        let mut live = LiveChannel { refs: 1, ..LiveChannel::default() };
+        // Before the SUBSCRIBE's top is read there is nothing to compare with: delivered.
+        assert!(!arrive(&mut live, &hub, E1, [8]));
+        assert_eq!(hub.take(), [message(E1, 8)]);
+        live.subscribed_at(at(E1, 7));
+        assert_eq!(live.position, Some(at(E1, 8)), "the older top does not move the position back");
+        assert!(!arrive(&mut live, &hub, E1, [8]));
+        assert_eq!(hub.take(), []);
+
+        // A top further on, or of another epoch, is where delivery starts.
+        let mut live = LiveChannel { position: Some(at(E1, 8)), ..LiveChannel::default() };
+        live.subscribed_at(at(E1, 9));
+        assert_eq!(live.position, Some(at(E1, 9)));
+        let mut live = LiveChannel { position: Some(at(E1, 8)), ..LiveChannel::default() };
+        live.subscribed_at(at(E2, 2));
+        assert_eq!(live.position, Some(at(E2, 2)));
+    }
+
+    #[test]
+    fn a_page_counts_only_if_it_continues_the_start_without_a_hole() {
+        let page = |epoch: &str, top: Offset, offsets: &[Offset]| HistoryPage {
+            epoch: Epoch::new(epoch),
+            top,
+            publications: offsets.iter().map(|&o| publication(epoch, o)).collect(),
+        };
+        let judged = |page: HistoryPage| {
+            let m = Missing::judge(&at(E1, 3), None, page);
+            (m.reset, m.publications.iter().map(|p| p.offset).collect::<Vec<_>>(), m.more)
+        };
+        assert_eq!(judged(page(E1, 5, &[4, 5])), (None, vec![4, 5], false), "complete");
+        assert_eq!(judged(page(E1, 9, &[4, 5])), (None, vec![4, 5], true), "complete so far: read on");
+        assert_eq!(judged(page(E1, 3, &[])), (None, vec![], false), "nothing missing");
+        assert_eq!(judged(page(E1, 5, &[5])), (Some(at(E1, 5)), vec![], false), "4 was trimmed");
+        assert_eq!(judged(page(E1, 5, &[])), (Some(at(E1, 5)), vec![], false), "expired");
+        assert_eq!(judged(page(E1, 2, &[])), (Some(at(E1, 2)), vec![], false), "top behind the start");
+        assert_eq!(judged(page(E1, 2, &[4])), (Some(at(E1, 2)), vec![], false), "entries above a top behind the start");
+        assert_eq!(judged(page(E1, 3, &[4])), (Some(at(E1, 3)), vec![], false), "entries above the top");
+        assert_eq!(judged(page(E2, 5, &[4, 5])), (Some(at(E2, 5)), vec![], false), "the epoch changed again");
+        let m = Missing::judge(&at(E2, 0), Some(at(E2, 0)), page(E2, 2, &[1, 2]));
+        assert_eq!(m.reset, Some(at(E2, 0)), "a reset found before the page comes with it");
+    }
+
+    #[test]
+    fn a_failed_read_is_passed_on_and_never_taken_for_a_lost_history() {
+        let down = || EngineError::Unavailable("redis is not connected".into());
+        let first = now(read_missing(|_| std::future::ready(Err(down())), &at(E1, 3)));
+        assert!(matches!(first, Err(EngineError::Unavailable(_))));
+        // Redis answers with a new epoch, then fails before the new epoch's start is read.
+        let reads = RefCell::new(Vec::new());
+        let read = |after| {
+            reads.borrow_mut().push(after);
+            std::future::ready(if after == 0 { Err(down()) } else { Ok(Stream::new(E2, 2).read(after)) })
+        };
+        assert!(now(read_missing(read, &at(E1, 3))).is_err());
+        assert_eq!(*reads.borrow(), [3, 0]);
+    }
+
+    #[test]
+    fn the_last_reference_removes_the_channel() {
+        let mut channels = HashMap::from([(room(), LiveChannel { refs: 2, ..subscribed(E1, 1) })]);
+        assert!(!release(&mut channels, &room()));
+        assert_eq!(channels[&room()].refs, 1);
+        assert!(release(&mut channels, &room()), "the caller unsubscribes the node");
+        assert!(channels.is_empty());
+        assert!(!release(&mut channels, &room()), "an unknown channel is not unsubscribed again");
+    }
+}
