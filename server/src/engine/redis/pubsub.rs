@@ -106,10 +106,21 @@ impl LiveChannel {
         false
     }
 
-    /// Delivers one page a gap fill read from the stream (after `reset`, if the history was
-    /// lost), then, once the whole range is delivered, the messages that waited, in order and
-    /// without what the page already delivered.
-    fn apply_fill(&mut self, channel: &ChannelName, missing: Missing, deliver: &dyn Deliver) -> FillStep {
+    /// Delivers one page a gap fill read from the stream after `from` (after `reset`, if the
+    /// history was lost), then, once the whole range is delivered, the messages that waited, in
+    /// order and without what the page already delivered. A page read for an entry that is gone
+    /// (the channel was left and joined again while the read ran: the new entry starts at its
+    /// own top, with no fill or its own) is not applied: it would move the position back.
+    fn apply_fill(
+        &mut self,
+        channel: &ChannelName,
+        from: &Position,
+        missing: Missing,
+        deliver: &dyn Deliver,
+    ) -> FillStep {
+        if !self.filling || self.position.as_ref() != Some(from) {
+            return FillStep::Stale;
+        }
         if let Some(reset) = missing.reset {
             deliver.reset(channel, &reset);
             self.position = Some(reset);
@@ -138,6 +149,8 @@ enum FillStep {
     /// The range and the messages that waited are delivered, unless one of those revealed
     /// another gap (`gap`): then the channel is filling again and the same task reads on.
     Filled { gap: bool },
+    /// The page was read for an earlier entry of the channel: this fill is over.
+    Stale,
 }
 
 /// What travels on a channel's pub/sub: a stored message or a presence frame.
@@ -352,8 +365,9 @@ async fn fill(engine: Weak<RedisEngine>, channel: ChannelName) {
             tracing::warn!(%channel, from = from.offset, epoch = %reset.epoch, offset = reset.offset, "history lost under live subscribers: reset");
             lost = true;
         }
-        match live.apply_fill(&channel, missing, deliver.as_ref()) {
+        match live.apply_fill(&channel, &from, missing, deliver.as_ref()) {
             FillStep::NextPage => {}
+            FillStep::Stale => return,
             FillStep::Filled { gap } => {
                 engine.metrics.gap_fills.with_label_values(&[if lost { "reset" } else { "filled" }]).inc();
                 lost = false;
@@ -543,7 +557,7 @@ mod tests {
         assert!(live.filling, "only a filling channel is filled");
         let from = live.position.clone().expect("a filling channel has a position");
         let missing = now(read_missing(|after| std::future::ready(Ok(stream.read(after))), &from)).unwrap();
-        live.apply_fill(&room(), missing, hub)
+        live.apply_fill(&room(), &from, missing, hub)
     }
 
     #[test]
@@ -818,6 +832,21 @@ mod tests {
         };
         assert!(now(read_missing(read, &at(E1, 3))).is_err());
         assert_eq!(*reads.borrow(), [3, 0]);
+    }
+
+    #[test]
+    fn a_fill_read_for_a_channel_left_and_joined_again_is_not_applied() {
+        let (mut old, hub) = (subscribed(E1, 3), Hub::default());
+        assert!(arrive(&mut old, &hub, E1, [6]), "a gap: a fill reads after 3");
+        let from = old.position.clone().unwrap();
+        let stream = Stream::new(E1, 9);
+        let missing = now(read_missing(|after| std::future::ready(Ok(stream.read(after))), &from)).unwrap();
+        // Meanwhile the last subscriber left and a new one joined: a new entry at the top, 9.
+        let mut new = subscribed(E1, 9);
+        assert_eq!(new.apply_fill(&room(), &from, missing, &hub), FillStep::Stale);
+        assert_eq!(hub.take(), vec![], "nothing from the old read is delivered");
+        assert_eq!(new.position, Some(at(E1, 9)), "the new entry's position does not move back");
+        assert!(!new.filling);
     }
 
     #[test]
