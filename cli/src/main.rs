@@ -26,8 +26,8 @@ async fn main() -> ExitCode {
         Ok(client) => {
             let waited_ms = client.survey_timeout_ms();
             let result = commands::run(&client, cli.command, cli.json).await;
-            if let Ok(Outcome::Partial { missing }) = &result {
-                eprintln!("{}", commands::partial_warning(missing, waited_ms));
+            if let Ok(Outcome::Partial(coverage)) = &result {
+                eprintln!("{}", commands::partial_warning(coverage, waited_ms));
             }
             result
         }
@@ -45,7 +45,7 @@ async fn main() -> ExitCode {
 fn exit_code(result: &anyhow::Result<Outcome>) -> u8 {
     match result {
         Ok(Outcome::Complete) => 0,
-        Ok(Outcome::Partial { .. }) => EXIT_PARTIAL,
+        Ok(Outcome::Partial(_)) => EXIT_PARTIAL,
         Err(e) if is_broken_pipe(e) => 0,
         Err(_) => 1,
     }
@@ -61,11 +61,12 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pushd_wire::Coverage;
 
     #[test]
     fn results_map_to_exit_codes() {
         assert_eq!(exit_code(&Ok(Outcome::Complete)), 0);
-        assert_eq!(exit_code(&Ok(Outcome::Partial { missing: vec!["n2".into()] })), 3);
+        assert_eq!(exit_code(&Ok(Outcome::Partial(Coverage::missing(vec!["n2".into()])))), 3);
         assert_eq!(exit_code(&Err(client::ClientError::Unauthorized { message: "wrong admin key".into() }.into())), 1);
         assert_eq!(exit_code(&Err(anyhow::anyhow!("bad JSON"))), 1);
         let pipe = std::io::Error::from(std::io::ErrorKind::BrokenPipe);

@@ -17,7 +17,6 @@ pub mod auth;
 pub mod channel;
 pub mod client_addr;
 pub mod config;
-pub mod control;
 pub mod cursor;
 pub mod engine;
 pub mod http;
@@ -35,6 +34,7 @@ pub mod session;
 pub mod shard;
 pub mod shutdown;
 pub mod sse;
+pub mod survey;
 pub mod ws;
 
 use std::future::Future;

@@ -18,8 +18,8 @@ use crate::channel::ChannelName;
 use crate::config::Config;
 use crate::engine::memory::MemorySettings;
 use crate::engine::{
-    ClientInfo, ControlHandler, Deliver, Engine, EngineError, MemoryEngine, NewMessage, NodeInfo, Publication,
-    RedisEngine, RedisSettings,
+    ClientInfo, Deliver, Engine, EngineError, MemoryEngine, NewMessage, NodeInfo, Publication, RedisEngine,
+    RedisSettings, SurveyHandler,
 };
 use crate::hub::ConnId;
 use crate::hub::Hub;
@@ -125,8 +125,8 @@ impl Node {
             api_rate,
             next_conn: AtomicU64::new(1),
         });
-        let handler: Arc<dyn ControlHandler> = node.clone();
-        node.engine.set_control(Arc::downgrade(&handler));
+        let handler: Arc<dyn SurveyHandler> = node.clone();
+        node.engine.set_survey_handler(Arc::downgrade(&handler));
         Ok(node)
     }
 

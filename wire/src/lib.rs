@@ -16,6 +16,30 @@ use serde::{Deserialize, Serialize};
 /// with 400 rather than wrapping around into a ban that ended in the past.
 pub const MAX_BAN_S: u64 = 10 * 365 * 24 * 3600;
 
+/// Which nodes a cluster answer covers. Both fields empty: every registered node answered.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Coverage {
+    /// Registered nodes that did not answer in time (node ids, nothing else).
+    pub missing: Vec<String>,
+    /// Set when the node asked could not read the registry (its Redis is away): the answer is
+    /// that node's alone, the other nodes are unknown, and this says why.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub others_unknown: Option<String>,
+}
+
+impl Coverage {
+    /// Nodes that answered in time, out of a registry that could be read.
+    pub fn missing(missing: Vec<String>) -> Self {
+        Self { missing, others_unknown: None }
+    }
+
+    /// Whether the answer leaves any node out.
+    pub fn is_partial(&self) -> bool {
+        !self.missing.is_empty() || self.others_unknown.is_some()
+    }
+}
+
 /// `GET /admin/stats`: cluster totals, each answering node's stats, and Redis' own view.
 /// What `pushctl stats` shows.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -26,8 +50,9 @@ pub struct StatsAnswer {
     pub totals: Totals,
     /// The nodes that answered, sorted by id.
     pub nodes: Vec<NodeStats>,
-    /// Registered nodes that did not answer in time.
-    pub missing: Vec<String>,
+    /// Which nodes the answer covers.
+    #[serde(flatten)]
+    pub coverage: Coverage,
     /// `None` on the memory engine, or when Redis could not be asked.
     pub redis: Option<RedisStats>,
 }
@@ -124,7 +149,9 @@ pub struct TopChannel {
 pub struct NodesAnswer {
     /// Sorted by id.
     pub nodes: Vec<NodeInfo>,
-    pub missing: Vec<String>,
+    /// Which nodes the answer covers.
+    #[serde(flatten)]
+    pub coverage: Coverage,
 }
 
 /// `GET /admin/connections`: open client connections across the cluster, sorted by node and
@@ -135,7 +162,9 @@ pub struct ConnectionsAnswer {
     pub connections: Vec<ConnectionInfo>,
     /// More matched than `limit`; the first ones are listed.
     pub truncated: bool,
-    pub missing: Vec<String>,
+    /// Which nodes the answer covers.
+    #[serde(flatten)]
+    pub coverage: Coverage,
 }
 
 /// One client connection as operators see it; also what each node answers the survey with.
@@ -167,7 +196,9 @@ pub struct ChannelsAnswer {
     pub channels: Vec<ChannelRow>,
     /// More matched than `limit`; the first ones are listed.
     pub truncated: bool,
-    pub missing: Vec<String>,
+    /// Which nodes the answer covers.
+    #[serde(flatten)]
+    pub coverage: Coverage,
 }
 
 /// One channel across the cluster.
@@ -196,7 +227,9 @@ pub struct ChannelDetail {
     /// `None` where presence is off for the channel.
     pub presence: Option<Vec<ClientInfo>>,
     pub history: HistoryBounds,
-    pub missing: Vec<String>,
+    /// Which nodes the answer covers.
+    #[serde(flatten)]
+    pub coverage: Coverage,
 }
 
 /// One subscriber of a channel; also what each node answers the survey with.
@@ -241,7 +274,9 @@ pub struct KickAnswer {
     pub total: u64,
     /// Unix ms when the user's ban lapses; `None` without `ban_s`.
     pub banned_until_ms: Option<u64>,
-    pub missing: Vec<String>,
+    /// Which nodes the answer covers.
+    #[serde(flatten)]
+    pub coverage: Coverage,
 }
 
 /// Sockets a kick closed on one node.
@@ -376,7 +411,7 @@ mod tests {
     fn absent_fields_read_as_zero_or_empty() {
         let stats: StatsAnswer = serde_json::from_str(r#"{"engine": "memory", "nodes": [{"id": "dev"}]}"#).unwrap();
         assert_eq!((stats.nodes[0].info.id.as_str(), stats.nodes[0].info.connections), ("dev", 0));
-        assert_eq!((stats.missing.len(), stats.redis), (0, None));
+        assert_eq!((stats.coverage.is_partial(), stats.redis), (false, None));
         let detail: ChannelDetail = serde_json::from_str(r#"{"channel": "news", "history": {"epoch": "e"}}"#).unwrap();
         assert_eq!((detail.history.len, detail.history.first_offset, detail.presence), (0, None, None));
     }

@@ -27,7 +27,7 @@ pub async fn run(client: &Client, json: bool, filter: Filter) -> anyhow::Result<
     .collect();
     let fetched = client.get::<ConnectionsAnswer>(&["admin", "connections"], &query, true).await?;
     let now = now_ms();
-    show(&fetched, json, &fetched.body.missing, |c| render(c, now))
+    show(&fetched, json, &fetched.body.coverage, |c| render(c, now))
 }
 
 /// One row per connection; `now_ms` anchors the SINCE column.

@@ -1,6 +1,7 @@
 //! `pushctl history <channel>`: GET /admin/history, a channel's stored messages, oldest first.
 //! Says so when `--since` lands before what the channel still keeps.
 
+use pushd_wire::Coverage;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -44,7 +45,7 @@ pub async fn run(
     query.extend(limit.map(|l| ("limit", l.to_string())));
     let fetched = client.get::<History>(&["admin", "history"], &query, false).await?;
     let now = now_ms();
-    show(&fetched, json, &[], |h| render(h, since, now))
+    show(&fetched, json, &Coverage::default(), |h| render(h, since, now))
 }
 
 /// A header line, one row per message, and a note on any gap after `since`.

@@ -37,7 +37,7 @@ pub async fn run(client: &Client, json: bool, target: Target, reason: Option<Str
     };
     let fetched = client.post::<KickAnswer>(&["admin", "kick"], &request, true).await?;
     let now = now_ms();
-    show(&fetched, json, &fetched.body.missing, |k| render(k, now))
+    show(&fetched, json, &fetched.body.coverage, |k| render(k, now))
 }
 
 /// The total, the sockets closed per node, and the ban's end.

@@ -5,6 +5,8 @@
 use std::io::Write;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use pushd_wire::Coverage;
+
 use crate::cli::Command;
 use crate::client::{Client, Fetched};
 
@@ -23,14 +25,15 @@ mod unban;
 pub enum Outcome {
     /// Every node answered.
     Complete,
-    /// These nodes did not answer in time; the printed answer leaves them out.
-    Partial { missing: Vec<String> },
+    /// The printed answer leaves nodes out: those that did not answer in time, or every other
+    /// node when the one asked could not read the registry.
+    Partial(Coverage),
 }
 
 impl Outcome {
-    /// `Partial` when `missing` names any node.
-    pub fn from_missing(missing: &[String]) -> Self {
-        if missing.is_empty() { Outcome::Complete } else { Outcome::Partial { missing: missing.to_vec() } }
+    /// `Partial` when `coverage` leaves any node out.
+    pub fn of(coverage: &Coverage) -> Self {
+        if coverage.is_partial() { Outcome::Partial(coverage.clone()) } else { Outcome::Complete }
     }
 }
 
@@ -61,7 +64,14 @@ pub async fn run(client: &Client, command: Command, json: bool) -> anyhow::Resul
 }
 
 /// The line printed on stderr for a partial answer.
-pub fn partial_warning(missing: &[String], waited_ms: u64) -> String {
+pub fn partial_warning(coverage: &Coverage, waited_ms: u64) -> String {
+    if let Some(why) = &coverage.others_unknown {
+        return format!(
+            "warning: partial answer: the node asked answered for itself only ({why}); \
+             check its Redis, or ask another node with --server"
+        );
+    }
+    let missing = &coverage.missing;
     format!(
         "warning: partial answer: no reply from {} within {waited_ms} ms; the answer above leaves {} out \
          (raise --timeout, or check {})",
@@ -71,11 +81,11 @@ pub fn partial_warning(missing: &[String], waited_ms: u64) -> String {
     )
 }
 
-/// Prints the server's JSON (re-indented) or `render(body)`; the outcome follows `missing`.
+/// Prints the server's JSON (re-indented) or `render(body)`; the outcome follows `coverage`.
 fn show<T>(
     fetched: &Fetched<T>,
     json: bool,
-    missing: &[String],
+    coverage: &Coverage,
     render: impl FnOnce(&T) -> String,
 ) -> anyhow::Result<Outcome> {
     if json {
@@ -83,7 +93,7 @@ fn show<T>(
     } else {
         print(&render(&fetched.body))?
     }
-    Ok(Outcome::from_missing(missing))
+    Ok(Outcome::of(coverage))
 }
 
 /// Writes `text` and a final newline to stdout. A closed pipe comes back as an `io::Error` of
@@ -183,8 +193,16 @@ mod tests {
 
     #[test]
     fn partial_warning_names_the_missing_nodes() {
-        let w = partial_warning(&["n1".into(), "n2".into()], 2500);
+        let w = partial_warning(&Coverage::missing(vec!["n1".into(), "n2".into()]), 2500);
         assert!(w.starts_with("warning: partial answer: no reply from n1, n2 within 2500 ms"), "{w}");
-        assert_eq!(Outcome::from_missing(&[]), Outcome::Complete);
+        assert_eq!(Outcome::of(&Coverage::default()), Outcome::Complete);
+    }
+
+    #[test]
+    fn partial_warning_says_when_the_other_nodes_are_unknown() {
+        let coverage = Coverage { missing: vec![], others_unknown: Some("other nodes unknown: redis down".into()) };
+        let w = partial_warning(&coverage, 2500);
+        assert!(w.contains("answered for itself only (other nodes unknown: redis down)"), "{w}");
+        assert_eq!(Outcome::of(&coverage), Outcome::Partial(coverage));
     }
 }

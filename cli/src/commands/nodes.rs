@@ -9,7 +9,7 @@ use crate::table::{self, Col, Hide};
 pub async fn run(client: &Client, json: bool) -> anyhow::Result<Outcome> {
     let fetched = client.get::<NodesAnswer>(&["admin", "nodes"], &[], false).await?;
     let now = now_ms();
-    show(&fetched, json, &fetched.body.missing, |n| render(n, now))
+    show(&fetched, json, &fetched.body.coverage, |n| render(n, now))
 }
 
 /// One row per registered node: where it listens, what it runs, how long it has been up

@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use anyhow::Context;
+use pushd_wire::Coverage;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
@@ -55,11 +56,11 @@ pub async fn run(
                 tokio::time::sleep(pause).await;
                 pause *= 2;
             }
-            fetched => return show(&fetched?, json, &[], render),
+            fetched => return show(&fetched?, json, &Coverage::default(), render),
         }
     }
     let fetched = client.post::<Published>(&["admin", "publish"], &request, false).await?;
-    show(&fetched, json, &[], render)
+    show(&fetched, json, &Coverage::default(), render)
 }
 
 /// A key no other publish has: this process and the time, to the nanosecond.

@@ -9,7 +9,7 @@ use crate::table::{self, Col};
 
 pub async fn run(client: &Client, json: bool, channel: &str) -> anyhow::Result<Outcome> {
     let fetched = client.get::<ChannelDetail>(&["admin", "channels", channel], &[], true).await?;
-    show(&fetched, json, &fetched.body.missing, render)
+    show(&fetched, json, &fetched.body.coverage, render)
 }
 
 /// History bounds, then the subscribers table, then presence by user.

@@ -23,7 +23,7 @@ pub async fn run(
     .filter_map(|(k, v)| v.map(|v| (k, v)))
     .collect();
     let fetched = client.get::<ChannelsAnswer>(&["admin", "channels"], &query, true).await?;
-    show(&fetched, json, &fetched.body.missing, render)
+    show(&fetched, json, &fetched.body.coverage, render)
 }
 
 /// One row per channel, in the server's order.

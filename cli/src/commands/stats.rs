@@ -16,7 +16,7 @@ async fn fetch(client: &Client) -> Result<Fetched<StatsAnswer>, ClientError> {
 /// One answer, printed once.
 pub async fn once(client: &Client, json: bool) -> anyhow::Result<Outcome> {
     let fetched = fetch(client).await?;
-    show(&fetched, json, &fetched.body.missing, render)
+    show(&fetched, json, &fetched.body.coverage, render)
 }
 
 /// Redraws the answer every `every` seconds until Ctrl-C. A failed fetch after the first
@@ -35,8 +35,8 @@ pub async fn watch(client: &Client, json: bool, every: u64) -> anyhow::Result<Ou
             Ok(fetched) if json => print(&super::pretty_json(&fetched.raw))?,
             Ok(fetched) => {
                 print(&format!("{CLEAR}{title}\n\n{}", render(&fetched.body)))?;
-                if !fetched.body.missing.is_empty() {
-                    eprintln!("{}", partial_warning(&fetched.body.missing, client.survey_timeout_ms()));
+                if fetched.body.coverage.is_partial() {
+                    eprintln!("{}", partial_warning(&fetched.body.coverage, client.survey_timeout_ms()));
                 }
             }
             Err(e) if !shown => return Err(e.into()),

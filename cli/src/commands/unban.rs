@@ -1,6 +1,6 @@
 //! `pushctl unban <user>`: POST /admin/unban. Lifts a ban set by `kick --ban` on every node.
 
-use pushd_wire::UnbanAnswer;
+use pushd_wire::{Coverage, UnbanAnswer};
 use serde::Serialize;
 
 use super::{Outcome, show};
@@ -13,7 +13,7 @@ struct UnbanRequest<'a> {
 
 pub async fn run(client: &Client, json: bool, user: &str) -> anyhow::Result<Outcome> {
     let fetched = client.post::<UnbanAnswer>(&["admin", "unban"], &UnbanRequest { user }, false).await?;
-    show(&fetched, json, &[], render)
+    show(&fetched, json, &Coverage::default(), render)
 }
 
 pub fn render(a: &UnbanAnswer) -> String {

@@ -12,19 +12,19 @@ use futures_util::future::join_all;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use pushd_wire::{
-    ChannelDetail, ChannelRow, ChannelsAnswer, ConnectionInfo, ConnectionsAnswer, KickAnswer, KickedOnNode, MAX_BAN_S,
-    NodesAnswer, StatsAnswer, Subscriber, Totals, UnbanAnswer,
+    ChannelDetail, ChannelRow, ChannelsAnswer, ConnectionInfo, ConnectionsAnswer, Coverage, KickAnswer, KickedOnNode,
+    MAX_BAN_S, NodesAnswer, StatsAnswer, Subscriber, Totals, UnbanAnswer,
 };
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
 use super::{read_json, server};
 use crate::channel::ChannelName;
-use crate::control::{ChannelOnNode, ControlRequest, Kicked, NodeReport, conn_order};
 use crate::engine::{EngineError, HistoryBounds, Survey, now_ms};
 use crate::http::{self, Body, HttpError};
 use crate::node::Node;
 use crate::protocol::ErrorCode;
+use crate::survey::{ChannelOnNode, Kicked, NodeReport, SurveyRequest, conn_order};
 
 /// History reads one `/admin/channels` answer keeps in flight.
 const HISTORY_READS: usize = 64;
@@ -188,18 +188,18 @@ fn unavailable(e: EngineError) -> HttpError {
 /// the registry included); answers that do not parse count as missing.
 async fn survey<T: DeserializeOwned>(
     node: &Node,
-    request: &ControlRequest,
+    request: &SurveyRequest,
     deadline: Deadline,
-) -> Result<(Vec<(String, T)>, Vec<String>), HttpError> {
-    let request = serde_json::to_string(request).expect("control requests serialise");
-    let survey = match node.engine().survey(&request, deadline.left()).await {
-        Ok(survey) => survey,
+) -> Result<(Vec<(String, T)>, Coverage), HttpError> {
+    let request = serde_json::to_string(request).expect("survey requests serialise");
+    let (survey, others_unknown) = match node.engine().survey(&request, deadline.left()).await {
+        Ok(survey) => (survey, None),
         // The store that carries surveys is away: answer for this node, and say the rest are
         // unknown rather than failing the operator outright.
         Err(e) => {
             tracing::warn!(error = %e, "survey failed; answering for this node only");
-            let own = (node.config().node_id.clone(), crate::engine::ControlHandler::answer(node, &request));
-            Survey { answers: vec![own], missing: vec![format!("other nodes unknown: {e}")] }
+            let own = (node.config().node_id.clone(), crate::engine::SurveyHandler::answer(node, &request));
+            (Survey { answers: vec![own], missing: Vec::new() }, Some(format!("other nodes unknown: {e}")))
         }
     };
     let mut missing = survey.missing;
@@ -214,12 +214,12 @@ async fn survey<T: DeserializeOwned>(
         }
     }
     answers.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok((answers, missing))
+    Ok((answers, Coverage { missing, others_unknown }))
 }
 
 async fn stats(node: &Node, req: &Request<Incoming>) -> AdminResult {
     let deadline = Deadline::of(req)?;
-    let (answers, missing) = survey::<NodeReport>(node, &ControlRequest::Stats, deadline).await?;
+    let (answers, coverage) = survey::<NodeReport>(node, &SurveyRequest::Stats, deadline).await?;
     let (mut users, mut channels) = (BTreeSet::new(), BTreeSet::new());
     let mut totals = Totals { nodes: answers.len() as u64, ..Totals::default() };
     let mut nodes = Vec::with_capacity(answers.len());
@@ -242,21 +242,21 @@ async fn stats(node: &Node, req: &Request<Incoming>) -> AdminResult {
         None
     });
     let engine = if node.config().redis_url.is_some() { "redis" } else { "memory" };
-    let body = StatsAnswer { engine: engine.into(), totals, nodes, missing, redis };
+    let body = StatsAnswer { engine: engine.into(), totals, nodes, coverage, redis };
     Ok(http::json(StatusCode::OK, &body))
 }
 
 async fn nodes(node: &Node, req: &Request<Incoming>) -> AdminResult {
     let mut nodes = Deadline::of(req)?.bound(node.engine().nodes()).await.map_err(unavailable)?;
     nodes.sort_by(|a, b| a.id.cmp(&b.id));
-    Ok(http::json(StatusCode::OK, &NodesAnswer { nodes, missing: Vec::new() }))
+    Ok(http::json(StatusCode::OK, &NodesAnswer { nodes, coverage: Coverage::default() }))
 }
 
 async fn connections(node: &Node, req: &Request<Incoming>) -> AdminResult {
     let limit = number(req, "limit")?.unwrap_or(100).clamp(1, 10_000) as usize;
     let only_node = http::query(req, "node");
-    let request = ControlRequest::Connections { user: http::query(req, "user"), channel: http::query(req, "channel") };
-    let (answers, missing) = survey::<Vec<ConnectionInfo>>(node, &request, Deadline::of(req)?).await?;
+    let request = SurveyRequest::Connections { user: http::query(req, "user"), channel: http::query(req, "channel") };
+    let (answers, coverage) = survey::<Vec<ConnectionInfo>>(node, &request, Deadline::of(req)?).await?;
     let mut all: Vec<ConnectionInfo> = answers
         .into_iter()
         .filter(|(id, _)| only_node.as_ref().is_none_or(|n| n == id))
@@ -265,7 +265,7 @@ async fn connections(node: &Node, req: &Request<Incoming>) -> AdminResult {
     all.sort_by_key(|c| conn_order(&c.conn));
     let truncated = all.len() > limit;
     all.truncate(limit);
-    Ok(http::json(StatusCode::OK, &ConnectionsAnswer { connections: all, truncated, missing }))
+    Ok(http::json(StatusCode::OK, &ConnectionsAnswer { connections: all, truncated, coverage }))
 }
 
 async fn channels(node: &Node, req: &Request<Incoming>) -> AdminResult {
@@ -276,8 +276,8 @@ async fn channels(node: &Node, req: &Request<Incoming>) -> AdminResult {
         Some(other) => return Err(HttpError::bad_request(format!("sort={other}: use subscribers or rate"))),
     };
     let deadline = Deadline::of(req)?;
-    let request = ControlRequest::Channels { pattern: http::query(req, "pattern") };
-    let (answers, missing) = survey::<Vec<ChannelOnNode>>(node, &request, deadline).await?;
+    let request = SurveyRequest::Channels { pattern: http::query(req, "pattern") };
+    let (answers, coverage) = survey::<Vec<ChannelOnNode>>(node, &request, deadline).await?;
     let mut merged: BTreeMap<String, ChannelRow> = BTreeMap::new();
     for c in answers.into_iter().flat_map(|(_, list)| list) {
         let row = merged.entry(c.channel.clone()).or_insert(ChannelRow { channel: c.channel, ..ChannelRow::default() });
@@ -305,7 +305,7 @@ async fn channels(node: &Node, req: &Request<Incoming>) -> AdminResult {
             (row.history_len, row.last_offset) = (Some(bounds.len), Some(bounds.last_offset));
         }
     }
-    Ok(http::json(StatusCode::OK, &ChannelsAnswer { channels: rows, truncated, missing }))
+    Ok(http::json(StatusCode::OK, &ChannelsAnswer { channels: rows, truncated, coverage }))
 }
 
 /// `channel`'s history bounds if the engine gives them by `deadline`.
@@ -319,13 +319,13 @@ async fn channel(node: &Node, req: &Request<Incoming>, name: &str) -> AdminResul
     let ch = ChannelName::parse(&name)
         .map_err(|e| HttpError::new(StatusCode::BAD_REQUEST, ErrorCode::BadChannel, format!("{name:?}: {e}")))?;
     let deadline = Deadline::of(req)?;
-    let request = ControlRequest::Channel { channel: ch.to_string() };
+    let request = SurveyRequest::Channel { channel: ch.to_string() };
     let (surveyed, presence, history) = tokio::join!(
         survey::<Vec<Subscriber>>(node, &request, deadline),
         tokio::time::timeout_at(deadline.0, node.presence(&ch)),
         deadline.bound(node.engine().history_bounds(&ch)),
     );
-    let (answers, missing) = surveyed?;
+    let (answers, coverage) = surveyed?;
     let mut subscribers: Vec<Subscriber> = answers.into_iter().flat_map(|(_, list)| list).collect();
     subscribers.sort_by_key(|s| conn_order(&s.conn));
     let presence = match presence {
@@ -335,7 +335,7 @@ async fn channel(node: &Node, req: &Request<Incoming>, name: &str) -> AdminResul
         Err(_) => return Err(unavailable(EngineError::NoAnswer("presence: no answer within timeout_ms".into()))),
     };
     let history = history.map_err(unavailable)?;
-    let body = ChannelDetail { channel: ch.to_string(), subscribers, presence, history, missing };
+    let body = ChannelDetail { channel: ch.to_string(), subscribers, presence, history, coverage };
     Ok(http::json(StatusCode::OK, &body))
 }
 
@@ -369,11 +369,11 @@ async fn kick(node: &Node, req: Request<Incoming>) -> AdminResult {
     }
     let reason = body.reason.unwrap_or_else(|| "kicked by an operator".into());
     tracing::info!(user = ?body.user, conns = ?body.conns, ?banned_until_ms, %reason, "operator kick");
-    let request = ControlRequest::Kick { conns: body.conns, user: body.user, reason };
-    let (answers, missing) = survey::<Kicked>(node, &request, deadline).await?;
+    let request = SurveyRequest::Kick { conns: body.conns, user: body.user, reason };
+    let (answers, coverage) = survey::<Kicked>(node, &request, deadline).await?;
     let total = answers.iter().map(|(_, k)| k.count).sum();
     let closed = answers.into_iter().map(|(node, k)| KickedOnNode { node, count: k.count }).collect();
-    Ok(http::json(StatusCode::OK, &KickAnswer { closed, total, banned_until_ms, missing }))
+    Ok(http::json(StatusCode::OK, &KickAnswer { closed, total, banned_until_ms, coverage }))
 }
 
 #[derive(Deserialize)]

@@ -238,7 +238,7 @@ pub enum EngineError {
 }
 
 /// Answers control requests from the cluster (`survey`) on this node: implemented by the node.
-pub trait ControlHandler: Send + Sync + 'static {
+pub trait SurveyHandler: Send + Sync + 'static {
     /// Answers one request (JSON in, JSON out).
     fn answer(&self, request: &str) -> String;
 }
@@ -302,7 +302,7 @@ pub trait Engine: Send + Sync + 'static {
     async fn deregister(&self, _node: &str) {}
 
     /// Lets control requests from other nodes reach this node's handler.
-    fn set_control(&self, handler: Weak<dyn ControlHandler>);
+    fn set_survey_handler(&self, handler: Weak<dyn SurveyHandler>);
 
     /// Asks every registered node (this one included) to answer `request`; waits at most
     /// `timeout`, and names the nodes that did not answer.

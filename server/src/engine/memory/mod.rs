@@ -22,8 +22,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::{
-    ClientInfo, ControlHandler, Deliver, Engine, EngineError, Epoch, HistoryBounds, HistoryPage, HistoryQuery,
-    NewMessage, NodeInfo, Offset, PresenceChange, Publication, Survey, now_ms, now_us, presence_frame,
+    ClientInfo, Deliver, Engine, EngineError, Epoch, HistoryBounds, HistoryPage, HistoryQuery, NewMessage, NodeInfo,
+    Offset, PresenceChange, Publication, Survey, SurveyHandler, now_ms, now_us, presence_frame,
 };
 use crate::channel::ChannelName;
 use crate::locks::lock;
@@ -57,7 +57,7 @@ pub struct MemoryEngine {
     channels: Sharded<Shard<Arc<Mutex<ChannelLog>>>>,
     /// The one node of a memory-engine cluster.
     node: Mutex<Option<NodeInfo>>,
-    control: std::sync::OnceLock<Weak<dyn ControlHandler>>,
+    control: std::sync::OnceLock<Weak<dyn SurveyHandler>>,
     /// User -> end of ban (Unix ms).
     bans: Mutex<HashMap<String, u64>>,
     presence: Sharded<Shard<HashMap<Arc<str>, ClientInfo>>>,
@@ -381,7 +381,7 @@ impl Engine for MemoryEngine {
         Ok(lock(&self.node).iter().filter(|n| n.updated_ms >= lapsed).cloned().collect())
     }
 
-    fn set_control(&self, handler: Weak<dyn ControlHandler>) {
+    fn set_survey_handler(&self, handler: Weak<dyn SurveyHandler>) {
         let _ = self.control.set(handler);
     }
 

@@ -12,9 +12,9 @@
 //! Every round trip goes through `call` (or `timed`), which times it and counts its failure
 //! under an operation label (`pushd_redis_*` metrics).
 
-mod control;
 mod keys;
 mod pubsub;
+mod scatter;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -33,8 +33,8 @@ pub use keys::Keys;
 use pubsub::LiveChannels;
 
 use super::{
-    ClientInfo, ControlHandler, Deliver, Engine, EngineError, Epoch, HistoryBounds, HistoryPage, HistoryQuery,
-    NewMessage, NodeInfo, Offset, PresenceChange, Publication, RedisStats, Survey, now_ms, now_us, presence_frame,
+    ClientInfo, Deliver, Engine, EngineError, Epoch, HistoryBounds, HistoryPage, HistoryQuery, NewMessage, NodeInfo,
+    Offset, PresenceChange, Publication, RedisStats, Survey, SurveyHandler, now_ms, now_us, presence_frame,
 };
 use crate::channel::ChannelName;
 use crate::metrics::RedisMetrics;
@@ -100,7 +100,7 @@ pub struct RedisEngine {
     presence_script: Script,
     deliver: Weak<dyn Deliver>,
     live: LiveChannels,
-    control: control::Control,
+    scatter: scatter::Scatter,
     /// This node's presence entries, refreshed every third of `presence_ttl`.
     present: Mutex<HashMap<(ChannelName, Arc<str>), ClientInfo>>,
     metrics: RedisMetrics,
@@ -150,7 +150,7 @@ impl RedisEngine {
             subscriber,
             deliver,
             live: LiveChannels::default(),
-            control: control::Control::default(),
+            scatter: scatter::Scatter::default(),
             present: Mutex::new(HashMap::new()),
             metrics,
         });
@@ -393,12 +393,12 @@ impl Engine for RedisEngine {
         Ok(infos.iter().flatten().filter_map(|j| serde_json::from_str(j).ok()).collect())
     }
 
-    fn set_control(&self, handler: Weak<dyn ControlHandler>) {
-        self.control.set_handler(handler);
+    fn set_survey_handler(&self, handler: Weak<dyn SurveyHandler>) {
+        self.scatter.set_handler(handler);
     }
 
     async fn survey(&self, request: &str, timeout: Duration) -> Result<Survey, EngineError> {
-        control::survey(self, request, timeout).await
+        scatter::survey(self, request, timeout).await
     }
 
     async fn ban(&self, user: &str, until_ms: u64) -> Result<(), EngineError> {

@@ -294,10 +294,10 @@ async fn dispatch(
 fn on_message(engine: &Arc<RedisEngine>, message: fred::types::Message) {
     let Some(text) = message.value.as_str() else { return };
     if *message.channel == *engine.keys.control() {
-        return super::control::on_request(engine, &text);
+        return super::scatter::on_request(engine, &text);
     }
     if *message.channel == *engine.keys.control_reply(&engine.settings.node_id) {
-        return super::control::on_reply(engine, &text);
+        return super::scatter::on_reply(engine, &text);
     }
     let Some(channel) = engine.keys.channel_of(&message.channel) else { return };
     let wire: Wire = match serde_json::from_str(&text) {

@@ -9,14 +9,14 @@ use pushd_wire::{ConnectionInfo, NodeStats, Subscriber};
 use serde::{Deserialize, Serialize};
 
 use crate::channel::{ChannelName, ChannelPattern};
-use crate::engine::ControlHandler;
+use crate::engine::SurveyHandler;
 use crate::node::Node;
 use crate::protocol::{Close, CloseCode};
 
 /// A request every node answers for itself.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
-pub enum ControlRequest {
+pub enum SurveyRequest {
     Stats,
     Connections { user: Option<String>, channel: Option<String> },
     Channels { pattern: Option<String> },
@@ -50,16 +50,16 @@ pub struct Kicked {
     pub count: u64,
 }
 
-impl ControlHandler for Node {
+impl SurveyHandler for Node {
     fn answer(&self, request: &str) -> String {
-        let answer = match serde_json::from_str::<ControlRequest>(request) {
-            Ok(ControlRequest::Stats) => serde_json::to_value(self.stats()),
-            Ok(ControlRequest::Connections { user, channel }) => {
+        let answer = match serde_json::from_str::<SurveyRequest>(request) {
+            Ok(SurveyRequest::Stats) => serde_json::to_value(self.stats()),
+            Ok(SurveyRequest::Connections { user, channel }) => {
                 serde_json::to_value(self.connections(user.as_deref(), channel.as_deref()))
             }
-            Ok(ControlRequest::Channels { pattern }) => serde_json::to_value(self.local_channels(pattern.as_deref())),
-            Ok(ControlRequest::Channel { channel }) => serde_json::to_value(self.subscribers_of(&channel)),
-            Ok(ControlRequest::Kick { conns, user, reason }) => {
+            Ok(SurveyRequest::Channels { pattern }) => serde_json::to_value(self.local_channels(pattern.as_deref())),
+            Ok(SurveyRequest::Channel { channel }) => serde_json::to_value(self.subscribers_of(&channel)),
+            Ok(SurveyRequest::Kick { conns, user, reason }) => {
                 serde_json::to_value(self.kick(&conns, user.as_deref(), reason))
             }
             Err(e) => Ok(serde_json::json!({ "error": format!("unknown control request: {e}") })),

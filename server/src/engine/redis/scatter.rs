@@ -1,4 +1,5 @@
-//! The control plane: surveys between nodes over pub/sub.
+//! Scatter-gather over pub/sub: carries a survey to every node and gathers their replies.
+//! What a survey asks and how a node answers is `survey.rs`; this is only the carrier.
 //!
 //! A survey publishes `{"id","from","body"}` on `pushd:control`; every node (the asker too)
 //! answers with `{"id","node","body"}` on the asker's own `pushd:control:<node>` channel. The
@@ -16,12 +17,12 @@ use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 
 use super::{Operation, RedisEngine, lock};
-use crate::engine::{ControlHandler, Engine, EngineError, Survey};
+use crate::engine::{Engine, EngineError, Survey, SurveyHandler};
 
 /// Surveys in flight and the local handler.
 #[derive(Default)]
-pub(super) struct Control {
-    handler: OnceLock<Weak<dyn ControlHandler>>,
+pub(super) struct Scatter {
+    handler: OnceLock<Weak<dyn SurveyHandler>>,
     pending: Mutex<HashMap<u64, mpsc::UnboundedSender<(String, String)>>>,
     next: AtomicU64,
 }
@@ -42,8 +43,8 @@ struct Reply<'a> {
     body: &'a RawValue,
 }
 
-impl Control {
-    pub(super) fn set_handler(&self, handler: Weak<dyn ControlHandler>) {
+impl Scatter {
+    pub(super) fn set_handler(&self, handler: Weak<dyn SurveyHandler>) {
         let _ = self.handler.set(handler);
     }
 }
@@ -53,7 +54,7 @@ pub(super) fn on_request(engine: &Arc<RedisEngine>, text: &str) {
     let Ok(request) = serde_json::from_str::<Request>(text) else {
         return tracing::warn!("unreadable control request");
     };
-    let Some(handler) = engine.control.handler.get().and_then(Weak::upgrade) else { return };
+    let Some(handler) = engine.scatter.handler.get().and_then(Weak::upgrade) else { return };
     let answer = handler.answer(request.body.get());
     let Ok(body) = RawValue::from_string(answer) else { return tracing::warn!("control answer is not JSON") };
     let reply = serde_json::to_string(&Reply { id: request.id, node: &engine.settings.node_id, body: &body })
@@ -72,7 +73,7 @@ pub(super) fn on_reply(engine: &RedisEngine, text: &str) {
     let Ok(reply) = serde_json::from_str::<Reply>(text) else {
         return tracing::warn!("unreadable control reply");
     };
-    if let Some(tx) = lock(&engine.control.pending).get(&reply.id) {
+    if let Some(tx) = lock(&engine.scatter.pending).get(&reply.id) {
         let _ = tx.send((reply.node.to_owned(), reply.body.get().to_owned()));
     }
 }
@@ -86,11 +87,11 @@ pub(super) async fn survey(engine: &RedisEngine, request: &str, timeout: Duratio
         registry.unwrap_or_else(|_| Err(EngineError::NoAnswer("the node registry did not answer in time".into())));
     let mut expected: HashSet<String> = registry?.into_iter().map(|n| n.id).collect();
     expected.insert(engine.settings.node_id.clone());
-    let id = engine.control.next.fetch_add(1, Ordering::Relaxed);
+    let id = engine.scatter.next.fetch_add(1, Ordering::Relaxed);
     let (tx, mut rx) = mpsc::unbounded_channel();
-    lock(&engine.control.pending).insert(id, tx);
+    lock(&engine.scatter.pending).insert(id, tx);
     let result = collect(engine, id, request, deadline, &expected, &mut rx).await;
-    lock(&engine.control.pending).remove(&id);
+    lock(&engine.scatter.pending).remove(&id);
     let answers = result?;
     let answered: HashSet<&String> = answers.iter().map(|(node, _)| node).collect();
     let mut missing: Vec<String> = expected.iter().filter(|n| !answered.contains(n)).cloned().collect();
