@@ -1,15 +1,20 @@
 //! pushd: a real-time push broker node.
 //!
-//! The doors open one way: transport -> session -> hub -> engine.
+//! The doors open one way: transport -> session -> hub -> engine, with `node` as the shared
+//! core below every handler. Each module imports only from the layers under it (CONTRIBUTING.md
+//! draws the graph; a test keeps it so):
 //!
-//! - [`config`]: flags and `PUSHD_*` env vars, validated into `Config`.
-//! - [`http`]: accept loop, route table, origin policy, response helpers.
-//! - [`ws`] / [`sse`]: the two client transports; frames <-> protocol, nothing else.
-//! - [`session`]: one client: identity, limits, subscriptions, bounded send queue, replay merge.
-//! - [`hub`]: this node's sockets by channel; serialise once, share bytes.
-//! - [`engine`]: the seam to the cluster: history, positions, fan-out, presence.
-//! - [`api`]: `/api/*` for backends. [`auth`]: tokens and keys. [`protocol`]: the wire types.
-//! - [`node`]: state every handler shares. [`metrics`]: `/metrics`. [`shutdown`]: the drain.
+//! - front: [`listener`] (accept loop, TCP limits) -> [`router`] (route table, health, metrics).
+//! - handlers: [`ws`] and [`sse`] (client transports), [`api`] (`/api/*` for backends and
+//!   `/admin/*` for operators), with [`http`] (what they share) and [`shutdown`] (the drain).
+//! - [`session`]: one client: identity, limits, subscriptions, replay merge.
+//! - [`survey`]: this node's answers to the cluster's admin surveys.
+//! - [`node`]: what every handler shares: config, hub, engine, auth, admission, metrics.
+//! - [`hub`]: this node's sessions by channel; queues shared frames, never touches a socket.
+//! - [`engine`]: the seam to the cluster: history, positions, fan-out, presence, registry.
+//! - leaves: [`protocol`] (wire types), [`channel`], [`auth`], [`admission`], [`config`],
+//!   [`cursor`], [`origin`], [`client_addr`], [`rate`], [`metrics`], [`locks`], [`shard`],
+//!   [`panics`].
 
 pub mod admission;
 pub mod api;

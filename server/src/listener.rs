@@ -1,4 +1,4 @@
-//! The accept loop and each TCP connection's life, up to the route table (`http.rs`).
+//! The accept loop and each TCP connection's life, up to the route table (`router.rs`).
 //!
 //! Everything a client can hold before it has authenticated is bounded here: the number of
 //! open TCP connections per listener (a clear 503 beyond it), the time to send a whole request

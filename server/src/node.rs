@@ -1,6 +1,7 @@
 //! `Node`: what every request handler and session shares — config, hub, engine, auth, metrics,
 //! readiness and the connection budget. Operations that more than one transport or API offers
-//! (publish, presence) live here once.
+//! (publish, presence) live here once. The node knows no transport, API or route: handlers come
+//! to it through its methods, and its fields are private so none reaches past them.
 
 use std::collections::HashSet;
 use std::net::IpAddr;

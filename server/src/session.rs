@@ -447,6 +447,116 @@ mod tests {
             .collect()
     }
 
+    /// A session of `alice` on a fresh memory-engine node, subscribed to `c` at `epoch`/`last`
+    /// (set directly: these tests are about what arrives afterwards).
+    async fn subscribed(epoch: &Epoch, last: Offset) -> Session {
+        let node = Node::start(crate::Config::dev(), "127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let identity = node.authenticate(None, Some("alice")).unwrap();
+        let mut session = Session::open(node, identity, Transport::Ws, None);
+        session.subs.insert(channel(), Subscription { epoch: epoch.clone(), last });
+        session
+    }
+
+    fn channel() -> ChannelName {
+        ChannelName::parse("c").unwrap()
+    }
+
+    fn message(epoch: &Epoch, offset: Offset) -> Out {
+        Out::Message(publications(epoch, offset..=offset).remove(0))
+    }
+
+    /// What `frames` holds, as JSON, and how many of them are messages.
+    fn sent(frames: &mut Frames) -> (Vec<serde_json::Value>, usize) {
+        let (list, tally) = frames.take();
+        let list: Vec<serde_json::Value> = list.map(|f| serde_json::from_str(f.as_str()).unwrap()).collect();
+        assert_eq!(tally.frames, list.len());
+        (list, tally.messages)
+    }
+
+    fn offsets(list: &[serde_json::Value]) -> Vec<u64> {
+        list.iter().map(|f| f["offset"].as_u64().unwrap()).collect()
+    }
+
+    #[tokio::test]
+    async fn the_next_offsets_are_sent_as_messages_and_move_the_position() {
+        let e = Epoch::new("e");
+        let (mut session, mut frames) = (subscribed(&e, 3).await, Frames::default());
+        for o in 4..=6 {
+            session.accept(message(&e, o), &mut frames).unwrap();
+        }
+        let (list, messages) = sent(&mut frames);
+        assert_eq!((offsets(&list), messages), (vec![4, 5, 6], 3));
+        assert!(list.iter().all(|f| f["type"] == "message" && f["channel"] == "c"));
+        assert_eq!(session.position(&channel()), Some(Position { epoch: e, offset: 6 }));
+    }
+
+    #[tokio::test]
+    async fn what_the_replay_already_sent_is_dropped() {
+        let e = Epoch::new("e");
+        let (mut session, mut frames) = (subscribed(&e, 5).await, Frames::default());
+        for o in [2, 5, 6, 6] {
+            session.accept(message(&e, o), &mut frames).unwrap();
+        }
+        let (list, _) = sent(&mut frames);
+        assert_eq!(offsets(&list), vec![6], "at or below the position: already sent");
+    }
+
+    #[tokio::test]
+    async fn a_gap_closes_the_session_with_4010_instead_of_sending_around_it() {
+        let e = Epoch::new("e");
+        let (mut session, mut frames) = (subscribed(&e, 3).await, Frames::default());
+        let close = session.accept(message(&e, 5), &mut frames).unwrap_err();
+        assert_eq!(close.code, CloseCode::SlowConsumer);
+        assert!(frames.is_empty(), "nothing past the hole is sent");
+        assert_eq!(session.position(&channel()).unwrap().offset, 3, "the client replays from here");
+    }
+
+    #[tokio::test]
+    async fn a_message_of_another_epoch_is_preceded_by_a_reset() {
+        let (e, f) = (Epoch::new("e"), Epoch::new("f"));
+        let (mut session, mut frames) = (subscribed(&e, 9).await, Frames::default());
+        session.accept(message(&f, 1), &mut frames).unwrap();
+        session.accept(message(&f, 2), &mut frames).unwrap();
+        let (list, messages) = sent(&mut frames);
+        assert_eq!(list[0], serde_json::json!({"type": "reset", "channel": "c", "epoch": "f", "offset": 0}));
+        assert_eq!((offsets(&list[1..]), messages), (vec![1, 2], 2), "a reset is not counted as a message");
+        assert_eq!(session.position(&channel()), Some(Position { epoch: f, offset: 2 }));
+    }
+
+    #[tokio::test]
+    async fn a_reset_from_the_engine_is_sent_and_live_delivery_goes_on_after_it() {
+        let (e, f) = (Epoch::new("e"), Epoch::new("f"));
+        let (mut session, mut frames) = (subscribed(&e, 4).await, Frames::default());
+        let to = Position { epoch: f.clone(), offset: 7 };
+        session.accept(Out::Reset(Box::new((channel(), to))), &mut frames).unwrap();
+        session.accept(message(&f, 8), &mut frames).unwrap();
+        let (list, messages) = sent(&mut frames);
+        assert_eq!(list[0], serde_json::json!({"type": "reset", "channel": "c", "epoch": "f", "offset": 7}));
+        assert_eq!((offsets(&list[1..]), messages), (vec![8], 1));
+    }
+
+    #[tokio::test]
+    async fn nothing_of_a_channel_not_subscribed_is_sent() {
+        let e = Epoch::new("e");
+        let (mut session, mut frames) = (subscribed(&e, 0).await, Frames::default());
+        session.subs.clear();
+        session.accept(message(&e, 1), &mut frames).unwrap();
+        session.accept(Out::Event(Box::new((channel(), Utf8Bytes::from_static("{}")))), &mut frames).unwrap();
+        let reset = Out::Reset(Box::new((channel(), Position { epoch: e, offset: 3 })));
+        session.accept(reset, &mut frames).unwrap();
+        assert!(frames.is_empty());
+    }
+
+    #[tokio::test]
+    async fn join_and_leave_events_of_a_subscribed_channel_are_sent_as_they_are() {
+        let e = Epoch::new("e");
+        let (mut session, mut frames) = (subscribed(&e, 0).await, Frames::default());
+        let event = r#"{"type":"join","channel":"c","user":"bob"}"#;
+        session.accept(Out::Event(Box::new((channel(), Utf8Bytes::from_static(event)))), &mut frames).unwrap();
+        let (list, messages) = sent(&mut frames);
+        assert_eq!((list[0]["type"].as_str(), list[0]["user"].as_str(), messages), (Some("join"), Some("bob"), 0));
+    }
+
     #[test]
     fn replay_is_complete_only_when_every_offset_is_there() {
         let e = Epoch::new("e");

@@ -1,6 +1,7 @@
 //! What one node answers when the cluster surveys it: its stats, connections, channels, a
-//! channel's subscribers, and kicks. The admin API (`admin.rs`) asks every node through the
-//! engine's `survey` and merges the answers; this module is the answering side.
+//! channel's subscribers, and kicks. The admin API (`api/admin.rs`) asks every node through the
+//! engine's `survey` and merges the answers; this module is the answering side, and reads the
+//! node's hub only: it never changes a session except to close the ones a kick names.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;

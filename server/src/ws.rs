@@ -1,4 +1,5 @@
-//! WebSocket transport: frames <-> protocol types, nothing else.
+//! WebSocket transport: frames <-> protocol types, nothing else. It never reads history or
+//! subscribes anything itself: commands go to its `Session`, which does.
 //!
 //! One task per connection reads commands, drains the session's send queue and writes every
 //! queued frame in one flush (one syscall for many messages). Writes race the close signal, so a

@@ -9,6 +9,7 @@ mod drain;
 mod engine_suite;
 mod fanout;
 mod fuzz;
+mod layout;
 mod load_balancer;
 mod operator_plane;
 mod origins;

@@ -68,7 +68,8 @@ impl Keys {
         format!("{}ban:{user}", self.prefix)
     }
 
-    /// Sorted set of live nodes scored by their last heartbeat (ms).
+    /// Sorted set of live node ids, each scored by when its entry lapses (Unix ms: its last
+    /// heartbeat plus `--node-ttl`); lapsed ids are dropped on every heartbeat and every read.
     pub fn nodes(&self) -> String {
         format!("{}nodes", self.prefix)
     }

@@ -37,6 +37,7 @@ use super::{
     Offset, PresenceChange, Publication, RedisStats, Survey, SurveyHandler, now_ms, now_us, presence_frame,
 };
 use crate::channel::ChannelName;
+use crate::locks::lock;
 use crate::metrics::RedisMetrics;
 
 /// How long one Redis command may take before it counts as failed.
@@ -459,10 +460,6 @@ fn error_kind(e: &fred::error::Error) -> &'static str {
         ErrorKind::Protocol | ErrorKind::Parse => "protocol",
         _ => "server",
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Parses `{epoch, top, entries}` from the history script.

@@ -21,11 +21,12 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio::sync::broadcast::error::RecvError;
 
-use super::{Operation, RedisEngine, lock};
+use super::{Operation, RedisEngine};
 use crate::channel::ChannelName;
 use crate::engine::{
     Deliver, EngineError, Epoch, HistoryPage, HistoryQuery, NewMessage, Offset, Position, Publication,
 };
+use crate::locks::lock;
 
 /// Most messages read from the stream per gap-filling round.
 const FILL_PAGE: usize = 1000;

@@ -16,8 +16,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 
-use super::{Operation, RedisEngine, lock};
+use super::{Operation, RedisEngine};
 use crate::engine::{Engine, EngineError, Survey, SurveyHandler};
+use crate::locks::lock;
 
 /// Surveys in flight and the local handler.
 #[derive(Default)]
