@@ -31,18 +31,25 @@ fn allowed(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '@' | '/' | '=' | '-')
 }
 
+/// What names and patterns share: 1 to `MAX_CHANNEL_LEN` bytes of the channel alphabet, plus `*`
+/// in a pattern.
+fn check(text: &str, star: bool) -> Result<(), BadChannel> {
+    if text.is_empty() {
+        return Err(BadChannel::Empty);
+    }
+    if text.len() > MAX_CHANNEL_LEN {
+        return Err(BadChannel::TooLong);
+    }
+    match text.chars().find(|&c| !(allowed(c) || star && c == '*')) {
+        Some(c) => Err(BadChannel::BadChar(c)),
+        None => Ok(()),
+    }
+}
+
 impl ChannelName {
     /// Checks `name` against the channel syntax.
     pub fn parse(name: &str) -> Result<Self, BadChannel> {
-        if name.is_empty() {
-            return Err(BadChannel::Empty);
-        }
-        if name.len() > MAX_CHANNEL_LEN {
-            return Err(BadChannel::TooLong);
-        }
-        if let Some(c) = name.chars().find(|c| !allowed(*c)) {
-            return Err(BadChannel::BadChar(c));
-        }
+        check(name, false)?;
         Ok(Self(name.into()))
     }
 
@@ -82,15 +89,7 @@ pub struct ChannelPattern(String);
 impl ChannelPattern {
     /// Accepts the channel alphabet plus `*`.
     pub fn parse(pattern: &str) -> Result<Self, BadChannel> {
-        if pattern.is_empty() {
-            return Err(BadChannel::Empty);
-        }
-        if pattern.len() > MAX_CHANNEL_LEN {
-            return Err(BadChannel::TooLong);
-        }
-        if let Some(c) = pattern.chars().find(|c| !allowed(*c) && *c != '*') {
-            return Err(BadChannel::BadChar(c));
-        }
+        check(pattern, true)?;
         Ok(Self(pattern.to_owned()))
     }
 
