@@ -33,6 +33,8 @@ need haproxy haproxy
 need prometheus prometheus
 need promtool prometheus
 need python3 python3
+# The TLS suites make their certificates with openssl.
+need openssl openssl
 
 # PyPI tools live in a venv of their own under target/ (the tests look there first).
 venv=target/tools/venv

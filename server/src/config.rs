@@ -4,6 +4,7 @@
 //! Tests build a `Config` directly with `Config::dev()` and struct update syntax.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -33,9 +34,19 @@ pub struct Args {
     #[arg(long, env = "PUSHD_NODE_ID")]
     pub node_id: Option<String>,
 
-    /// Redis URL (`redis://[user:pass@]host:port[/db]`). Unset = the in-memory single-node engine.
+    /// Redis to share history and fan-out through. One server: `redis://[user:pass@]host:port[/db]`;
+    /// a Redis Cluster: `redis-cluster://host:port?node=host2:port2` (any reachable nodes; the rest
+    /// are discovered); a Sentinel-managed primary:
+    /// `redis-sentinel://sentinel:26379/0?sentinelServiceName=NAME&node=sentinel2:26379`. Use
+    /// `rediss`, `rediss-cluster` or `rediss-sentinel` for TLS. Unset = the in-memory single-node
+    /// engine.
     #[arg(long, env = "PUSHD_REDIS_URL")]
     pub redis_url: Option<String>,
+
+    /// PEM file of the CA certificates to trust for a `rediss…` URL (managed Redis with a private
+    /// CA). Unset = the system's roots.
+    #[arg(long, env = "PUSHD_REDIS_TLS_CA")]
+    pub redis_tls_ca: Option<PathBuf>,
 
     /// Prefix of every Redis key and pub/sub channel, so several clusters can share one Redis.
     #[arg(long, env = "PUSHD_REDIS_PREFIX", default_value = "pushd:")]
@@ -50,7 +61,7 @@ pub struct Args {
     #[arg(long, env = "PUSHD_PRESENCE_TTL", default_value_t = 30)]
     pub presence_ttl: u64,
 
-    /// Seconds a node stays in the registry (`pushd:nodes`) after its last heartbeat; heartbeats
+    /// Seconds a node stays in the registry (`pushd:{registry}:nodes`) after its last heartbeat; heartbeats
     /// go out every second.
     #[arg(long, env = "PUSHD_NODE_TTL", default_value_t = 5)]
     pub node_ttl: u64,
@@ -252,6 +263,8 @@ pub struct Config {
     pub node_id: String,
     /// Redis URL; `None` = memory engine.
     pub redis_url: Option<String>,
+    /// CA file for a TLS Redis URL; `None` = the system's roots.
+    pub redis_tls_ca: Option<PathBuf>,
     /// Redis key prefix. Default `pushd:`.
     pub redis_prefix: String,
     /// Redis command connections. Default 4.
@@ -429,6 +442,7 @@ impl TryFrom<Args> for Config {
             admin_listen: a.admin_listen,
             node_id: a.node_id.unwrap_or_else(|| format!("node-{:06x}", rand::random::<u32>() >> 8)),
             redis_url: a.redis_url.filter(|u| !u.is_empty()),
+            redis_tls_ca: a.redis_tls_ca.filter(|p| !p.as_os_str().is_empty()),
             redis_prefix: a.redis_prefix,
             redis_pool: a.redis_pool,
             presence_ttl: Duration::from_secs(a.presence_ttl),

@@ -79,6 +79,7 @@ impl Node {
             Some(url) => {
                 let settings = RedisSettings {
                     url: url.clone(),
+                    tls_ca: config.redis_tls_ca.clone(),
                     prefix: config.redis_prefix.clone(),
                     pool_size: config.redis_pool,
                     history_size: config.history_size,

@@ -7,6 +7,7 @@
 //! let reply = alice.subscribe("room:1", None).await;
 //! ```
 
+pub mod backends;
 pub mod deploy;
 
 use std::net::SocketAddr;
@@ -650,27 +651,42 @@ pub struct RedisServer {
     pub port: u16,
     dir: PathBuf,
     aof: bool,
+    /// Extra `redis-server` arguments (cluster mode, replication).
+    extra: Vec<String>,
+    /// Serve TLS only, with the certificates in this directory (see `backends::Certificates`).
+    tls: Option<PathBuf>,
+    /// Run as a Sentinel with this config file (Sentinel rewrites it).
+    sentinel: Option<PathBuf>,
     child: Option<tokio::process::Child>,
 }
 
 impl RedisServer {
     /// A throwaway Redis without persistence.
     pub async fn start() -> Self {
-        Self::launch(false).await
+        Self::launch(false, Vec::new(), None).await
     }
 
     /// A Redis that writes every command to its AOF before answering (`appendfsync always`), so a
     /// restart keeps everything it acknowledged.
     pub async fn start_with_aof() -> Self {
-        Self::launch(true).await
+        Self::launch(true, Vec::new(), None).await
     }
 
-    async fn launch(aof: bool) -> Self {
+    /// A Redis started with `extra` arguments, serving TLS with the certificates in `tls` if given.
+    pub async fn launch(aof: bool, extra: Vec<String>, tls: Option<PathBuf>) -> Self {
         let dir = std::env::temp_dir().join(format!("pushd-redis-{}-{}", std::process::id(), unique()));
         std::fs::create_dir_all(&dir).unwrap();
         for _ in 0..5 {
-            let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-            let mut server = Self { port, dir: dir.clone(), aof, child: None };
+            let port = free_port();
+            let mut server = Self {
+                port,
+                dir: dir.clone(),
+                aof,
+                extra: extra.clone(),
+                tls: tls.clone(),
+                sentinel: None,
+                child: None,
+            };
             if server.spawn().await {
                 return server;
             }
@@ -678,21 +694,50 @@ impl RedisServer {
         panic!("could not start redis-server on a free port (is redis-server installed? the test script installs it)");
     }
 
+    /// A Sentinel on `port` with the config file `conf` (its directory is the Sentinel's own).
+    pub async fn sentinel(port: u16, conf: PathBuf) -> Self {
+        let dir = conf.parent().unwrap().to_owned();
+        let mut server =
+            Self { port, dir, aof: false, extra: Vec::new(), tls: None, sentinel: Some(conf), child: None };
+        assert!(server.spawn().await, "sentinel could not start on port {port}");
+        server
+    }
+
     /// Starts the process on `self.port`; false if the port was taken meanwhile.
     async fn spawn(&mut self) -> bool {
         let mut cmd = tokio::process::Command::new("redis-server");
-        cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", ""])
-            .arg("--dir")
-            .arg(&self.dir)
-            .args(["--appendonly", if self.aof { "yes" } else { "no" }, "--appendfsync", "always"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .kill_on_drop(true);
+        if let Some(conf) = &self.sentinel {
+            cmd.arg(conf).args(["--sentinel", "--port", &self.port.to_string()]);
+        }
+        match &self.tls {
+            Some(certs) => {
+                cmd.args(["--port", "0", "--tls-port", &self.port.to_string(), "--tls-auth-clients", "no"])
+                    .arg("--tls-cert-file")
+                    .arg(certs.join("redis.crt"))
+                    .arg("--tls-key-file")
+                    .arg(certs.join("redis.key"))
+                    .arg("--tls-ca-cert-file")
+                    .arg(certs.join("ca.crt"));
+            }
+            None if self.sentinel.is_some() => {}
+            None => {
+                cmd.args(["--port", &self.port.to_string()]);
+            }
+        }
+        if self.sentinel.is_none() {
+            cmd.args(["--bind", "127.0.0.1", "--save", ""]).arg("--dir").arg(&self.dir).args([
+                "--appendonly",
+                if self.aof { "yes" } else { "no" },
+                "--appendfsync",
+                "always",
+            ]);
+        }
+        cmd.args(&self.extra).stdout(Stdio::piped()).stderr(Stdio::null()).kill_on_drop(true);
         let mut child = cmd.spawn().expect("redis-server not found: install it (apt-get install redis-server)");
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         let ready = within("redis-server to start", async {
             while let Ok(Some(line)) = lines.next_line().await {
-                if line.contains("Ready to accept connections") {
+                if line.contains("Ready to accept connections") || line.contains("+monitor master") {
                     return true;
                 }
                 if line.contains("Address already in use") {
@@ -709,8 +754,12 @@ impl RedisServer {
         ready
     }
 
+    /// The URL a node connects with (`rediss://localhost` with TLS: the certificate's name).
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        match self.tls {
+            Some(_) => format!("rediss://localhost:{}", self.port),
+            None => format!("redis://127.0.0.1:{}", self.port),
+        }
     }
 
     /// Kills the server (SIGKILL: no goodbye, like a crash) and waits until it is gone.
@@ -735,13 +784,18 @@ impl RedisServer {
 
     /// Runs one command with `redis-cli` and returns its raw output.
     pub async fn cli(&self, args: &[&str]) -> String {
-        let out = within(
-            "redis-cli",
-            tokio::process::Command::new("redis-cli").args(["-p", &self.port.to_string()]).args(args).output(),
-        )
-        .await
-        .expect("redis-cli not found: install redis-tools");
+        let mut cli = tokio::process::Command::new("redis-cli");
+        cli.args(["-p", &self.port.to_string()]);
+        if let Some(certs) = &self.tls {
+            cli.arg("--tls").arg("--cacert").arg(certs.join("ca.crt"));
+        }
+        let out = within("redis-cli", cli.args(args).output()).await.expect("redis-cli not found: install redis-tools");
         String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Whether the process is running (not killed by the test).
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
     }
 }
 
@@ -752,6 +806,11 @@ impl Drop for RedisServer {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 fn unique() -> u64 {

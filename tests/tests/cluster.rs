@@ -307,12 +307,12 @@ async fn presence_outlives_its_ttl_while_the_node_keeps_refreshing_it() {
 
 /// A node's registry entry in Redis, if it has one.
 async fn registry_entry(redis: &RedisServer, id: &str) -> Option<Value> {
-    serde_json::from_str(redis.cli(&["GET", &format!("pushd:node:{id}")]).await.trim()).ok()
+    serde_json::from_str(redis.cli(&["GET", &format!("pushd:{{registry}}:node:{id}")]).await.trim()).ok()
 }
 
 /// The ids in `pushd:nodes`.
 async fn registered(redis: &RedisServer) -> Vec<String> {
-    redis.cli(&["ZRANGE", "pushd:nodes", "0", "-1"]).await.lines().map(str::to_owned).collect()
+    redis.cli(&["ZRANGE", "pushd:{registry}:nodes", "0", "-1"]).await.lines().map(str::to_owned).collect()
 }
 
 #[tokio::test]
@@ -353,7 +353,7 @@ async fn every_node_registers_itself_with_its_stats_and_a_clean_stop_deregisters
         let updated = info["updated_ms"].as_u64().unwrap();
         assert!(info["started_ms"].as_u64().unwrap() <= updated, "{info}");
         // The entry expires unless refreshed: the default node TTL is 5 s.
-        let ttl: i64 = redis.cli(&["PTTL", &format!("pushd:node:{id}")]).await.trim().parse().unwrap();
+        let ttl: i64 = redis.cli(&["PTTL", &format!("pushd:{{registry}}:node:{id}")]).await.trim().parse().unwrap();
         assert!((1..=5000).contains(&ttl), "{id}: PTTL {ttl}");
     }
 

@@ -1,9 +1,9 @@
 //! One suite, both engines: the memory and Redis engines promise the same semantics (contiguous
 //! offsets in one epoch, history with a size and a TTL, replay with `recovered`, presence,
 //! join/leave, idempotent publishes, the node registry), so every test here runs twice, as
-//! `memory::<name>` on the in-process engine and as `redis::<name>` on a redis-server of its own
-//! (ripgrep's `rgtest!` runs each test with and without PCRE2 the same way). A test that passes
-//! on one engine only is a bug.
+//! `memory::<name>` on the in-process engine and as `redis::<name>` on a redis-server of its own,
+//! then again on a Redis Cluster, behind Sentinel and over TLS (ripgrep's `rgtest!` runs each
+//! test with and without PCRE2 the same way). A test that passes on one engine only is a bug.
 
 use std::time::Duration;
 
@@ -15,11 +15,13 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
-/// Runs each suite function (`async fn name(config: Config)`) once per engine: `memory::name`
-/// with `secure_config()`, and `redis::name` with `redis_config()` on a fresh redis-server that
-/// lives until the test body returns. A suite function left out of the list is dead code, which
-/// clippy refuses.
-macro_rules! both_engines {
+/// Runs each suite function (`async fn name(config: Config)`) once per engine and Redis
+/// deployment: `memory::name` with `secure_config()`, and `redis::name`, `redis_cluster::name`
+/// (3 primaries + 3 replicas, sharded pub/sub), `redis_sentinel::name` (a primary found through
+/// 3 Sentinels) and `redis_tls::name` (TLS only, a CA made for the test) on servers of their own
+/// that live until the test body returns. A suite function left out of the list is dead code,
+/// which clippy refuses.
+macro_rules! every_engine {
     ($($name:ident),* $(,)?) => {
         mod memory {
             $(
@@ -30,20 +32,26 @@ macro_rules! both_engines {
             )*
         }
 
-        mod redis {
+        every_engine!(@redis redis, single, $($name),*);
+        every_engine!(@redis redis_cluster, cluster, $($name),*);
+        every_engine!(@redis redis_sentinel, sentinel, $($name),*);
+        every_engine!(@redis redis_tls, tls, $($name),*);
+    };
+    (@redis $module:ident, $deployment:ident, $($name:ident),*) => {
+        mod $module {
             $(
                 #[tokio::test]
                 async fn $name() {
-                    let redis = pushd_tests::RedisServer::start().await;
-                    super::$name(pushd_tests::redis_config(&redis, "n0")).await;
-                    drop(redis);
+                    let backend = pushd_tests::backends::Backend::$deployment().await;
+                    super::$name(backend.config("n0")).await;
+                    drop(backend);
                 }
             )*
         }
     };
 }
 
-both_engines!(
+every_engine!(
     publishes_get_contiguous_offsets_in_one_epoch_and_history_returns_them,
     data_comes_back_byte_for_byte_from_history_and_live_delivery,
     a_gap_within_history_is_replayed_and_a_trimmed_one_is_not_recovered,

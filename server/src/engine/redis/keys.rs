@@ -1,8 +1,10 @@
 //! Every Redis key and pub/sub channel name pushd uses, in one place.
 //!
 //! Keys of one channel carry the channel as a Redis Cluster hash tag (`{room:1}`), so they live
-//! in one slot and one script can touch them all. Channel names are validated `ChannelName`s
-//! (no braces, no globs), so a name can never break out of its tag.
+//! in one slot and one script can touch them all; so does the channel's sharded pub/sub channel.
+//! Channel names are validated `ChannelName`s (no braces, no globs), so a name can never break
+//! out of its tag. The registry's keys share the tag `{registry}`, so one read (`MGET`) can take
+//! every node's entry in a cluster too.
 
 use crate::channel::ChannelName;
 
@@ -71,12 +73,12 @@ impl Keys {
     /// Sorted set of live node ids, each scored by when its entry lapses (Unix ms: its last
     /// heartbeat plus `--node-ttl`); lapsed ids are dropped on every heartbeat and every read.
     pub fn nodes(&self) -> String {
-        format!("{}nodes", self.prefix)
+        format!("{}{{registry}}:nodes", self.prefix)
     }
 
     /// One node's info and stats, expiring when the node stops refreshing it.
     pub fn node(&self, id: &str) -> String {
-        format!("{}node:{id}", self.prefix)
+        format!("{}{{registry}}:node:{id}", self.prefix)
     }
 }
 
@@ -94,5 +96,7 @@ mod tests {
         assert_eq!(k.channel_of("pushd:{room:1}"), Some(ch));
         assert_eq!(k.channel_of("other:{room:1}"), None);
         assert_eq!(k.channel_of("pushd:{a*}"), None);
+        assert_eq!(k.nodes(), "pushd:{registry}:nodes");
+        assert_eq!(k.node("n1"), "pushd:{registry}:node:n1");
     }
 }

@@ -15,9 +15,11 @@
 mod keys;
 mod pubsub;
 mod scatter;
+mod setup;
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -31,6 +33,7 @@ use serde_json::value::RawValue;
 
 pub use keys::Keys;
 use pubsub::LiveChannels;
+pub use setup::Deployment;
 
 use super::{
     ClientInfo, Deliver, Engine, EngineError, Epoch, HistoryBounds, HistoryPage, HistoryQuery, NewMessage, NodeInfo,
@@ -40,16 +43,17 @@ use crate::channel::ChannelName;
 use crate::locks::lock;
 use crate::metrics::RedisMetrics;
 
-/// How long one Redis command may take before it counts as failed.
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long the node waits for Redis at start before giving up.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the Redis engine needs to know; filled from `Config`.
 #[derive(Debug, Clone)]
 pub struct RedisSettings {
-    /// `redis://[user:pass@]host:port[/db]`.
+    /// `redis://[user:pass@]host:port[/db]`, `redis-cluster://…`, `redis-sentinel://…`, or the
+    /// same with `rediss` for TLS (see `setup.rs`).
     pub url: String,
+    /// The CA certificates (PEM) TLS trusts; `None` = the system's roots.
+    pub tls_ca: Option<PathBuf>,
     /// Prefix of every key. Default `pushd:`.
     pub prefix: String,
     /// Command connections. Default 4.
@@ -93,6 +97,7 @@ impl Operation {
 /// The Redis-backed engine.
 pub struct RedisEngine {
     settings: RedisSettings,
+    deployment: Deployment,
     keys: Keys,
     pool: Pool,
     subscriber: SubscriberClient,
@@ -114,17 +119,8 @@ impl RedisEngine {
         deliver: Weak<dyn Deliver>,
         metrics: RedisMetrics,
     ) -> anyhow::Result<Arc<Self>> {
-        let config = fred::prelude::Config::from_url(&settings.url)
-            .with_context(|| format!("bad --redis-url {:?}", settings.url))?;
-        let mut builder = Builder::from_config(config);
-        builder
-            .with_performance_config(|p| p.default_command_timeout = COMMAND_TIMEOUT)
-            .with_connection_config(|c| {
-                // A publish must not be silently retried after Redis may have run it.
-                c.max_command_attempts = 1;
-                c.connection_timeout = Duration::from_secs(2);
-            })
-            .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2));
+        let (config, deployment) = setup::client_config(&settings.url, settings.tls_ca.as_deref())?;
+        let mut builder = setup::builder(config);
         let pool = builder.build_pool(settings.pool_size.max(1))?;
         // Only the subscriber's pub/sub receiver needs a deep buffer: a lagging receiver is a gap
         // we fill from the stream, but depth keeps that rare. fred preallocates every client's
@@ -144,6 +140,7 @@ impl RedisEngine {
         let engine = Arc::new(Self {
             keys: Keys::new(&settings.prefix),
             settings,
+            deployment,
             publish_script: Script::from_lua(include_str!("publish.lua")),
             history_script: Script::from_lua(include_str!("history.lua")),
             presence_script: Script::from_lua(include_str!("presence.lua")),
@@ -213,6 +210,15 @@ impl RedisEngine {
         })
     }
 
+    /// The command that fans a channel's message out: sharded pub/sub on a cluster, so each
+    /// shard carries only its own channels' traffic.
+    fn publish_command(&self) -> &'static str {
+        match self.deployment {
+            Deployment::Cluster => "SPUBLISH",
+            _ => "PUBLISH",
+        }
+    }
+
     /// Runs the history script: position and entries in one snapshot.
     async fn read_history(&self, channel: &ChannelName, query: HistoryQuery) -> Result<HistoryPage, EngineError> {
         let (mode, after, limit) = match query {
@@ -241,7 +247,13 @@ impl RedisEngine {
     async fn announce(&self, change: PresenceChange, channel: &ChannelName, client: &ClientInfo) {
         let frame = presence_frame(change, channel, client);
         let message = format!(r#"{{"k":"p","f":{}}}"#, frame.as_str());
-        let published = self.call(Operation::Presence, |c| c.publish::<(), _, _>(self.keys.pubsub(channel), message));
+        let published = self.call(Operation::Presence, |c| async move {
+            let name = self.keys.pubsub(channel);
+            match self.deployment {
+                Deployment::Cluster => c.spublish::<(), _, _>(name, message).await,
+                _ => c.publish::<(), _, _>(name, message).await,
+            }
+        });
         if let Err(e) = published.await {
             tracing::warn!(%channel, error = %e, "presence event not published");
         }
@@ -311,6 +323,7 @@ impl Engine for RedisEngine {
             secs(self.settings.meta_ttl).into(),
             Epoch::random().as_str().into(),
             secs(self.settings.idempotency_ttl).into(),
+            self.publish_command().into(),
         ];
         let (offset, epoch, _duplicate): (i64, String, i64) =
             self.call(Operation::Publish, |c| self.publish_script.evalsha_with_reload(c, keys, args)).await?;

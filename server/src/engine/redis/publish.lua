@@ -3,7 +3,8 @@
 -- KEYS: 1 stream, 2 meta, 3 idempotency key (optional)
 -- ARGV: 1 pub/sub channel, 2 data (JSON text), 3 event ('' = none), 4 event as JSON ('null' or
 --       a JSON string), 5 time (us), 6 history size, 7 history ttl (s), 8 meta ttl (s),
---       9 epoch to use if the channel has none, 10 idempotency ttl (s)
+--       9 epoch to use if the channel has none, 10 idempotency ttl (s), 11 'PUBLISH', or
+--       'SPUBLISH' on a Redis Cluster (the pub/sub channel shares the keys' slot)
 -- Returns {offset, epoch, duplicate (0|1)}
 if KEYS[3] then
   local seen = redis.call('GET', KEYS[3])
@@ -30,7 +31,7 @@ else
 end
 redis.call('EXPIRE', KEYS[1], ARGV[7])
 redis.call('EXPIRE', KEYS[2], ARGV[8])
-redis.call('PUBLISH', ARGV[1],
+redis.call(ARGV[11], ARGV[1],
   '{"k":"m","e":"' .. epoch .. '","o":' .. top .. ',"t":' .. ARGV[5] .. ',"v":' .. ARGV[4] .. ',"d":' .. ARGV[2] .. '}')
 if KEYS[3] then
   redis.call('SET', KEYS[3], epoch .. ':' .. top, 'EX', ARGV[10])

@@ -21,7 +21,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio::sync::broadcast::error::RecvError;
 
-use super::{Operation, RedisEngine};
+use super::{Deployment, Operation, RedisEngine};
 use crate::channel::ChannelName;
 use crate::engine::{
     Deliver, EngineError, Epoch, HistoryPage, HistoryQuery, NewMessage, Offset, Position, Publication,
@@ -212,28 +212,52 @@ pub(super) async fn subscribe(engine: &RedisEngine, channel: &ChannelName) -> Re
     }
 }
 
-/// One SUBSCRIBE for the whole batch, then each channel's current top, read concurrently: that is
-/// where delivery starts on this node, and any session that reads history after `subscribe`
-/// returned has everything up to it.
+/// One SUBSCRIBE for the whole batch (one SSUBSCRIBE per hash slot on a cluster, the slots'
+/// concurrently), then each channel's current top, read concurrently: that is where delivery
+/// starts on this node, and any session that reads history after `subscribe` returned has
+/// everything up to it.
 async fn subscribe_batch(engine: &RedisEngine, batch: &[ChannelName]) -> Result<Vec<HistoryPage>, EngineError> {
     if !engine.subscriber.is_connected() {
         engine.metrics.error(Operation::Subscribe.label(), "disconnected");
         return Err(EngineError::Unavailable("redis pub/sub is not connected".into()));
     }
     let names: Vec<String> = batch.iter().map(|c| engine.keys.pubsub(c)).collect();
-    engine.timed(Operation::Subscribe, engine.subscriber.subscribe(names)).await?;
+    match engine.deployment {
+        Deployment::Cluster => {
+            let slots = by_slot(names).into_values().map(|names| engine.subscriber.ssubscribe(names));
+            let subscribed = futures_util::future::try_join_all(slots);
+            engine.timed(Operation::Subscribe, subscribed).await?;
+        }
+        _ => engine.timed(Operation::Subscribe, engine.subscriber.subscribe(names)).await?,
+    }
     let tops = batch.iter().map(|c| engine.read_history(c, HistoryQuery::Latest { limit: 0 }));
     futures_util::future::join_all(tops).await.into_iter().collect()
+}
+
+/// Pub/sub channel names grouped by their cluster hash slot: one SSUBSCRIBE may name channels of
+/// one slot only.
+fn by_slot(names: Vec<String>) -> HashMap<u16, Vec<String>> {
+    let mut slots: HashMap<u16, Vec<String>> = HashMap::new();
+    for name in names {
+        slots.entry(fred::util::redis_keyslot(name.as_bytes())).or_default().push(name);
+    }
+    slots
+}
+
+/// Ends this node's pub/sub subscription to `channel`.
+async fn unsubscribe_channel(engine: &RedisEngine, channel: &ChannelName) -> Result<(), EngineError> {
+    let name = engine.keys.pubsub(channel);
+    match engine.deployment {
+        Deployment::Cluster => engine.timed(Operation::Subscribe, engine.subscriber.sunsubscribe(name)).await,
+        _ => engine.timed(Operation::Subscribe, engine.subscriber.unsubscribe(name)).await,
+    }
 }
 
 /// Drops one reference; the last one unsubscribes the node.
 pub(super) async fn unsubscribe(engine: &RedisEngine, channel: &ChannelName) {
     let _change = engine.live.changes.lock().await;
     let last = release(&mut lock(&engine.live.channels), channel);
-    if last
-        && let Err(e) =
-            engine.timed(Operation::Subscribe, engine.subscriber.unsubscribe(engine.keys.pubsub(channel))).await
-    {
+    if last && let Err(e) = unsubscribe_channel(engine, channel).await {
         tracing::warn!(%channel, error = %e, "unsubscribe failed");
     }
 }

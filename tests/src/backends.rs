@@ -1,0 +1,367 @@
+//! The Redis deployments the Redis engine runs on, each made of real `redis-server` processes on
+//! loopback ports: one server (`RedisServer`), a Redis Cluster of 3 primaries and 3 replicas, a
+//! primary with a replica watched by 3 Sentinels, and one server that speaks TLS only, with
+//! certificates made by `openssl` for the test. `Backend` lets one suite run on each.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use pushd::Config;
+
+use crate::{RedisServer, free_port, secure_config, within};
+
+/// One of the deployments, as the suites use it.
+pub enum Backend {
+    Single(RedisServer),
+    Cluster(RedisCluster),
+    Sentinel(Box<RedisSentinel>),
+    Tls(RedisTls),
+}
+
+impl Backend {
+    pub async fn single() -> Self {
+        Backend::Single(RedisServer::start().await)
+    }
+
+    pub async fn cluster() -> Self {
+        Backend::Cluster(RedisCluster::start().await)
+    }
+
+    pub async fn sentinel() -> Self {
+        Backend::Sentinel(Box::new(RedisSentinel::start().await))
+    }
+
+    pub async fn tls() -> Self {
+        Backend::Tls(RedisTls::start().await)
+    }
+
+    /// `secure_config()` on this deployment, named `node_id`.
+    pub fn config(&self, node_id: &str) -> Config {
+        let (url, ca) = match self {
+            Backend::Single(r) => (r.url(), None),
+            Backend::Cluster(c) => (c.url(), None),
+            Backend::Sentinel(s) => (s.url(), None),
+            Backend::Tls(t) => (t.server.url(), Some(t.certs.ca())),
+        };
+        Config { node_id: node_id.into(), redis_url: Some(url), redis_tls_ca: ca, ..secure_config() }
+    }
+
+    /// The servers that hold data now (the primaries), for commands every one must run.
+    pub fn primaries(&self) -> Vec<&RedisServer> {
+        match self {
+            Backend::Single(r) => vec![r],
+            Backend::Cluster(c) => c.nodes.iter().filter(|n| n.is_running()).collect(),
+            Backend::Sentinel(s) => vec![&s.primary],
+            Backend::Tls(t) => vec![&t.server],
+        }
+    }
+
+    /// Runs `args` with `redis-cli` on every primary (on a cluster: every running node, replicas
+    /// answer reads of their own state, e.g. `CLIENT KILL`).
+    pub async fn cli_all(&self, args: &[&str]) -> Vec<String> {
+        let mut out = Vec::new();
+        for server in self.primaries() {
+            out.push(server.cli(args).await);
+        }
+        out
+    }
+
+    /// Runs `args`, a command on one key, where that key lives (a cluster redirects).
+    pub async fn cli_key(&self, args: &[&str]) -> String {
+        match self {
+            Backend::Cluster(c) => c.cli_at(args).await,
+            _ => self.primaries()[0].cli(args).await,
+        }
+    }
+}
+
+/// A CA and a server certificate for `localhost` / 127.0.0.1 signed by it, made with `openssl`.
+pub struct Certificates {
+    dir: PathBuf,
+}
+
+impl Certificates {
+    pub fn make() -> Self {
+        let dir = std::env::temp_dir().join(format!("pushd-certs-{}-{}", std::process::id(), crate::unique()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let openssl = |args: &[&str]| {
+            let out = std::process::Command::new("openssl")
+                .args(args)
+                .current_dir(&dir)
+                .output()
+                .expect("openssl not found: install it (the test script does)");
+            assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        let subject_alt = "subjectAltName=DNS:localhost,IP:127.0.0.1";
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=pushd test CA",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+        ]);
+        openssl(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+            "redis.key",
+            "-out",
+            "redis.csr",
+        ]);
+        std::fs::write(dir.join("ext.cnf"), subject_alt).unwrap();
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "redis.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+            "-out",
+            "redis.crt",
+        ]);
+        Self { dir }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The CA certificate a client must trust.
+    pub fn ca(&self) -> PathBuf {
+        self.dir.join("ca.crt")
+    }
+}
+
+impl Drop for Certificates {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A Redis that accepts TLS connections only, with a certificate of a CA made for the test.
+pub struct RedisTls {
+    pub server: RedisServer,
+    pub certs: Certificates,
+}
+
+impl RedisTls {
+    pub async fn start() -> Self {
+        let certs = Certificates::make();
+        let server = RedisServer::launch(false, Vec::new(), Some(certs.dir().to_owned())).await;
+        Self { server, certs }
+    }
+}
+
+/// A Redis Cluster: 3 primaries, each with one replica, slots spread by `redis-cli --cluster
+/// create`. Failovers are fast (`cluster-node-timeout` 1 s), so fault tests stay short.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    pub async fn start() -> Self {
+        let mut nodes = Vec::new();
+        for _ in 0..6 {
+            let args = ["--cluster-enabled", "yes", "--cluster-node-timeout", "1000", "--cluster-config-file"];
+            let mut extra: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+            extra.push(format!("nodes-{}.conf", crate::unique()));
+            nodes.push(RedisServer::launch(false, extra, None).await);
+        }
+        let mut create = tokio::process::Command::new("redis-cli");
+        create.arg("--cluster").arg("create");
+        for node in &nodes {
+            create.arg(format!("127.0.0.1:{}", node.port));
+        }
+        create.args(["--cluster-replicas", "1", "--cluster-yes"]);
+        let out = within("redis-cli --cluster create", create.output()).await.expect("redis-cli not found");
+        assert!(out.status.success(), "cluster create: {}", String::from_utf8_lossy(&out.stdout));
+        let cluster = Self { nodes };
+        cluster.await_healthy().await;
+        cluster
+    }
+
+    /// Waits until every running node says the cluster is ok and agrees on 3 primaries with a replica each.
+    pub async fn await_healthy(&self) {
+        within("the cluster to be healthy", async {
+            loop {
+                let mut ok = true;
+                for node in self.nodes.iter().filter(|n| n.is_running()) {
+                    ok &= node.cli(&["CLUSTER", "INFO"]).await.contains("cluster_state:ok");
+                }
+                if ok {
+                    return;
+                }
+                // Gossip has no event to await from outside; the guard bounds this poll.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await
+    }
+
+    /// `redis-cluster://` with every node, so a node can start while any of them is down.
+    pub fn url(&self) -> String {
+        let mut nodes = self.nodes.iter().map(|n| format!("127.0.0.1:{}", n.port));
+        let first = nodes.next().unwrap();
+        let rest: Vec<String> = nodes.map(|n| format!("node={n}")).collect();
+        format!("redis-cluster://{first}?{}", rest.join("&"))
+    }
+
+    /// Runs `args` (whose first key is on the slot they name) with `redis-cli -c`, which
+    /// follows the cluster's redirects to the node that serves it.
+    pub async fn cli_at(&self, args: &[&str]) -> String {
+        let node = self.nodes.iter().find(|n| n.is_running()).expect("a running node");
+        let mut cli = tokio::process::Command::new("redis-cli");
+        cli.args(["-c", "-p", &node.port.to_string()]).args(args);
+        let out = within("redis-cli -c", cli.output()).await.expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The index in `nodes` of the primary that serves `key`'s slot, and of its replica.
+    pub async fn primary_and_replica_of(&self, key: &str) -> (usize, usize) {
+        let node = self.nodes.iter().find(|n| n.is_running()).expect("a running node");
+        let (primary, replica) = self.owners_seen_by(node, key).await.unwrap_or((None, None));
+        match (primary, replica) {
+            (Some(p), Some(r)) => (p, r),
+            _ => panic!("no healthy primary with a replica serves {key}"),
+        }
+    }
+
+    /// Who serves `key`'s slot as `node` sees it: the running primary and its running replica.
+    async fn owners_seen_by(&self, node: &RedisServer, key: &str) -> Option<(Option<usize>, Option<usize>)> {
+        let slot: u16 = node.cli(&["CLUSTER", "KEYSLOT", key]).await.trim().parse().ok()?;
+        let table = node.cli(&["CLUSTER", "NODES"]).await;
+        let rows: Vec<Vec<&str>> =
+            table.lines().map(|l| l.split(' ').collect::<Vec<&str>>()).filter(|f| f.len() >= 8).collect();
+        let index_of = |addr: &str| -> Option<usize> {
+            let port: u16 = addr.split([':', '@']).nth(1)?.parse().ok()?;
+            self.nodes.iter().position(|n| n.port == port && n.is_running())
+        };
+        let serves = |f: &Vec<&str>| {
+            f[8..].iter().any(|range| {
+                let mut ends = range.split('-').map(|x| x.parse::<u16>().unwrap_or(u16::MAX));
+                let lo = ends.next().unwrap_or(u16::MAX);
+                (lo..=ends.next().unwrap_or(lo)).contains(&slot)
+            })
+        };
+        let healthy = |f: &Vec<&str>| !f[2].contains("fail");
+        let primary = rows.iter().find(|f| f[2].contains("master") && healthy(f) && serves(f))?;
+        let replica = rows.iter().find(|f| f[3] == primary[0] && healthy(f));
+        Some((index_of(primary[1]), replica.and_then(|r| index_of(r[1]))))
+    }
+
+    /// `CLUSTER FAILOVER` on the replica of `key`'s primary (a planned hand-over that waits for
+    /// the replica to catch up); returns (old primary, new primary) once the new one serves the slot.
+    pub async fn failover(&self, key: &str) -> (usize, usize) {
+        let (primary, replica) = self.primary_and_replica_of(key).await;
+        let out = self.nodes[replica].cli(&["CLUSTER", "FAILOVER"]).await;
+        assert!(out.contains("OK"), "CLUSTER FAILOVER: {out}");
+        self.await_primary(key, replica).await;
+        (primary, replica)
+    }
+
+    /// SIGKILLs `key`'s primary; returns (old primary, new primary) once its replica was
+    /// promoted and serves the slot.
+    pub async fn kill_primary_of(&mut self, key: &str) -> (usize, usize) {
+        let (primary, replica) = self.primary_and_replica_of(key).await;
+        self.nodes[primary].kill().await;
+        self.await_primary(key, replica).await;
+        (primary, replica)
+    }
+
+    /// Waits until every running node names `expected` as the primary of `key`'s slot.
+    async fn await_primary(&self, key: &str, expected: usize) {
+        within("the replica to take over the slot", async {
+            loop {
+                let mut agreed = true;
+                for node in self.nodes.iter().filter(|n| n.is_running()) {
+                    let seen = self.owners_seen_by(node, key).await;
+                    agreed &= seen.is_some_and(|(primary, _)| primary == Some(expected));
+                }
+                if agreed {
+                    return;
+                }
+                // Gossip has no event to await from outside; the guard bounds this poll.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await;
+    }
+}
+
+/// A primary with one replica, watched by 3 Sentinels (quorum 2) as service `pushd`.
+pub struct RedisSentinel {
+    pub primary: RedisServer,
+    pub replica: RedisServer,
+    pub sentinels: Vec<RedisServer>,
+}
+
+/// The Sentinel service name the tests use.
+pub const SENTINEL_SERVICE: &str = "pushd";
+
+impl RedisSentinel {
+    pub async fn start() -> Self {
+        let primary = RedisServer::start().await;
+        let replica =
+            RedisServer::launch(false, vec!["--replicaof".into(), "127.0.0.1".into(), primary.port.to_string()], None)
+                .await;
+        let mut sentinels = Vec::new();
+        for _ in 0..3 {
+            sentinels.push(Self::sentinel(primary.port).await);
+        }
+        let s = Self { primary, replica, sentinels };
+        within("the sentinels to see the replica", async {
+            loop {
+                let replicas = s.sentinels[0].cli(&["SENTINEL", "REPLICAS", SENTINEL_SERVICE]).await;
+                if replicas.contains(&s.replica.port.to_string()) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await;
+        s
+    }
+
+    async fn sentinel(primary: u16) -> RedisServer {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("pushd-sentinel-{}-{}", std::process::id(), crate::unique()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let conf = dir.join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\nsentinel monitor {SENTINEL_SERVICE} 127.0.0.1 {primary} 2\n\
+                 sentinel down-after-milliseconds {SENTINEL_SERVICE} 1000\nsentinel failover-timeout {SENTINEL_SERVICE} 5000\n"
+            ),
+        )
+        .unwrap();
+        RedisServer::sentinel(port, conf).await
+    }
+
+    /// `redis-sentinel://` naming every Sentinel.
+    pub fn url(&self) -> String {
+        let mut ports = self.sentinels.iter().map(|s| s.port);
+        let first = ports.next().unwrap();
+        let rest: Vec<String> = ports.map(|p| format!("&node=127.0.0.1:{p}")).collect();
+        format!("redis-sentinel://127.0.0.1:{first}/0?sentinelServiceName={SENTINEL_SERVICE}{}", rest.join(""))
+    }
+}
