@@ -70,6 +70,18 @@ pub struct Args {
     #[arg(long, env = "PUSHD_IDEMPOTENCY_TTL", default_value_t = 300)]
     pub idempotency_ttl: u64,
 
+    /// Durable publishes: a publish is acknowledged only once this many Redis replicas confirmed
+    /// it (`WAIT`), so a failover to a replica cannot lose it. 0 = acknowledged when the primary
+    /// stored it (asynchronous replication: a primary that dies may take its last writes along).
+    #[arg(long, env = "PUSHD_PUBLISH_REPLICAS", default_value_t = 0)]
+    pub publish_replicas: u32,
+
+    /// Milliseconds a durable publish waits for its replicas; short of them it answers 504
+    /// `outcome_unknown` (stored on the primary, not confirmed durable: retry with the same
+    /// idempotency key).
+    #[arg(long, env = "PUSHD_PUBLISH_REPLICAS_TIMEOUT", default_value_t = 1000)]
+    pub publish_replicas_timeout: u64,
+
     /// HS256 secret that client tokens (JWT) are signed with. Unset = dev mode (loopback only).
     #[arg(long, env = "PUSHD_TOKEN_SECRET", hide_env_values = true)]
     pub token_secret: Option<String>,
@@ -275,6 +287,10 @@ pub struct Config {
     pub node_ttl: Duration,
     /// Idempotency key lifetime. Default 300 s.
     pub idempotency_ttl: Duration,
+    /// Replicas a publish waits for (`WAIT`). Default 0.
+    pub publish_replicas: u32,
+    /// How long a publish waits for them. Default 1 s.
+    pub publish_replicas_timeout: Duration,
     /// JWT secret; `None` = dev mode.
     pub token_secret: Option<String>,
     /// Server API key; `None` only in dev mode (API open to loopback callers).
@@ -411,6 +427,7 @@ impl TryFrom<Args> for Config {
             ("--redis-pool", a.redis_pool),
             ("--presence-ttl", a.presence_ttl as usize),
             ("--idempotency-ttl", a.idempotency_ttl as usize),
+            ("--publish-replicas-timeout", a.publish_replicas_timeout as usize),
             ("--node-ttl", a.node_ttl as usize),
         ];
         if let Some((flag, _)) = positive.iter().find(|(_, v)| *v == 0) {
@@ -418,6 +435,9 @@ impl TryFrom<Args> for Config {
         }
         if a.history_meta_ttl < a.history_ttl {
             bail!("--history-meta-ttl must be at least --history-ttl");
+        }
+        if a.publish_replicas > 0 && a.redis_url.as_deref().is_none_or(str::is_empty) {
+            bail!("--publish-replicas waits for Redis replicas: it needs --redis-url");
         }
         if a.redis_prefix.contains(['{', '}', ' ']) {
             bail!("--redis-prefix must not contain braces or spaces");
@@ -447,6 +467,8 @@ impl TryFrom<Args> for Config {
             redis_pool: a.redis_pool,
             presence_ttl: Duration::from_secs(a.presence_ttl),
             idempotency_ttl: Duration::from_secs(a.idempotency_ttl),
+            publish_replicas: a.publish_replicas,
+            publish_replicas_timeout: Duration::from_millis(a.publish_replicas_timeout),
             node_ttl: Duration::from_secs(a.node_ttl),
             token_secret: a.token_secret,
             api_key: a.api_key.filter(|k| !k.is_empty()),

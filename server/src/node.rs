@@ -87,6 +87,8 @@ impl Node {
                     meta_ttl: config.history_meta_ttl,
                     presence_ttl: config.presence_ttl,
                     idempotency_ttl: config.idempotency_ttl,
+                    publish_replicas: config.publish_replicas,
+                    publish_replicas_timeout: config.publish_replicas_timeout,
                     node_ttl: config.node_ttl,
                     node_id: config.node_id.clone(),
                 };

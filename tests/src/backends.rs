@@ -181,7 +181,15 @@ impl RedisCluster {
     pub async fn start() -> Self {
         let mut nodes = Vec::new();
         for _ in 0..6 {
-            let args = ["--cluster-enabled", "yes", "--cluster-node-timeout", "1000", "--cluster-config-file"];
+            let args = [
+                "--cluster-enabled",
+                "yes",
+                "--cluster-node-timeout",
+                "1000",
+                "--cluster-replica-validity-factor",
+                "0",
+                "--cluster-config-file",
+            ];
             let mut extra: Vec<String> = args.iter().map(|a| a.to_string()).collect();
             extra.push(format!("nodes-{}.conf", crate::unique()));
             nodes.push(RedisServer::launch(false, extra, None).await);
@@ -199,13 +207,16 @@ impl RedisCluster {
         cluster
     }
 
-    /// Waits until every running node says the cluster is ok and agrees on 3 primaries with a replica each.
+    /// Waits until every running node says the cluster is ok and every replica's link to its
+    /// primary is up (a replica that never synced refuses to take over).
     pub async fn await_healthy(&self) {
         within("the cluster to be healthy", async {
             loop {
                 let mut ok = true;
                 for node in self.nodes.iter().filter(|n| n.is_running()) {
                     ok &= node.cli(&["CLUSTER", "INFO"]).await.contains("cluster_state:ok");
+                    let replication = node.cli(&["INFO", "replication"]).await;
+                    ok &= !replication.contains("role:slave") || replication.contains("master_link_status:up");
                 }
                 if ok {
                     return;
@@ -285,6 +296,13 @@ impl RedisCluster {
         self.nodes[primary].kill().await;
         self.await_primary(key, replica).await;
         (primary, replica)
+    }
+
+    /// Starts a killed node again on its port with its cluster config: it rejoins as a replica
+    /// of whoever took over its slots, and syncs from it.
+    pub async fn restart(&mut self, node: usize) {
+        self.nodes[node].restart().await;
+        self.await_healthy().await;
     }
 
     /// Waits until every running node names `expected` as the primary of `key`'s slot.

@@ -837,6 +837,15 @@ pub async fn cluster_with(n: usize, redis: &RedisServer, tweak: impl Fn(Config) 
     nodes
 }
 
+/// `n` in-process nodes on `backend`, named n0, n1, ..., each config passed through `tweak`.
+pub async fn nodes_on(n: usize, backend: &backends::Backend, tweak: impl Fn(Config) -> Config) -> Vec<TestNode> {
+    let mut nodes = Vec::with_capacity(n);
+    for i in 0..n {
+        nodes.push(TestNode::start(tweak(backend.config(&format!("n{i}")))).await);
+    }
+    nodes
+}
+
 /// HTTP helpers for a real `pushd` process. Processes run in dev mode (no `--api-key`), where
 /// `/api/*` is open to loopback callers, so these send no key.
 impl PushdProcess {

@@ -3,6 +3,7 @@
 
 mod bad_input;
 mod cluster;
+mod cluster_faults;
 mod dashboards;
 mod deploy_config;
 mod drain;

@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use futures_util::{StreamExt, stream};
+use pushd_tests::backends::Backend;
 use pushd_tests::*;
 use serde_json::{Value, json};
 use tokio::sync::watch;
@@ -16,26 +17,26 @@ use tokio::time::Instant;
 
 /// The guard on these tests' slow events: the node's Redis client reconnects with a backoff that
 /// climbs to 5 s, so coming back after a fault can take longer than the harness's 10 s `WAIT`.
-const FAULT_WAIT: Duration = Duration::from_secs(30);
+pub(crate) const FAULT_WAIT: Duration = Duration::from_secs(30);
 /// How long Redis stays down in the outage test: several reconnect attempts, backoff climbing.
 const OUTAGE: Duration = Duration::from_secs(5);
 
 /// The channels the kill tests publish to, round robin.
-const CHANNELS: [&str; 3] = ["faults:a", "faults:b", "faults:c"];
+pub(crate) const CHANNELS: [&str; 3] = ["faults:a", "faults:b", "faults:c"];
 /// Messages the kill tests publish, alternating nodes.
-const PUBLISHES: u64 = 2000;
+pub(crate) const PUBLISHES: u64 = 2000;
 /// After how many publishes the kill tests kill connections.
-const KILL_AT: [u64; 4] = [300, 700, 1100, 1500];
+pub(crate) const KILL_AT: [u64; 4] = [300, 700, 1100, 1500];
 /// Publishes the kill tests keep in flight.
 const IN_FLIGHT: usize = 8;
 
 /// Awaits `fut` under `FAULT_WAIT`, panicking with `what` if it does not finish.
-async fn guard<T>(what: &str, fut: impl Future<Output = T>) -> T {
+pub(crate) async fn guard<T>(what: &str, fut: impl Future<Output = T>) -> T {
     tokio::time::timeout(FAULT_WAIT, fut).await.unwrap_or_else(|_| panic!("timed out waiting for {what}"))
 }
 
 /// Polls `/readyz` until it answers `status`; returns its body.
-async fn await_readiness(node: &TestNode, status: u16) -> Value {
+pub(crate) async fn await_readiness(node: &TestNode, status: u16) -> Value {
     guard(&format!("/readyz to answer {status}"), async {
         loop {
             let (got, body) = node.api_get("/readyz").await;
@@ -53,11 +54,11 @@ fn offset(frame: &Value) -> u64 {
     frame["offset"].as_u64().unwrap_or_else(|| panic!("no offset in {frame}"))
 }
 
-fn offsets(frames: &[Value]) -> Vec<u64> {
+pub(crate) fn offsets(frames: &[Value]) -> Vec<u64> {
     frames.iter().map(offset).collect()
 }
 
-fn ns(frames: &[Value]) -> Vec<u64> {
+pub(crate) fn ns(frames: &[Value]) -> Vec<u64> {
     frames.iter().map(|f| f["data"]["n"].as_u64().unwrap_or_else(|| panic!("no data.n in {f}"))).collect()
 }
 
@@ -75,7 +76,7 @@ fn assert_unavailable(status: u16, body: &Value) {
 
 /// Asserts a failed publish told the truth about itself: 503 `unavailable` (not stored), or 504
 /// `outcome_unknown` when the connection broke under a publish Redis may have run.
-fn assert_failed_honestly(status: u16, body: &Value) {
+pub(crate) fn assert_failed_honestly(status: u16, body: &Value) {
     match status {
         503 => assert_unavailable(status, body),
         504 => assert_eq!(body["error"]["code"], "outcome_unknown", "{body}"),
@@ -85,18 +86,18 @@ fn assert_failed_honestly(status: u16, body: &Value) {
 
 /// What the publisher saw.
 #[derive(Default)]
-struct Published {
+pub(crate) struct Published {
     /// Acknowledged publishes: (channel index, offset, n).
-    acked: Vec<(usize, u64, u64)>,
+    pub(crate) acked: Vec<(usize, u64, u64)>,
     /// Refused attempts: status and body.
-    refused: Vec<(u16, Value)>,
+    pub(crate) refused: Vec<(u16, Value)>,
 }
 
 /// Publishes `PUBLISHES` messages `{"n": n}` round robin over `CHANNELS`, alternating nodes,
 /// `IN_FLIGHT` at a time (so a kill finds commands on the wire), each with the idempotency key
 /// `n<n>`; reports how many finished on `progress`. With `retry`, a refused publish is retried
 /// with the same key until acknowledged, as a careful backend would.
-async fn publish_all(nodes: &[TestNode], progress: watch::Sender<u64>, retry: bool) -> Published {
+pub(crate) async fn publish_all(nodes: &[TestNode], progress: watch::Sender<u64>, retry: bool) -> Published {
     let mut out = Published::default();
     let mut publishes = stream::iter(0..PUBLISHES).map(|n| publish_one(nodes, n, retry)).buffer_unordered(IN_FLIGHT);
     let mut done = 0;
@@ -130,12 +131,15 @@ async fn publish_one(nodes: &[TestNode], n: u64, retry: bool) -> (Option<(usize,
 
 /// Runs `CLIENT KILL TYPE <kind>` each time the publisher passes a `KILL_AT` mark; returns how
 /// many connections each kill closed.
-async fn kill_connections(redis: &RedisServer, kind: &str, mut progress: watch::Receiver<u64>) -> Vec<u64> {
+async fn kill_connections(backend: &Backend, kind: &str, mut progress: watch::Receiver<u64>) -> Vec<u64> {
     let mut killed = Vec::new();
     for at in KILL_AT {
         progress.wait_for(|n| *n >= at).await.expect("the publisher stopped early");
-        let out = redis.cli(&["CLIENT", "KILL", "TYPE", kind]).await;
-        killed.push(out.trim().parse().unwrap_or_else(|_| panic!("CLIENT KILL answered {out:?}")));
+        let mut closed = 0;
+        for out in backend.cli_all(&["CLIENT", "KILL", "TYPE", kind]).await {
+            closed += out.trim().parse::<u64>().unwrap_or_else(|_| panic!("CLIENT KILL answered {out:?}"));
+        }
+        killed.push(closed);
     }
     killed
 }
@@ -143,7 +147,7 @@ async fn kill_connections(redis: &RedisServer, kind: &str, mut progress: watch::
 /// Publishes the end marker `{"end": true}` to every channel, retrying a refusal with the same
 /// idempotency key (a kill may have just closed the connection it went to); returns each
 /// marker's offset, which is the channel's top.
-async fn publish_end_markers(node: &TestNode) -> Vec<u64> {
+pub(crate) async fn publish_end_markers(node: &TestNode) -> Vec<u64> {
     let mut top = Vec::new();
     for channel in CHANNELS {
         let body = json!({ "channel": channel, "data": { "end": true }, "idempotency_key": "end" });
@@ -163,12 +167,12 @@ async fn publish_end_markers(node: &TestNode) -> Vec<u64> {
 }
 
 /// What one subscriber saw: its client and its messages per channel, in arrival order.
-type Seen = (WsClient, HashMap<String, Vec<Value>>);
+pub(crate) type Seen = (WsClient, HashMap<String, Vec<Value>>);
 
 /// Reads one subscriber's frames until each of its channels delivered the end marker. Any other
 /// frame (a `reset`) or a close fails the test: with history intact, nothing may be skipped or
 /// announced as lost.
-async fn read_to_end(mut client: WsClient, channels: Vec<&'static str>) -> Seen {
+pub(crate) async fn read_to_end(mut client: WsClient, channels: Vec<&'static str>) -> Seen {
     let mut seen: HashMap<String, Vec<Value>> = HashMap::new();
     let mut open = channels.len();
     while open > 0 {
@@ -185,7 +189,7 @@ async fn read_to_end(mut client: WsClient, channels: Vec<&'static str>) -> Seen 
 }
 
 /// Subscribers on every node, each reading in its own task until the end markers.
-struct Readers {
+pub(crate) struct Readers {
     tasks: Vec<(Vec<&'static str>, JoinHandle<Seen>)>,
     /// Each channel's epoch, as the subscribe replies gave it.
     epochs: HashMap<&'static str, Value>,
@@ -193,7 +197,7 @@ struct Readers {
 
 impl Readers {
     /// On each node, one client on every channel and one on the first only, all from offset 0.
-    async fn start(nodes: &[TestNode]) -> Self {
+    pub(crate) async fn start(nodes: &[TestNode]) -> Self {
         let mut readers = Readers { tasks: Vec::new(), epochs: HashMap::new() };
         for node in nodes {
             for (user, channels) in [("every", CHANNELS.to_vec()), ("first", vec![CHANNELS[0]])] {
@@ -212,7 +216,7 @@ impl Readers {
 
     /// Asserts that every subscriber received every offset Redis stored (1..=top), once, in
     /// order, each acknowledged publish at its offset, and nothing after the end markers.
-    async fn assert_saw_every_stored_offset(self, published: &Published, top: &[u64]) {
+    pub(crate) async fn assert_saw_every_stored_offset(self, published: &Published, top: &[u64]) {
         for (channels, task) in self.tasks {
             let (mut client, seen) = guard("every subscriber to read to the end", task).await.expect("a reader failed");
             for (ch, channel) in CHANNELS.iter().enumerate().filter(|(_, c)| channels.contains(c)) {
@@ -234,13 +238,12 @@ impl Readers {
 /// <kind>` closes connections a few times. Asserts that every subscriber received every stored
 /// offset once and in order, and that every refused publish was a plain 503. Returns what the
 /// publisher saw and how many connections each kill closed.
-async fn publish_while_killing(kind: &'static str, retry: bool) -> (Published, Vec<u64>) {
-    let redis = RedisServer::start().await;
-    let nodes = cluster(2, &redis).await;
+async fn publish_while_killing(backend: Backend, kind: &'static str, retry: bool) -> (Published, Vec<u64>) {
+    let nodes = nodes_on(2, &backend, |c| c).await;
     let readers = Readers::start(&nodes).await;
     let (tx, rx) = watch::channel(0);
     let (published, killed) = guard("publishing while connections are killed", async {
-        tokio::join!(publish_all(&nodes, tx, retry), kill_connections(&redis, kind, rx))
+        tokio::join!(publish_all(&nodes, tx, retry), kill_connections(&backend, kind, rx))
     })
     .await;
     let top = publish_end_markers(&nodes[0]).await;
@@ -256,7 +259,7 @@ async fn publish_while_killing(kind: &'static str, retry: bool) -> (Published, V
 
 #[tokio::test]
 async fn killing_the_pubsub_connection_loses_nothing() {
-    let (published, killed) = publish_while_killing("pubsub", false).await;
+    let (published, killed) = publish_while_killing(Backend::single().await, "pubsub", false).await;
     // The first kill found both nodes' subscriber connections; later ones may find a node still
     // reconnecting.
     assert_eq!(killed[0], 2, "kills closed {killed:?}");
@@ -265,8 +268,17 @@ async fn killing_the_pubsub_connection_loses_nothing() {
 }
 
 #[tokio::test]
+async fn killing_the_sharded_pubsub_connections_of_a_redis_cluster_loses_nothing() {
+    let (published, killed) = publish_while_killing(Backend::cluster().await, "pubsub", false).await;
+    // Each node holds a pub/sub connection to every primary that serves one of its channels
+    // (and one for the control channel): the first kill closed at least one per node.
+    assert!(killed[0] >= 2, "kills closed {killed:?}");
+    assert_eq!(published.acked.len() as u64, PUBLISHES, "refused: {:?}", published.refused);
+}
+
+#[tokio::test]
 async fn killing_command_connections_refuses_publishes_plainly_and_a_keyed_retry_stores_once() {
-    let (published, killed) = publish_while_killing("normal", true).await;
+    let (published, killed) = publish_while_killing(Backend::single().await, "normal", true).await;
     // Both nodes' command pools were fully connected at the first kill.
     assert_eq!(killed[0], 2 * secure_config().redis_pool as u64, "kills closed {killed:?}");
     // Every publish was eventually acknowledged, exactly once: a retry whose first attempt Redis

@@ -16,6 +16,7 @@ mod keys;
 mod pubsub;
 mod scatter;
 mod setup;
+mod topology;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -28,6 +29,7 @@ use async_trait::async_trait;
 use fred::clients::SubscriberClient;
 use fred::prelude::*;
 use fred::types::scripts::Script;
+use fred::types::{ClusterHash, CustomCommand};
 use pushd_wire::TopChannel;
 use serde_json::value::RawValue;
 
@@ -65,6 +67,10 @@ pub struct RedisSettings {
     pub presence_ttl: Duration,
     /// How long an idempotency key remembers its publish.
     pub idempotency_ttl: Duration,
+    /// Replicas that must confirm a publish before it is acknowledged (`WAIT`); 0 = none.
+    pub publish_replicas: u32,
+    /// How long a publish waits for them.
+    pub publish_replicas_timeout: Duration,
     /// How long a node stays in the registry without a heartbeat.
     pub node_ttl: Duration,
     /// This node's id: surveys address their answers to it.
@@ -156,6 +162,7 @@ impl RedisEngine {
             script.load(engine.pool.next()).await.context("loading Lua scripts into Redis")?;
         }
         pubsub::spawn_dispatcher(&engine);
+        topology::spawn(&engine);
         let control = vec![engine.keys.control(), engine.keys.control_reply(&engine.settings.node_id)];
         engine.subscriber.subscribe(control).await.context("subscribing to the control channel")?;
         tokio::spawn(refresh_presence(Arc::downgrade(&engine)));
@@ -217,6 +224,27 @@ impl RedisEngine {
             Deployment::Cluster => "SPUBLISH",
             _ => "PUBLISH",
         }
+    }
+
+    /// Durable publishes: waits until `publish_replicas` replicas confirmed every write sent on
+    /// `client`'s connection to `slot`'s primary, the publish included (`WAIT` counts per
+    /// connection). Short of them, the publish is stored on the primary but not durable: a
+    /// timeout error, which answers 504 `outcome_unknown`, so the publisher retries with its
+    /// idempotency key (the retry stores nothing twice and waits again).
+    async fn await_replicas(&self, client: &Client, slot: u16) -> Result<(), fred::error::Error> {
+        let wanted = self.settings.publish_replicas;
+        if wanted == 0 {
+            return Ok(());
+        }
+        let timeout = self.settings.publish_replicas_timeout.as_millis() as i64;
+        let wait = CustomCommand::new_static("WAIT", ClusterHash::Custom(slot), true);
+        let confirmed: i64 = client.custom(wait, vec![wanted as i64, timeout]).await?;
+        if confirmed < wanted as i64 {
+            let text =
+                format!("stored on the primary, but {confirmed} of {wanted} replicas confirmed it in {timeout} ms");
+            return Err(fred::error::Error::new(ErrorKind::Timeout, text));
+        }
+        Ok(())
     }
 
     /// Runs the history script: position and entries in one snapshot.
@@ -325,8 +353,14 @@ impl Engine for RedisEngine {
             secs(self.settings.idempotency_ttl).into(),
             self.publish_command().into(),
         ];
-        let (offset, epoch, _duplicate): (i64, String, i64) =
-            self.call(Operation::Publish, |c| self.publish_script.evalsha_with_reload(c, keys, args)).await?;
+        let slot = fred::util::redis_keyslot(keys[0].as_bytes());
+        let (offset, epoch, _duplicate): (i64, String, i64) = self
+            .call(Operation::Publish, |c| async move {
+                let stored = self.publish_script.evalsha_with_reload(c, keys, args).await?;
+                self.await_replicas(c, slot).await?;
+                Ok(stored)
+            })
+            .await?;
         Ok(Arc::new(Publication::new(channel.clone(), Epoch::new(&epoch), offset as Offset, msg, time_us)))
     }
 

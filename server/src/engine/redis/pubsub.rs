@@ -306,14 +306,22 @@ async fn dispatch(
                 }
                 engine.metrics.pubsub_reconnects.inc();
                 tracing::info!("redis subscriber reconnected: resubscribing and catching up");
-                // Resubscribe first, then read the streams: nothing can fall in between.
-                if let Err(e) = engine.timed(Operation::Subscribe, engine.subscriber.resubscribe_all()).await {
+                if let Err(e) = resync(&engine).await {
                     tracing::warn!(error = %e, "resubscribe failed; the next reconnect retries");
                 }
-                catch_up_all(&engine);
             }
         }
     }
+}
+
+/// Subscribes again to every channel this node holds, then fills each from its stream: messages
+/// published while a subscription was missing (a reconnect, a slot that moved) are read back.
+/// Resubscribe first, then read the streams: nothing can fall in between. The fill runs even
+/// when the resubscribe failed, so what reached the streams is delivered either way.
+pub(super) async fn resync(engine: &Arc<RedisEngine>) -> Result<(), EngineError> {
+    let resubscribed = engine.timed(Operation::Subscribe, engine.subscriber.resubscribe_all()).await;
+    catch_up_all(engine);
+    resubscribed
 }
 
 fn on_message(engine: &Arc<RedisEngine>, message: fred::types::Message) {

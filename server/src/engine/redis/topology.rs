@@ -1,0 +1,63 @@
+//! Redis Cluster only: noticing that slots moved. A failover or a resharding hands a slot to
+//! another node, and Redis ends the sharded subscriptions of that slot on the old one without
+//! closing the connection; the client library drops that notice. So the engine watches the
+//! slot map itself (once a second, and whenever a command was redirected) and, when it
+//! changed, refreshes the subscriber's routing, subscribes every channel again where its slot
+//! now lives, and fills each channel from its stream (`pubsub::resync`).
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use fred::prelude::*;
+
+use super::{Deployment, Operation, RedisEngine, pubsub};
+
+/// How often the slot map is read when nothing else signals a change.
+const CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// Starts the watch on a cluster; does nothing on other deployments.
+pub(super) fn spawn(engine: &Arc<RedisEngine>) {
+    if engine.deployment == Deployment::Cluster {
+        tokio::spawn(watch(Arc::downgrade(engine)));
+    }
+}
+
+async fn watch(engine: Weak<RedisEngine>) {
+    let Some(mut redirected) = engine.upgrade().map(|e| e.pool.next().cluster_change_rx()) else { return };
+    let mut tick = tokio::time::interval(CHECK_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut known: Option<String> = None;
+    // Set while a change is not yet handled (the resubscribe failed): retried every tick.
+    let mut unsettled = false;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = redirected.recv() => {}
+        }
+        let Some(engine) = engine.upgrade() else { return };
+        let Ok(map) = slot_map(&engine).await else { continue };
+        let changed = known.as_ref().is_some_and(|k| *k != map);
+        known = Some(map);
+        if changed || unsettled {
+            engine.metrics.pubsub_reconnects.inc();
+            tracing::info!("redis cluster slots moved: resubscribing and catching up");
+            unsettled = resubscribe(&engine).await.is_err();
+        }
+    }
+}
+
+/// The cluster's slot map as the pool sees it (`CLUSTER SLOTS`), as comparable text.
+async fn slot_map(engine: &RedisEngine) -> Result<String, crate::engine::EngineError> {
+    let slots: Value = engine.call(Operation::Control, |c| c.cluster_slots()).await?;
+    Ok(format!("{slots:?}"))
+}
+
+/// Refreshes the subscriber's routing, then resubscribes and catches up.
+async fn resubscribe(engine: &Arc<RedisEngine>) -> Result<(), crate::engine::EngineError> {
+    if let Err(e) = engine.subscriber.sync_cluster().await {
+        tracing::warn!(error = %e, "refreshing the subscriber's cluster routing failed; retrying");
+    }
+    pubsub::resync(engine)
+        .await
+        .inspect_err(|e| tracing::warn!(error = %e, "resubscribe after a slot move failed; retrying"))
+}
