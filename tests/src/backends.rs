@@ -46,6 +46,16 @@ impl Backend {
         Config { node_id: node_id.into(), redis_url: Some(url), redis_tls_ca: ca, ..secure_config() }
     }
 
+    /// `pushd` flags that reach this deployment: `--redis-url`, and `--redis-tls-ca` for TLS.
+    pub fn args(&self) -> Vec<String> {
+        let config = self.config("-");
+        let mut args = vec!["--redis-url".to_owned(), config.redis_url.unwrap()];
+        if let Some(ca) = config.redis_tls_ca {
+            args.extend(["--redis-tls-ca".to_owned(), ca.display().to_string()]);
+        }
+        args
+    }
+
     /// The servers that hold data now (the primaries), for commands every one must run.
     pub fn primaries(&self) -> Vec<&RedisServer> {
         match self {
@@ -382,4 +392,37 @@ impl RedisSentinel {
         let rest: Vec<String> = ports.map(|p| format!("&node=127.0.0.1:{p}")).collect();
         format!("redis-sentinel://127.0.0.1:{first}/0?sentinelServiceName={SENTINEL_SERVICE}{}", rest.join(""))
     }
+}
+
+/// Runs the suite function `$name` (`async fn $name(backend: Backend)`) once per Redis
+/// deployment, as `$name::single`, `$name::cluster`, `$name::sentinel` and `$name::tls`.
+#[macro_export]
+macro_rules! on_every_deployment {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                use $crate::backends::Backend;
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn single() {
+                    super::$name(Backend::single().await).await;
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn cluster() {
+                    super::$name(Backend::cluster().await).await;
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn sentinel() {
+                    super::$name(Backend::sentinel().await).await;
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn tls() {
+                    super::$name(Backend::tls().await).await;
+                }
+            }
+        )*
+    };
 }

@@ -11,6 +11,7 @@ use std::time::Duration;
 use futures_util::future::join_all;
 use pushd::Config;
 use pushd::channel::ChannelPattern;
+use pushd_tests::backends::Backend;
 use pushd_tests::*;
 use serde_json::{Value, json};
 
@@ -64,13 +65,18 @@ async fn assert_nothing_more(c: &mut WsClient) {
     assert!(c.pending_is_empty(), "unexpected frames after the expected ones");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn three_nodes_fan_out_every_message_once_in_order() {
+on_every_deployment!(
+    three_nodes_fan_out_every_message_once_in_order,
+    a_subscriber_that_drops_on_one_node_replays_on_another_with_no_gap,
+    a_node_killed_with_sigkill_leaves_the_registry_and_presence_and_its_clients_replay_elsewhere,
+    every_node_registers_itself_with_its_stats_and_a_clean_stop_deregisters_it,
+);
+
+async fn three_nodes_fan_out_every_message_once_in_order(backend: Backend) {
     const CHANNELS: usize = 10;
     const SUBSCRIBERS: usize = 300;
     const MESSAGES: usize = 1000;
-    let redis = RedisServer::start().await;
-    let nodes = cluster_with(3, &redis, quick_stop).await;
+    let nodes = nodes_on(3, &backend, quick_stop).await;
     let channel = |i: usize| format!("fan:{}", i % CHANNELS);
 
     // Subscriber i sits on node i % 3 and listens to channel i % 10: as 3 and 10 are coprime,
@@ -132,10 +138,8 @@ async fn three_nodes_fan_out_every_message_once_in_order() {
     stop_all(nodes).await;
 }
 
-#[tokio::test]
-async fn a_subscriber_that_drops_on_one_node_replays_on_another_with_no_gap() {
-    let redis = RedisServer::start().await;
-    let nodes = cluster_with(3, &redis, quick_stop).await;
+async fn a_subscriber_that_drops_on_one_node_replays_on_another_with_no_gap(backend: Backend) {
+    let nodes = nodes_on(3, &backend, quick_stop).await;
     let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
 
     let mut alice = a.ws(&token("alice")).await;
@@ -306,19 +310,17 @@ async fn presence_outlives_its_ttl_while_the_node_keeps_refreshing_it() {
 }
 
 /// A node's registry entry in Redis, if it has one.
-async fn registry_entry(redis: &RedisServer, id: &str) -> Option<Value> {
-    serde_json::from_str(redis.cli(&["GET", &format!("pushd:{{registry}}:node:{id}")]).await.trim()).ok()
+async fn registry_entry(redis: &Backend, id: &str) -> Option<Value> {
+    serde_json::from_str(redis.cli_key(&["GET", &format!("pushd:{{registry}}:node:{id}")]).await.trim()).ok()
 }
 
 /// The ids in `pushd:nodes`.
-async fn registered(redis: &RedisServer) -> Vec<String> {
-    redis.cli(&["ZRANGE", "pushd:{registry}:nodes", "0", "-1"]).await.lines().map(str::to_owned).collect()
+async fn registered(redis: &Backend) -> Vec<String> {
+    redis.cli_key(&["ZRANGE", "pushd:{registry}:nodes", "0", "-1"]).await.lines().map(str::to_owned).collect()
 }
 
-#[tokio::test]
-async fn every_node_registers_itself_with_its_stats_and_a_clean_stop_deregisters_it() {
-    let redis = RedisServer::start().await;
-    let nodes = cluster_with(3, &redis, quick_stop).await;
+async fn every_node_registers_itself_with_its_stats_and_a_clean_stop_deregisters_it(redis: Backend) {
+    let nodes = nodes_on(3, &redis, quick_stop).await;
     // n0: three clients (two users) on two channels; n1: one client; n2: none.
     let mut clients = Vec::new();
     for user in ["alice", "alice", "bob"] {
@@ -353,7 +355,7 @@ async fn every_node_registers_itself_with_its_stats_and_a_clean_stop_deregisters
         let updated = info["updated_ms"].as_u64().unwrap();
         assert!(info["started_ms"].as_u64().unwrap() <= updated, "{info}");
         // The entry expires unless refreshed: the default node TTL is 5 s.
-        let ttl: i64 = redis.cli(&["PTTL", &format!("pushd:{{registry}}:node:{id}")]).await.trim().parse().unwrap();
+        let ttl: i64 = redis.cli_key(&["PTTL", &format!("pushd:{{registry}}:node:{id}")]).await.trim().parse().unwrap();
         assert!((1..=5000).contains(&ttl), "{id}: PTTL {ttl}");
     }
 
@@ -368,11 +370,13 @@ async fn every_node_registers_itself_with_its_stats_and_a_clean_stop_deregisters
     stop_all(nodes).await;
 }
 
-#[tokio::test]
-async fn a_node_killed_with_sigkill_leaves_the_registry_and_presence_and_its_clients_replay_elsewhere() {
-    let redis = RedisServer::start().await;
-    let url = redis.url();
-    let args = |id: &'static str| ["--redis-url", &url, "--node-id", id, "--node-ttl", "2", "--presence-ttl", "2"];
+async fn a_node_killed_with_sigkill_leaves_the_registry_and_presence_and_its_clients_replay_elsewhere(redis: Backend) {
+    let reach = redis.args();
+    let args = |id: &'static str| {
+        let mut args: Vec<&str> = reach.iter().map(String::as_str).collect();
+        args.extend(["--node-id", id, "--node-ttl", "2", "--presence-ttl", "2"]);
+        args
+    };
     let mut k1 = PushdProcess::start(&args("k1")).await;
     let k2 = PushdProcess::start(&args("k2")).await;
 

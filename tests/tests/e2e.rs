@@ -3,11 +3,11 @@
 
 mod bad_input;
 mod cluster;
-mod cluster_faults;
 mod dashboards;
 mod deploy_config;
 mod drain;
 mod engine_suite;
+mod failovers;
 mod fanout;
 mod fuzz;
 mod layout;

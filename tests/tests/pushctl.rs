@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::time::{Duration, Instant};
 
+use pushd_tests::backends::Backend;
 use pushd_tests::*;
 use serde_json::{Value, json};
 
@@ -78,15 +79,19 @@ async fn registered(node: &PushdProcess) -> Vec<String> {
 
 /// Starts Redis and p0, p1, p2, and waits until the registry (asked through pushctl) lists all
 /// three: a survey only waits for registered nodes, so answers are complete only from then on.
-async fn cluster3() -> (RedisServer, Vec<PushdProcess>) {
-    let redis = RedisServer::start().await;
-    let url = redis.url();
+async fn cluster3() -> (Backend, Vec<PushdProcess>) {
+    cluster3_on(Backend::single().await).await
+}
+
+/// `cluster3` on the Redis deployment `redis`.
+async fn cluster3_on(redis: Backend) -> (Backend, Vec<PushdProcess>) {
+    let reach = redis.args();
     let mut nodes = Vec::new();
     for i in 0..3 {
         let id = format!("p{i}");
-        nodes.push(
-            PushdProcess::start(&["--redis-url", &url, "--node-id", &id, "--admin-key", KEY, "--node-ttl", "3"]).await,
-        );
+        let mut args: Vec<&str> = reach.iter().map(String::as_str).collect();
+        args.extend(["--node-id", &id, "--admin-key", KEY, "--node-ttl", "3"]);
+        nodes.push(PushdProcess::start(&args).await);
     }
     // The first heartbeat registers each node; it runs on a 1 s clock, not on an event.
     eventually("p0, p1 and p2 in `pushctl nodes`", || async {
@@ -166,12 +171,16 @@ fn expected_rooms() -> Vec<(String, u64, u64)> {
 struct Surveyed {
     clients: Vec<WsClient>,
     nodes: Vec<PushdProcess>,
-    _redis: RedisServer,
+    _redis: Backend,
 }
 
 impl Surveyed {
     async fn start() -> Self {
-        let (redis, nodes) = cluster3().await;
+        Self::start_on(Backend::single().await).await
+    }
+
+    async fn start_on(backend: Backend) -> Self {
+        let (redis, nodes) = cluster3_on(backend).await;
         let mut clients = Vec::new();
         for i in 0..PLANNED {
             let (n, user, channels) = plan(i);
@@ -203,13 +212,29 @@ fn the_survey_plan_puts_85_subscriptions_on_7_channels_with_news_largest_and_lob
 
 #[tokio::test]
 async fn stats_json_counts_exactly_what_is_connected_per_node_and_in_total_and_any_node_answers() {
-    let s = Surveyed::start().await;
+    stats_json_counts(Backend::single().await).await;
+}
+
+#[tokio::test]
+async fn stats_json_counts_the_same_on_a_redis_cluster_with_its_sharded_channels() {
+    stats_json_counts(Backend::cluster().await).await;
+}
+
+async fn stats_json_counts(backend: Backend) {
+    let s = Surveyed::start_on(backend).await;
     let (nodes, e) = (&s.nodes, expected());
 
     // stats --json: totals with unique users and channels, one exact row per node.
     let stats = json_of(&ctl(&nodes[0], &["--json", "stats"]).await, 0);
     assert_eq!(stats["engine"], "redis", "{stats}");
     assert_eq!(stats["missing"], json!([]), "{stats}");
+    // Redis' own count of node-level subscriptions: one per node for each channel it holds.
+    let redis = &stats["redis"];
+    assert!(redis["version"].as_str().is_some_and(|v| v.starts_with('7')), "{redis}");
+    let top = &redis["top_channels"];
+    assert_eq!((&top[0]["channel"], &top[0]["subscribers"]), (&json!("news"), &json!(3)), "{redis}");
+    let lobby = top.as_array().unwrap().iter().find(|t| t["channel"] == "lobby");
+    assert_eq!(lobby.map(|t| &t["subscribers"]), Some(&json!(1)), "{redis}");
     let totals = &stats["totals"];
     assert_eq!(
         [&totals["nodes"], &totals["connections"], &totals["users"], &totals["subscriptions"], &totals["channels"]],
@@ -432,7 +457,16 @@ async fn connections_filters_by_node_and_channel_combine_and_a_limit_truncates()
 
 #[tokio::test]
 async fn kick_closes_every_socket_of_the_user_and_no_other_and_a_ban_keeps_it_out_of_every_node() {
-    let (_redis, nodes) = cluster3().await;
+    kick_and_ban(Backend::single().await).await;
+}
+
+#[tokio::test]
+async fn kick_and_ban_work_the_same_on_a_redis_cluster() {
+    kick_and_ban(Backend::cluster().await).await;
+}
+
+async fn kick_and_ban(backend: Backend) {
+    let (_redis, nodes) = cluster3_on(backend).await;
     let room = ["room:1".to_owned()];
     // u7 on p0 and p1; on the same nodes u8 and u77 (a user whose id starts with u7); u9 on p2.
     let mut u7_p0 = client(&nodes[0], "u7", &room).await;

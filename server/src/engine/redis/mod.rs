@@ -550,43 +550,91 @@ fn parse_entry(channel: &ChannelName, epoch: &Epoch, entry: Value) -> Result<Pub
     Ok(Publication::new(channel.clone(), epoch.clone(), offset, msg, time_us))
 }
 
-/// Redis' own view: version, memory, load, and pub/sub subscriber counts of our channels.
+/// Redis' own view: version, memory, load, and pub/sub subscriber counts of our channels; on a
+/// cluster, summed over the primaries (each counts the sharded subscriptions of its own slots).
 async fn backend_stats(engine: &RedisEngine) -> Result<RedisStats, EngineError> {
     let prefix = &engine.settings.prefix;
-    let (info, all, numpat, counts) = engine
+    let sharded = engine.deployment == Deployment::Cluster;
+    let parts = engine
         .call(Operation::Control, |c| async move {
-            let info: String = c.info(None).await?;
-            let ours: Vec<String> = c.pubsub_channels(format!("{prefix}{{*")).await?;
-            let all: Vec<String> = c.pubsub_channels("*").await?;
-            let numpat: i64 = c.pubsub_numpat().await?;
-            let counts: Vec<Value> = if ours.is_empty() { Vec::new() } else { c.pubsub_numsub(ours.clone()).await? };
-            Ok((info, all, numpat, counts))
+            let mut parts = Vec::new();
+            match c.cached_cluster_state().filter(|_| sharded) {
+                Some(state) => {
+                    for server in state.unique_primary_nodes() {
+                        parts.push(ServerStats::read(&c.with_cluster_node(server), prefix, true).await?);
+                    }
+                }
+                None => parts.push(ServerStats::read(c, prefix, false).await?),
+            }
+            Ok(parts)
         })
         .await?;
-    let field = |name: &str| {
-        info.lines()
-            .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(':')))
-            .map(str::trim)
-            .map(str::to_owned)
-    };
     let mut top: Vec<TopChannel> = Vec::new();
-    for pair in counts.chunks(2) {
-        if let [name, count] = pair
-            && let (Some(name), Some(count)) = (name.as_string(), count.as_i64())
-            && let Some(channel) = engine.keys.channel_of(&name)
-        {
-            top.push(TopChannel { channel: channel.to_string(), subscribers: count.max(0) as u64 });
+    for part in &parts {
+        for pair in part.counts.chunks(2) {
+            if let [name, count] = pair
+                && let (Some(name), Some(count)) = (name.as_string(), count.as_i64())
+                && let Some(channel) = engine.keys.channel_of(&name)
+            {
+                top.push(TopChannel { channel: channel.to_string(), subscribers: count.max(0) as u64 });
+            }
         }
     }
     top.sort_by(|a, b| b.subscribers.cmp(&a.subscribers).then_with(|| a.channel.cmp(&b.channel)));
     top.truncate(10);
+    let sum = |name: &str| parts.iter().map(|p| p.field(name).and_then(|v| v.parse::<u64>().ok())).sum::<Option<u64>>();
+    let used_memory = match parts.as_slice() {
+        [one] => one.field("used_memory_human"),
+        _ => sum("used_memory").map(|bytes| format!("{:.2}M", bytes as f64 / (1024.0 * 1024.0))),
+    };
     Ok(RedisStats {
-        version: field("redis_version"),
-        used_memory: field("used_memory_human"),
-        ops_per_sec: field("instantaneous_ops_per_sec").and_then(|v| v.parse::<u64>().ok()),
-        connected_clients: field("connected_clients").and_then(|v| v.parse::<u64>().ok()),
-        pubsub_channels: all.len() as u64,
-        pubsub_patterns: numpat.max(0) as u64,
+        version: parts.first().and_then(|p| p.field("redis_version")),
+        used_memory,
+        ops_per_sec: sum("instantaneous_ops_per_sec"),
+        connected_clients: sum("connected_clients"),
+        pubsub_channels: parts.iter().map(|p| p.channels).sum(),
+        pubsub_patterns: parts.iter().map(|p| p.patterns).sum(),
         top_channels: top,
     })
+}
+
+/// What one Redis server says of itself and of our pub/sub channels.
+struct ServerStats {
+    info: String,
+    /// Pub/sub channels with subscribers, sharded ones included.
+    channels: u64,
+    patterns: u64,
+    /// `[name, count, ...]` for our channels.
+    counts: Vec<Value>,
+}
+
+impl ServerStats {
+    async fn read<C>(c: &C, prefix: &str, sharded: bool) -> Result<Self, fred::error::Error>
+    where
+        C: ServerInterface + PubsubInterface + Sync,
+    {
+        let info: String = c.info(None).await?;
+        let ours_pattern = format!("{prefix}{{*");
+        let mut all: Vec<String> = c.pubsub_channels("*").await?;
+        let patterns: i64 = c.pubsub_numpat().await?;
+        let counts: Vec<Value> = if sharded {
+            let ours: Vec<String> = c.pubsub_shardchannels(ours_pattern).await?;
+            let counts = if ours.is_empty() { Vec::new() } else { c.pubsub_shardnumsub(ours.clone()).await? };
+            all.extend(ours);
+            counts
+        } else {
+            let ours: Vec<String> = c.pubsub_channels(ours_pattern).await?;
+            if ours.is_empty() { Vec::new() } else { c.pubsub_numsub(ours).await? }
+        };
+        Ok(Self { info, channels: all.len() as u64, patterns: patterns.max(0) as u64, counts })
+    }
+
+    /// One `INFO` field.
+    fn field(&self, name: &str) -> Option<String> {
+        self.info
+            .lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(':')))
+            .map(str::trim)
+            .map(str::to_owned)
+    }
 }
