@@ -54,6 +54,7 @@ macro_rules! every_engine {
 every_engine!(
     publishes_get_contiguous_offsets_in_one_epoch_and_history_returns_them,
     data_comes_back_byte_for_byte_from_history_and_live_delivery,
+    an_empty_event_name_is_no_event_live_in_history_and_in_replay,
     a_gap_within_history_is_replayed_and_a_trimmed_one_is_not_recovered,
     a_gap_longer_than_max_replay_is_not_recovered,
     a_wrong_epoch_is_not_recovered_and_no_since_starts_live_at_the_top,
@@ -213,6 +214,27 @@ async fn data_comes_back_byte_for_byte_from_history_and_live_delivery(config: Co
     let mut bob = node.ws(&token("bob")).await;
     assert_subscribed(&bob.subscribe("room:1", Some((&epoch, 0))).await, &epoch, 1, Some((true, 1)));
     assert_eq!(bob.next_text().await, frame, "replay");
+    node.stop().await;
+}
+
+/// An empty event name is no event: live delivery, history and replay agree on every engine.
+async fn an_empty_event_name_is_no_event_live_in_history_and_in_replay(config: Config) {
+    let node = TestNode::start(config).await;
+    let alice_may_publish = token_with(json!({ "sub": "alice", "exp": now_s() + 3600, "pubs": ["room:*"] }));
+    let mut alice = node.ws(&alice_may_publish).await;
+    let epoch = epoch_of(&alice.subscribe("room:1", None).await);
+    publish(&node, "room:1", json!(1), json!({ "event": "" })).await;
+    let reply = alice.command(json!({ "op": "publish", "channel": "room:1", "event": "", "data": 2 })).await;
+    assert_eq!(reply["ok"], true, "{reply}");
+    let plain = |offset: u64| json!({ "type": "message", "channel": "room:1", "offset": offset, "data": offset });
+    assert_eq!(alice.messages(2).await, [plain(1), plain(2)], "live delivery");
+    let page = history(&node, "channel=room:1&since=0").await;
+    for p in page["publications"].as_array().unwrap() {
+        assert!(p.get("event").is_none(), "history: {p}");
+    }
+    let mut bob = node.ws(&token("bob")).await;
+    assert_subscribed(&bob.subscribe("room:1", Some((&epoch, 0))).await, &epoch, 2, Some((true, 2)));
+    assert_eq!(bob.messages(2).await, [plain(1), plain(2)], "replay");
     node.stop().await;
 }
 

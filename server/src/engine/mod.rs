@@ -94,8 +94,10 @@ pub struct DataTooDeep;
 impl NewMessage {
     /// Takes `data` as the publisher sent it, compacted if it spans lines: every frame is one
     /// line of JSON, which SSE's `data:` framing relies on. Refuses data nested deeper than
-    /// `MAX_DATA_DEPTH`, which subscribers' parsers would choke on.
+    /// `MAX_DATA_DEPTH`, which subscribers' parsers would choke on. An empty event name is no
+    /// event: a stream entry cannot tell the two apart, so live delivery must not either.
     pub fn new(event: Option<String>, data: Box<RawValue>) -> Result<Self, DataTooDeep> {
+        let event = event.filter(|e| !e.is_empty());
         let data = match compact(data.get())? {
             Some(compacted) => RawValue::from_string(compacted).map_err(|_| DataTooDeep)?,
             None => data,
