@@ -342,7 +342,11 @@ impl Session {
             }
             Out::Reset(reset) => {
                 let (channel, position) = *reset;
-                if let Some(sub) = self.subs.get_mut(&channel) {
+                // A subscriber that joined after the loss already started in the new epoch at or
+                // past the reset: for it nothing was lost, and a reset would replay what it has.
+                if let Some(sub) = self.subs.get_mut(&channel)
+                    && !(sub.epoch == position.epoch && sub.last >= position.offset)
+                {
                     self.counters.resets.inc();
                     frames.control(reset_frame(&channel, &position.epoch, position.offset));
                     *sub = Subscription { epoch: position.epoch, last: position.offset };
@@ -533,6 +537,26 @@ mod tests {
         let (list, messages) = sent(&mut frames);
         assert_eq!(list[0], serde_json::json!({"type": "reset", "channel": "c", "epoch": "f", "offset": 7}));
         assert_eq!((offsets(&list[1..]), messages), (vec![8], 1));
+    }
+
+    #[tokio::test]
+    async fn a_reset_the_subscriber_already_started_past_is_not_sent() {
+        // It subscribed after Redis lost the channel: its position is in the new epoch already.
+        let f = Epoch::new("f");
+        let (mut session, mut frames) = (subscribed(&f, 3).await, Frames::default());
+        for offset in [0, 3] {
+            let reset = Out::Reset(Box::new((channel(), Position { epoch: f.clone(), offset })));
+            session.accept(reset, &mut frames).unwrap();
+        }
+        session.accept(message(&f, 2), &mut frames).unwrap();
+        session.accept(message(&f, 4), &mut frames).unwrap();
+        let (list, _) = sent(&mut frames);
+        assert_eq!(offsets(&list), vec![4], "no reset, nothing twice: {list:?}");
+        // A reset past its position in the same epoch (the range was trimmed) still counts.
+        let reset = Out::Reset(Box::new((channel(), Position { epoch: f.clone(), offset: 9 })));
+        session.accept(reset, &mut frames).unwrap();
+        let (list, _) = sent(&mut frames);
+        assert_eq!(list[0], serde_json::json!({"type": "reset", "channel": "c", "epoch": "f", "offset": 9}));
     }
 
     #[tokio::test]

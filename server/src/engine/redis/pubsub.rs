@@ -81,12 +81,15 @@ impl LiveChannel {
         }
         match &self.position {
             Some(pos) if pos.epoch == p.epoch && p.offset <= pos.offset => false,
-            Some(pos) if pos.epoch == p.epoch && p.offset > pos.offset + 1 => {
+            // A hole, or another epoch: Redis lost the history, and the new epoch may hold
+            // messages before this one. Either way the fill reads the stream and decides (a
+            // reset, then what the new epoch still holds): one place for epoch changes.
+            Some(pos) if pos.epoch != p.epoch || p.offset > pos.offset + 1 => {
                 self.filling = true;
                 self.pending.push(p);
                 true
             }
-            // The next offset, or a new epoch (sessions turn that into `reset`).
+            // The next offset (or the first message before the top read of the SUBSCRIBE).
             _ => {
                 self.position = Some(Position { epoch: p.epoch.clone(), offset: p.offset });
                 deliver.deliver(p);
@@ -124,6 +127,10 @@ impl LiveChannel {
         }
         if let Some(reset) = missing.reset {
             deliver.reset(channel, &reset);
+            if reset.epoch != from.epoch {
+                // Messages of the lost epoch that waited are history the reset already announced.
+                self.pending.retain(|p| p.epoch != from.epoch);
+            }
             self.position = Some(reset);
         }
         for p in missing.publications {
@@ -752,15 +759,34 @@ mod tests {
     }
 
     #[test]
-    fn a_live_message_of_another_epoch_is_delivered_at_once_and_moves_the_position() {
-        // The sessions turn the epoch change into `reset`; the node does not fill for it.
+    fn a_live_message_of_another_epoch_is_a_gap_filled_from_the_new_epochs_start() {
+        // Redis lost the channel and publishes went on in a new epoch before this node noticed:
+        // the new epoch's first messages must not be skipped.
         let (mut live, hub) = (subscribed(E1, 5), Hub::default());
-        assert!(!arrive(&mut live, &hub, E2, [4]));
-        assert_eq!(hub.take(), [message(E2, 4)]);
-        assert_eq!(live.position, Some(at(E2, 4)));
-        assert!(!live.filling);
+        assert!(arrive(&mut live, &hub, E2, [4]), "another epoch starts a fill");
+        assert_eq!(hub.take(), [], "nothing is delivered before the fill decides");
+        let stream = Stream::new(E2, 4);
+        assert_eq!(fill_round(&mut live, &stream, &hub), FillStep::Filled { gap: false });
+        let mut expected = vec![reset(E2, 0)];
+        expected.extend(messages(E2, 1..=4));
+        assert_eq!(hub.take(), expected);
         assert!(!arrive(&mut live, &hub, E2, [4, 5]));
         assert_eq!(hub.take(), [message(E2, 5)]);
+    }
+
+    #[test]
+    fn waiting_messages_of_the_lost_epoch_are_dropped_after_the_reset() {
+        let (mut live, hub) = (subscribed(E1, 5), Hub::default());
+        assert!(arrive(&mut live, &hub, E1, [7]), "6 is missing");
+        assert!(!arrive(&mut live, &hub, E1, [8]));
+        // Before the fill read, Redis lost the channel; the new epoch has 2 messages.
+        let stream = Stream::new(E2, 2);
+        assert_eq!(fill_round(&mut live, &stream, &hub), FillStep::Filled { gap: false });
+        let mut expected = vec![reset(E2, 0)];
+        expected.extend(messages(E2, 1..=2));
+        assert_eq!(hub.take(), expected, "one reset, and nothing of the old epoch after it");
+        assert_eq!(live.position, Some(at(E2, 2)));
+        assert!(!live.filling && live.pending.is_empty());
     }
 
     #[test]
