@@ -17,11 +17,12 @@ use hyper_tungstenite::tungstenite::Utf8Bytes;
 use prometheus::IntCounter;
 use serde_json::value::RawValue;
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 
 use crate::auth::Identity;
 use crate::channel::ChannelName;
 use crate::engine::{
-    ClientInfo, Epoch, HistoryQuery, NewMessage, Offset, Position, Publication, check_idempotency_key,
+    ClientInfo, EngineError, Epoch, HistoryQuery, NewMessage, Offset, Position, Publication, check_idempotency_key,
 };
 use crate::hub::{ConnId, Out, SessionHandle, SessionInfo, Transport};
 use crate::node::Node;
@@ -187,14 +188,9 @@ impl Session {
             return Err(CommandError::new(ErrorCode::TooManyChannels, msg));
         }
         self.node.hub().add_subscriber(&channel, &self.handle);
-        let replayed = self.position_and_replay(&channel, since.as_ref()).await;
-        let (position, replay) = match replayed {
-            Ok(r) => r,
-            Err(e) => {
-                self.node.hub().remove_subscriber(&channel, &self.handle.conn);
-                return Err(e);
-            }
-        };
+        let mut joining = Joining::new(&self.node, &channel, &self.handle.conn);
+        let (position, replay) = self.position_and_replay(&channel, since.as_ref(), &mut joining).await?;
+        joining.done();
         let replay = replay.filter(|r| {
             let bytes: usize = r.iter().map(|p| p.frame().len()).sum();
             let fits = bytes <= *budget;
@@ -231,21 +227,16 @@ impl Session {
         &self,
         channel: &ChannelName,
         since: Option<&Position>,
+        joining: &mut Joining,
     ) -> Result<(Position, Option<Vec<Arc<Publication>>>), CommandError> {
         let engine = &self.node.engine();
-        engine.subscribe(channel).await.map_err(unavailable)?;
+        joining.engine_subscribe().await.map_err(unavailable)?;
         let max = self.node.config().max_replay;
         let query = match since {
             Some(p) => HistoryQuery::After { after: p.offset, limit: max },
             None => HistoryQuery::Latest { limit: 0 },
         };
-        let page = match engine.history(channel, query).await {
-            Ok(page) => page,
-            Err(e) => {
-                engine.unsubscribe(channel).await;
-                return Err(unavailable(e));
-            }
-        };
+        let page = engine.history(channel, query).await.map_err(unavailable)?;
         let replay = since.and_then(|p| complete_replay(p, &page.epoch, page.top, page.publications.clone(), max));
         Ok((page.position(), replay))
     }
@@ -375,6 +366,73 @@ impl Session {
         self.handle.info.messages_out.fetch_add(tally.messages as u64, Ordering::Relaxed);
         self.counters.delivered.inc_by(tally.messages as u64);
         self.counters.control.inc_by((tally.frames - tally.messages) as u64);
+    }
+}
+
+/// A subscription being set up, undone when dropped before `done`: on an error, and when the
+/// subscribing future itself is dropped midway (an SSE request whose client went away while
+/// Redis answered). It takes the hub entry out and releases the engine's reference, including
+/// one a SUBSCRIBE still in flight takes when it completes.
+struct Joining {
+    node: Arc<Node>,
+    channel: ChannelName,
+    conn: ConnId,
+    /// The engine's subscribe, run as its own task so that dropping the caller cannot cut it
+    /// in half; `None` before it started and after its outcome was taken.
+    subscribing: Option<JoinHandle<Result<(), EngineError>>>,
+    /// The engine counted a reference for this subscription.
+    counted: bool,
+    done: bool,
+}
+
+impl Joining {
+    fn new(node: &Arc<Node>, channel: &ChannelName, conn: &ConnId) -> Self {
+        Joining {
+            node: node.clone(),
+            channel: channel.clone(),
+            conn: conn.clone(),
+            subscribing: None,
+            counted: false,
+            done: false,
+        }
+    }
+
+    /// Runs the engine's subscribe to completion, whatever happens to the caller.
+    async fn engine_subscribe(&mut self) -> Result<(), EngineError> {
+        let (node, channel) = (self.node.clone(), self.channel.clone());
+        let task = self.subscribing.insert(tokio::spawn(async move { node.engine().subscribe(&channel).await }));
+        let outcome = task.await.unwrap_or_else(|e| Err(EngineError::Unavailable(format!("subscribe failed: {e}"))));
+        self.subscribing = None;
+        self.counted = outcome.is_ok();
+        outcome
+    }
+
+    /// The subscription is in place: nothing to undo.
+    fn done(mut self) {
+        self.done = true;
+    }
+}
+
+impl Drop for Joining {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        self.node.hub().remove_subscriber(&self.channel, &self.conn);
+        let (node, channel) = (self.node.clone(), self.channel.clone());
+        match (self.subscribing.take(), self.counted) {
+            (Some(task), _) => {
+                tokio::spawn(async move {
+                    if let Ok(Ok(())) = task.await {
+                        node.engine().unsubscribe(&channel).await;
+                    }
+                });
+            }
+            (None, true) => {
+                tokio::spawn(async move { node.engine().unsubscribe(&channel).await });
+            }
+            (None, false) => {}
+        }
     }
 }
 

@@ -677,3 +677,50 @@ async fn a_stalled_redis_cannot_hold_an_admin_answer_past_its_timeout() {
     let (status, detail) = admin("/admin/channels/stalled:1").await;
     assert_eq!((status, &detail["error"]["code"]), (503, &json!("unavailable")), "{detail}");
 }
+
+/// A metric's value on `node`'s /metrics (`series` is the whole name with its labels).
+async fn series(node: &TestNode, series: &str) -> f64 {
+    let text = node.metrics().await;
+    let line = text.lines().find(|l| l.starts_with(&format!("{series} "))).unwrap_or_else(|| panic!("no {series}"));
+    line.rsplit(' ').next().unwrap().parse().unwrap()
+}
+
+#[tokio::test]
+async fn an_sse_request_dropped_while_subscribing_leaves_no_subscription_behind() {
+    let redis = RedisServer::start().await;
+    let node = TestNode::start(redis_config(&redis, "n0")).await;
+    let sse = r#"pushd_subscriptions{transport="sse"}"#;
+    // Redis holds every write: the ban check (a read) passes, the SUBSCRIBE goes through, and
+    // the read of the channel's top that completes the node's subscribe (a script) waits.
+    redis.cli(&["CLIENT", "PAUSE", "20000", "WRITE"]).await;
+    let mut request = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+    let path = format!("/sse?channel=room:1&token={}", token("alice"));
+    let head = format!("GET {path} HTTP/1.1\r\nHost: pushd\r\nAccept: text/event-stream\r\n\r\n");
+    tokio::io::AsyncWriteExt::write_all(&mut request, head.as_bytes()).await.unwrap();
+    // The hub took the subscriber before the engine call: the request is now inside subscribe.
+    guard("the SSE request to reach the subscribe", async {
+        while series(&node, sse).await != 1.0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    drop(request);
+    redis.cli(&["CLIENT", "UNPAUSE"]).await;
+    // The SUBSCRIBE completes in Redis; the node must let go of it and of the hub entry.
+    guard("the dropped request's subscription to be released", async {
+        loop {
+            let numsub = redis.cli(&["PUBSUB", "NUMSUB", "pushd:{room:1}"]).await;
+            if series(&node, sse).await == 0.0 && numsub.lines().last() == Some("0") {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    // And the channel works for the next subscriber.
+    let mut alice = node.ws(&token("alice")).await;
+    assert_eq!(alice.subscribe("room:1", None).await["ok"], true);
+    node.publish("room:1", json!({ "n": 1 })).await;
+    assert_eq!(offsets(&alice.messages(1).await), [1]);
+    node.stop().await;
+}
