@@ -724,3 +724,32 @@ async fn an_sse_request_dropped_while_subscribing_leaves_no_subscription_behind(
     assert_eq!(offsets(&alice.messages(1).await), [1]);
     node.stop().await;
 }
+
+/// `PUBSUB NUMSUB` of `channel`'s pub/sub channel: how many connections Redis delivers it to.
+async fn numsub(redis: &RedisServer, channel: &str) -> String {
+    let out = redis.cli(&["PUBSUB", "NUMSUB", &format!("pushd:{{{channel}}}")]).await;
+    out.lines().last().unwrap_or_default().to_owned()
+}
+
+#[tokio::test]
+async fn a_subscribe_that_failed_after_redis_took_the_subscribe_leaves_no_subscription_behind() {
+    let redis = RedisServer::start().await;
+    let node = TestNode::start(redis_config(&redis, "n0")).await;
+    // Writes wait: the SUBSCRIBE goes through, the read of the channel's top does not, and the
+    // node's subscribe fails after its command timeout.
+    redis.cli(&["CLIENT", "PAUSE", "6000", "WRITE"]).await;
+    let mut alice = node.ws(&token("alice")).await;
+    let reply = guard("the subscribe to fail", alice.subscribe("room:1", None)).await;
+    assert_eq!(reply["error"]["code"], "unavailable", "{reply}");
+    redis.cli(&["CLIENT", "UNPAUSE"]).await;
+    // Nobody holds room:1 on the node: Redis must not keep delivering it there.
+    guard("the failed SUBSCRIBE to be taken back", async {
+        while numsub(&redis, "room:1").await != "0" {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert_eq!(alice.subscribe("room:1", None).await["ok"], true);
+    assert_eq!(numsub(&redis, "room:1").await, "1");
+    node.stop().await;
+}

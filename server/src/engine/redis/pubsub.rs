@@ -37,8 +37,17 @@ pub(super) struct LiveChannels {
     channels: Mutex<HashMap<ChannelName, LiveChannel>>,
     /// Channels waiting for a SUBSCRIBE, taken in one batch by the next holder of `changes`.
     wanted: Mutex<HashSet<ChannelName>>,
-    /// Serialises SUBSCRIBE/UNSUBSCRIBE round trips.
+    /// Serialises SUBSCRIBE/UNSUBSCRIBE round trips, resubscribes included.
     changes: tokio::sync::Mutex<()>,
+    /// Wakes the resync task: the subscriber reconnected, or a cluster's slots moved (and, when
+    /// the engine goes, so that the task ends).
+    resync: Arc<tokio::sync::Notify>,
+}
+
+impl Drop for LiveChannels {
+    fn drop(&mut self) {
+        self.resync.notify_one();
+    }
 }
 
 /// One channel's node-level delivery state.
@@ -200,23 +209,27 @@ pub(super) async fn subscribe(engine: &RedisEngine, channel: &ChannelName) -> Re
         wanted.insert(channel.clone());
         wanted.drain().filter(|c| channels.get(c).is_some_and(|l| !l.subscribed)).collect()
     };
-    let subscribed = subscribe_batch(engine, &batch).await;
-    let mut channels = lock(&engine.live.channels);
-    match subscribed {
-        Ok(pages) => {
-            for (name, page) in batch.iter().zip(pages) {
-                if let Some(live) = channels.get_mut(name) {
-                    live.subscribed_at(page.position());
-                }
-            }
-            Ok(())
-        }
+    let pages = match subscribe_batch(engine, &batch).await {
+        Ok(pages) => pages,
         Err(e) => {
-            // The others in the batch find themselves unsubscribed and try again on their own.
-            release(&mut channels, channel);
-            Err(e)
+            release(&mut lock(&engine.live.channels), channel);
+            // The SUBSCRIBE may have reached Redis (only the top read failed, or no answer came
+            // in time): take it back while the change lock still keeps others off the wire, or
+            // a channel nobody holds stays subscribed. The others in the batch find themselves
+            // unsubscribed and try again on their own.
+            if let Err(undo) = unsubscribe_names(engine, &batch).await {
+                tracing::debug!(error = %undo, "undoing a failed SUBSCRIBE failed; a reconnect clears it");
+            }
+            return Err(e);
+        }
+    };
+    let mut channels = lock(&engine.live.channels);
+    for (name, page) in batch.iter().zip(pages) {
+        if let Some(live) = channels.get_mut(name) {
+            live.subscribed_at(page.position());
         }
     }
+    Ok(())
 }
 
 /// One SUBSCRIBE for the whole batch (one SSUBSCRIBE per hash slot on a cluster, the slots'
@@ -228,15 +241,7 @@ async fn subscribe_batch(engine: &RedisEngine, batch: &[ChannelName]) -> Result<
         engine.metrics.error(Operation::Subscribe.label(), "disconnected");
         return Err(EngineError::Unavailable("redis pub/sub is not connected".into()));
     }
-    let names: Vec<String> = batch.iter().map(|c| engine.keys.pubsub(c)).collect();
-    match engine.deployment {
-        Deployment::Cluster => {
-            let slots = by_slot(names).into_values().map(|names| engine.subscriber.ssubscribe(names));
-            let subscribed = futures_util::future::try_join_all(slots);
-            engine.timed(Operation::Subscribe, subscribed).await?;
-        }
-        _ => engine.timed(Operation::Subscribe, engine.subscriber.subscribe(names)).await?,
-    }
+    subscribe_names(engine, batch).await?;
     let tops = batch.iter().map(|c| engine.read_history(c, HistoryQuery::Latest { limit: 0 }));
     futures_util::future::join_all(tops).await.into_iter().collect()
 }
@@ -251,12 +256,52 @@ fn by_slot(names: Vec<String>) -> HashMap<u16, Vec<String>> {
     slots
 }
 
-/// Ends this node's pub/sub subscription to `channel`.
-async fn unsubscribe_channel(engine: &RedisEngine, channel: &ChannelName) -> Result<(), EngineError> {
-    let name = engine.keys.pubsub(channel);
+/// One SUBSCRIBE for `channels` (one SSUBSCRIBE per hash slot on a cluster, the slots at once).
+async fn subscribe_names(engine: &RedisEngine, channels: &[ChannelName]) -> Result<(), EngineError> {
+    if channels.is_empty() {
+        return Ok(());
+    }
+    let names: Vec<String> = channels.iter().map(|c| engine.keys.pubsub(c)).collect();
     match engine.deployment {
-        Deployment::Cluster => engine.timed(Operation::Subscribe, engine.subscriber.sunsubscribe(name)).await,
-        _ => engine.timed(Operation::Subscribe, engine.subscriber.unsubscribe(name)).await,
+        Deployment::Cluster => {
+            let slots = by_slot(names).into_values().map(|names| engine.subscriber.ssubscribe(names));
+            let subscribed = futures_util::future::try_join_all(slots);
+            on_subscriber(engine, subscribed).await.map(drop)
+        }
+        _ => on_subscriber(engine, engine.subscriber.subscribe(names)).await,
+    }
+}
+
+/// Runs one SUBSCRIBE on the subscriber connection, timed and bounded: a resubscribe that never
+/// ends would hold the change lock and stop every later one; a timed-out SUBSCRIBE is retried
+/// (resync) or taken back (a failed batch).
+async fn on_subscriber<T>(
+    engine: &RedisEngine,
+    command: impl Future<Output = Result<T, fred::error::Error>>,
+) -> Result<T, EngineError> {
+    let bounded = async {
+        tokio::time::timeout(super::setup::COMMAND_TIMEOUT, command).await.unwrap_or_else(|_| {
+            Err(fred::error::Error::new(fred::error::ErrorKind::Timeout, "no answer to a SUBSCRIBE"))
+        })
+    };
+    engine.timed(Operation::Subscribe, bounded).await
+}
+
+/// One UNSUBSCRIBE for `channels` (per hash slot on a cluster). Not bounded by a timeout of its
+/// own: it ends when Redis answers or the connection drops (which ends every subscription), so
+/// a slow answer can never leave a subscription nobody holds.
+async fn unsubscribe_names(engine: &RedisEngine, channels: &[ChannelName]) -> Result<(), EngineError> {
+    if channels.is_empty() {
+        return Ok(());
+    }
+    let names: Vec<String> = channels.iter().map(|c| engine.keys.pubsub(c)).collect();
+    match engine.deployment {
+        Deployment::Cluster => {
+            let slots = by_slot(names).into_values().map(|names| engine.subscriber.sunsubscribe(names));
+            let unsubscribed = futures_util::future::try_join_all(slots);
+            engine.timed(Operation::Subscribe, unsubscribed).await.map(drop)
+        }
+        _ => engine.timed(Operation::Subscribe, engine.subscriber.unsubscribe(names)).await,
     }
 }
 
@@ -264,7 +309,7 @@ async fn unsubscribe_channel(engine: &RedisEngine, channel: &ChannelName) -> Res
 pub(super) async fn unsubscribe(engine: &RedisEngine, channel: &ChannelName) {
     let _change = engine.live.changes.lock().await;
     let last = release(&mut lock(&engine.live.channels), channel);
-    if last && let Err(e) = unsubscribe_channel(engine, channel).await {
+    if last && let Err(e) = unsubscribe_names(engine, std::slice::from_ref(channel)).await {
         tracing::warn!(%channel, error = %e, "unsubscribe failed");
     }
 }
@@ -285,6 +330,33 @@ pub(super) fn spawn_dispatcher(engine: &Arc<RedisEngine>) {
     let messages = engine.subscriber.message_rx();
     let reconnects = engine.subscriber.reconnect_rx();
     tokio::spawn(dispatch(Arc::downgrade(engine), messages, reconnects));
+    tokio::spawn(resyncs(Arc::downgrade(engine), engine.live.resync.clone()));
+}
+
+/// Asks for a resubscribe and catch-up of every channel (a cluster's slots moved).
+pub(super) fn request_resync(engine: &RedisEngine) {
+    engine.live.resync.notify_one();
+}
+
+/// The resync task: after each reconnect (or slot move), resubscribes every channel this node
+/// holds and catches them up, retrying with backoff until Redis takes the SUBSCRIBE. Retrying
+/// matters: a channel that stays marked subscribed without a subscription would receive
+/// nothing, and no later event would tell.
+async fn resyncs(engine: Weak<RedisEngine>, wanted: Arc<tokio::sync::Notify>) {
+    loop {
+        wanted.notified().await;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let Some(engine) = engine.upgrade() else { return };
+            match resync(&engine).await {
+                Ok(()) => break,
+                Err(e) => tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "resubscribe failed"),
+            }
+            drop(engine);
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
 }
 
 async fn dispatch(
@@ -313,20 +385,29 @@ async fn dispatch(
                 }
                 engine.metrics.pubsub_reconnects.inc();
                 tracing::info!("redis subscriber reconnected: resubscribing and catching up");
-                if let Err(e) = resync(&engine).await {
-                    tracing::warn!(error = %e, "resubscribe failed; the next reconnect retries");
-                }
+                engine.live.resync.notify_one();
             }
         }
     }
 }
 
-/// Subscribes again to every channel this node holds, then fills each from its stream: messages
-/// published while a subscription was missing (a reconnect, a slot that moved) are read back.
-/// Resubscribe first, then read the streams: nothing can fall in between. The fill runs even
-/// when the resubscribe failed, so what reached the streams is delivered either way.
-pub(super) async fn resync(engine: &Arc<RedisEngine>) -> Result<(), EngineError> {
-    let resubscribed = engine.timed(Operation::Subscribe, engine.subscriber.resubscribe_all()).await;
+/// Subscribes again to every channel this node holds (from its own table, not the client
+/// library's memory, which also keeps what a failed batch left), then fills each from its
+/// stream: messages published while a subscription was missing (a reconnect, a slot that moved)
+/// are read back. Resubscribe first, then read the streams: nothing can fall in between. The
+/// fill runs even when the resubscribe failed, so what reached the streams is delivered either
+/// way.
+async fn resync(engine: &Arc<RedisEngine>) -> Result<(), EngineError> {
+    let resubscribed = {
+        let _change = engine.live.changes.lock().await;
+        let held: Vec<ChannelName> =
+            lock(&engine.live.channels).iter().filter(|(_, l)| l.subscribed).map(|(c, _)| c.clone()).collect();
+        let control = vec![engine.keys.control(), engine.keys.control_reply(&engine.settings.node_id)];
+        match on_subscriber(engine, engine.subscriber.subscribe(control)).await {
+            Ok(()) => subscribe_names(engine, &held).await,
+            Err(e) => Err(e),
+        }
+    };
     catch_up_all(engine);
     resubscribed
 }

@@ -2,8 +2,8 @@
 //! another node, and Redis ends the sharded subscriptions of that slot on the old one without
 //! closing the connection; the client library drops that notice. So the engine watches the
 //! slot map itself (once a second, and whenever a command was redirected) and, when it
-//! changed, refreshes the subscriber's routing, subscribes every channel again where its slot
-//! now lives, and fills each channel from its stream (`pubsub::resync`).
+//! changed, refreshes the subscriber's routing and has the resync task subscribe every channel
+//! again where its slot now lives and fill each from its stream (retrying until it works).
 
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -27,8 +27,6 @@ async fn watch(engine: Weak<RedisEngine>) {
     let mut tick = tokio::time::interval(CHECK_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut known: Option<String> = None;
-    // Set while a change is not yet handled (the resubscribe failed): retried every tick.
-    let mut unsettled = false;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -38,10 +36,13 @@ async fn watch(engine: Weak<RedisEngine>) {
         let Ok(map) = slot_map(&engine).await else { continue };
         let changed = known.as_ref().is_some_and(|k| *k != map);
         known = Some(map);
-        if changed || unsettled {
+        if changed {
             engine.metrics.pubsub_reconnects.inc();
             tracing::info!("redis cluster slots moved: resubscribing and catching up");
-            unsettled = resubscribe(&engine).await.is_err();
+            if let Err(e) = engine.subscriber.sync_cluster().await {
+                tracing::warn!(error = %e, "refreshing the subscriber's cluster routing failed");
+            }
+            pubsub::request_resync(&engine);
         }
     }
 }
@@ -50,14 +51,4 @@ async fn watch(engine: Weak<RedisEngine>) {
 async fn slot_map(engine: &RedisEngine) -> Result<String, crate::engine::EngineError> {
     let slots: Value = engine.call(Operation::Control, |c| c.cluster_slots()).await?;
     Ok(format!("{slots:?}"))
-}
-
-/// Refreshes the subscriber's routing, then resubscribes and catches up.
-async fn resubscribe(engine: &Arc<RedisEngine>) -> Result<(), crate::engine::EngineError> {
-    if let Err(e) = engine.subscriber.sync_cluster().await {
-        tracing::warn!(error = %e, "refreshing the subscriber's cluster routing failed; retrying");
-    }
-    pubsub::resync(engine)
-        .await
-        .inspect_err(|e| tracing::warn!(error = %e, "resubscribe after a slot move failed; retrying"))
 }
