@@ -52,9 +52,15 @@ pub struct Args {
     #[arg(long, env = "PUSHD_REDIS_PREFIX", default_value = "pushd:")]
     pub redis_prefix: String,
 
-    /// Redis command connections per node (pub/sub uses one more).
+    /// Redis command connections per node.
     #[arg(long, env = "PUSHD_REDIS_POOL", default_value_t = 4)]
     pub redis_pool: usize,
+
+    /// Redis pub/sub connections per node. Channels are spread over them by hash, each read by
+    /// its own task, so fan-out from Redis uses more than one core and one busy or reconnecting
+    /// connection does not hold up the others.
+    #[arg(long, env = "PUSHD_REDIS_SUBSCRIBERS", default_value_t = 2)]
+    pub redis_subscribers: usize,
 
     /// Seconds a presence entry outlives its node's last refresh (how fast a dead node's
     /// clients leave presence).
@@ -281,6 +287,8 @@ pub struct Config {
     pub redis_prefix: String,
     /// Redis command connections. Default 4.
     pub redis_pool: usize,
+    /// Redis pub/sub connections. Default 2.
+    pub redis_subscribers: usize,
     /// Presence entry lifetime without refresh. Default 30 s.
     pub presence_ttl: Duration,
     /// Registry lifetime without a heartbeat. Default 5 s.
@@ -425,6 +433,7 @@ impl TryFrom<Args> for Config {
             ("--max-tcp-connections", a.max_tcp_connections.unwrap_or(1)),
             ("--history-ttl", a.history_ttl as usize),
             ("--redis-pool", a.redis_pool),
+            ("--redis-subscribers", a.redis_subscribers),
             ("--presence-ttl", a.presence_ttl as usize),
             ("--idempotency-ttl", a.idempotency_ttl as usize),
             ("--publish-replicas-timeout", a.publish_replicas_timeout as usize),
@@ -465,6 +474,7 @@ impl TryFrom<Args> for Config {
             redis_tls_ca: a.redis_tls_ca.filter(|p| !p.as_os_str().is_empty()),
             redis_prefix: a.redis_prefix,
             redis_pool: a.redis_pool,
+            redis_subscribers: a.redis_subscribers,
             presence_ttl: Duration::from_secs(a.presence_ttl),
             idempotency_ttl: Duration::from_secs(a.idempotency_ttl),
             publish_replicas: a.publish_replicas,

@@ -82,6 +82,7 @@ impl Node {
                     tls_ca: config.redis_tls_ca.clone(),
                     prefix: config.redis_prefix.clone(),
                     pool_size: config.redis_pool,
+                    subscribers: config.redis_subscribers,
                     history_size: config.history_size,
                     history_ttl: config.history_ttl,
                     meta_ttl: config.history_meta_ttl,

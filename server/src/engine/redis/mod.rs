@@ -4,7 +4,9 @@
 //!   expiry, `PUBLISH` — so pub/sub order is offset order and offsets are contiguous.
 //! - History reads are one script too (`history.lua`): epoch, top and `XRANGE` in one snapshot.
 //! - Live fan-out: one node-level pub/sub subscription per channel, counted by local subscribers,
-//!   on a dedicated subscriber connection; commands go through a pool (`pubsub.rs`).
+//!   on one of a few pub/sub connections picked by the channel's hash; commands go through a
+//!   pool (`pubsub.rs`). On a Redis Cluster, sharded pub/sub, and a watch on the slot map
+//!   (`topology.rs`).
 //! - Presence: a hash of clients plus a sorted set of lapse times per channel; each node refreshes
 //!   its own entries, so a dead node's clients lapse on their own.
 //!
@@ -26,7 +28,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use async_trait::async_trait;
-use fred::clients::SubscriberClient;
 use fred::prelude::*;
 use fred::types::scripts::Script;
 use fred::types::{ClusterHash, CustomCommand};
@@ -60,6 +61,8 @@ pub struct RedisSettings {
     pub prefix: String,
     /// Command connections. Default 4.
     pub pool_size: usize,
+    /// Pub/sub connections; channels are spread over them by hash. Default 2.
+    pub subscribers: usize,
     pub history_size: usize,
     pub history_ttl: Duration,
     pub meta_ttl: Duration,
@@ -106,7 +109,6 @@ pub struct RedisEngine {
     deployment: Deployment,
     keys: Keys,
     pool: Pool,
-    subscriber: SubscriberClient,
     publish_script: Script,
     history_script: Script,
     presence_script: Script,
@@ -132,10 +134,14 @@ impl RedisEngine {
         // we fill from the stream, but depth keeps that rare. fred preallocates every client's
         // notification channels at this size, so the pool keeps the small default.
         builder.with_performance_config(|p| p.broadcast_channel_capacity = 1 << 14);
-        let subscriber = builder.build_subscriber_client()?;
+        let subscribers = (0..settings.subscribers.max(1))
+            .map(|_| builder.build_subscriber_client())
+            .collect::<Result<Vec<_>, _>>()?;
         let connect = async {
             pool.init().await?;
-            subscriber.init().await?;
+            for subscriber in &subscribers {
+                subscriber.init().await?;
+            }
             Ok::<_, fred::error::Error>(())
         };
         tokio::time::timeout(CONNECT_TIMEOUT, connect)
@@ -151,9 +157,8 @@ impl RedisEngine {
             history_script: Script::from_lua(include_str!("history.lua")),
             presence_script: Script::from_lua(include_str!("presence.lua")),
             pool,
-            subscriber,
             deliver,
-            live: LiveChannels::default(),
+            live: LiveChannels::new(subscribers),
             scatter: scatter::Scatter::default(),
             present: Mutex::new(HashMap::new()),
             metrics,
@@ -161,10 +166,9 @@ impl RedisEngine {
         for script in [&engine.publish_script, &engine.history_script, &engine.presence_script] {
             script.load(engine.pool.next()).await.context("loading Lua scripts into Redis")?;
         }
-        pubsub::spawn_dispatcher(&engine);
+        pubsub::spawn_dispatchers(&engine);
         topology::spawn(&engine);
-        let control = vec![engine.keys.control(), engine.keys.control_reply(&engine.settings.node_id)];
-        engine.subscriber.subscribe(control).await.context("subscribing to the control channel")?;
+        pubsub::subscribe_control(&engine).await.context("subscribing to the control channel")?;
         tokio::spawn(refresh_presence(Arc::downgrade(&engine)));
         Ok(engine)
     }
@@ -409,9 +413,10 @@ impl Engine for RedisEngine {
         Ok(clients)
     }
 
-    /// Ready only with every pool connection and the subscriber up: commands go round-robin.
+    /// Ready only with every pool connection and every pub/sub connection up: commands go
+    /// round-robin, channels are spread over the pub/sub connections.
     fn ready(&self) -> bool {
-        self.pool.clients().iter().all(|c| c.is_connected()) && self.subscriber.is_connected()
+        self.pool.clients().iter().all(|c| c.is_connected()) && self.live.subscribers().all(|s| s.is_connected())
     }
 
     async fn heartbeat(&self, info: &NodeInfo) -> Result<(), EngineError> {
@@ -490,7 +495,9 @@ impl Engine for RedisEngine {
     }
 
     async fn close(&self) {
-        let _ = self.subscriber.quit().await;
+        for subscriber in self.live.subscribers() {
+            let _ = subscriber.quit().await;
+        }
         let _ = self.pool.quit().await;
     }
 }

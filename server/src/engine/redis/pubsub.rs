@@ -1,21 +1,28 @@
 //! Live fan-out through Redis pub/sub, with node-level gap filling.
 //!
 //! The node holds one SUBSCRIBE per channel with local subscribers, counted by `subscribe` /
-//! `unsubscribe`. Subscription changes are serialised by one async lock, so a SUBSCRIBE and an
-//! UNSUBSCRIBE of the same channel can never cross on the wire.
+//! `unsubscribe`. Channels are spread by hash over several pub/sub connections (lanes,
+//! `--redis-subscribers`), each read by its own task, so one busy connection or one slow
+//! resubscribe never holds up the others. A lane's subscription changes are serialised by its
+//! own async lock, so a SUBSCRIBE and an UNSUBSCRIBE of the same channel can never cross on the
+//! wire, while lanes change independently.
 //!
 //! Each live channel remembers the last offset delivered on this node. Because offsets are
 //! contiguous, a message above last + 1 is a gap: the channel stops delivering, reads the missing
 //! range from the stream, delivers it, then what arrived meanwhile — in order. A pub/sub
-//! reconnect or a lagging receiver does the same for every channel. If the stream no longer has
-//! the range (trimmed, expired, or Redis came back empty with a new epoch), the channel's
-//! subscribers get `reset` with the current position instead: never a silent gap.
+//! reconnect or a lagging receiver does the same for every channel of that lane. If the stream no
+//! longer has the range (trimmed, expired, or Redis came back empty with a new epoch), the
+//! channel's subscribers get `reset` with the current position instead: never a silent gap.
+//! Channel state is sharded: delivering on one channel or filling its gap locks that channel's
+//! shard only.
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
+use fred::clients::SubscriberClient;
 use fred::prelude::*;
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -27,21 +34,83 @@ use crate::engine::{
     Deliver, EngineError, Epoch, HistoryPage, HistoryQuery, NewMessage, Offset, Position, Publication,
 };
 use crate::locks::lock;
+use crate::shard::Sharded;
 
 /// Most messages read from the stream per gap-filling round.
 const FILL_PAGE: usize = 1000;
 
-/// The channels this node is subscribed to.
-#[derive(Default)]
+/// The channels this node is subscribed to, and the pub/sub connections that carry them.
 pub(super) struct LiveChannels {
-    channels: Mutex<HashMap<ChannelName, LiveChannel>>,
+    channels: Sharded<Mutex<HashMap<ChannelName, LiveChannel>>>,
+    lanes: Vec<Lane>,
+    /// Wakes the resync task: a lane reconnected, or a cluster's slots moved (and, when the
+    /// engine goes, so that the task ends).
+    resync: Arc<tokio::sync::Notify>,
+    /// Numbers channel entries, so a gap fill can tell its entry from a later one.
+    generations: AtomicU64,
+}
+
+/// One pub/sub connection and the changes to its subscriptions.
+struct Lane {
+    subscriber: SubscriberClient,
     /// Channels waiting for a SUBSCRIBE, taken in one batch by the next holder of `changes`.
     wanted: Mutex<HashSet<ChannelName>>,
-    /// Serialises SUBSCRIBE/UNSUBSCRIBE round trips, resubscribes included.
+    /// Serialises this lane's SUBSCRIBE/UNSUBSCRIBE round trips, resubscribes included.
     changes: tokio::sync::Mutex<()>,
-    /// Wakes the resync task: the subscriber reconnected, or a cluster's slots moved (and, when
-    /// the engine goes, so that the task ends).
-    resync: Arc<tokio::sync::Notify>,
+    /// The lane must subscribe its channels again (it reconnected, or slots moved).
+    stale: AtomicBool,
+}
+
+impl LiveChannels {
+    /// Channel state over `subscribers`, one lane each (at least one).
+    pub(super) fn new(subscribers: Vec<SubscriberClient>) -> Self {
+        assert!(!subscribers.is_empty(), "at least one pub/sub connection");
+        let lanes = subscribers
+            .into_iter()
+            .map(|subscriber| Lane {
+                subscriber,
+                wanted: Mutex::default(),
+                changes: tokio::sync::Mutex::default(),
+                stale: AtomicBool::new(false),
+            })
+            .collect();
+        Self { channels: Sharded::default(), lanes, resync: Arc::default(), generations: AtomicU64::new(0) }
+    }
+
+    /// Every pub/sub connection; the first also carries the control channels.
+    pub(super) fn subscribers(&self) -> impl Iterator<Item = &SubscriberClient> {
+        self.lanes.iter().map(|l| &l.subscriber)
+    }
+
+    /// The lane that carries `channel`: by its hash slot, so on a cluster one lane's batch
+    /// groups whole slots.
+    fn lane_of(&self, channel: &ChannelName) -> usize {
+        fred::util::redis_keyslot(channel.as_str().as_bytes()) as usize % self.lanes.len()
+    }
+
+    /// The locked shard that holds `channel`'s state.
+    fn shard(&self, channel: &ChannelName) -> MutexGuard<'_, HashMap<ChannelName, LiveChannel>> {
+        lock(self.channels.of(channel))
+    }
+
+    /// The channels of `lane` (every lane for `None`) that Redis acknowledged.
+    fn subscribed(&self, lane: Option<usize>) -> Vec<ChannelName> {
+        let mut held = Vec::new();
+        for shard in &self.channels {
+            let shard = lock(shard);
+            let on_lane = |c: &ChannelName| lane.is_none_or(|l| self.lane_of(c) == l);
+            held.extend(shard.iter().filter(|(c, l)| l.subscribed && on_lane(c)).map(|(c, _)| c.clone()));
+        }
+        held
+    }
+
+    /// Marks every lane for a resubscribe and wakes the resync task.
+    fn all_stale(&self) {
+        for lane in &self.lanes {
+            lane.stale.store(true, Ordering::Relaxed);
+        }
+        self.resync.notify_one();
+    }
 }
 
 impl Drop for LiveChannels {
@@ -53,6 +122,8 @@ impl Drop for LiveChannels {
 /// One channel's node-level delivery state.
 #[derive(Default)]
 struct LiveChannel {
+    /// Which entry of the channel this is (a channel left and joined again gets a new one).
+    generation: u64,
     /// Local subscriptions.
     refs: usize,
     /// Whether Redis acknowledged the SUBSCRIBE.
@@ -186,62 +257,70 @@ struct Wire<'a> {
 
 /// Makes sure this node receives `channel`, counting the reference.
 ///
-/// Channels that need a SUBSCRIBE queue up in `wanted`; whoever gets the change lock subscribes
-/// everything queued in one command, so a connection storm over many channels costs a few round
-/// trips instead of one per channel.
+/// Channels that need a SUBSCRIBE queue up in their lane's `wanted`; whoever gets the lane's
+/// change lock subscribes everything queued in one command, so a connection storm over many
+/// channels costs a few round trips instead of one per channel.
 pub(super) async fn subscribe(engine: &RedisEngine, channel: &ChannelName) -> Result<(), EngineError> {
+    let live = &engine.live;
     {
-        let mut channels = lock(&engine.live.channels);
-        let live = channels.entry(channel.clone()).or_default();
-        live.refs += 1;
-        if live.subscribed {
+        let mut shard = live.shard(channel);
+        let entry = shard.entry(channel.clone()).or_insert_with(|| LiveChannel {
+            generation: live.generations.fetch_add(1, Ordering::Relaxed),
+            ..LiveChannel::default()
+        });
+        entry.refs += 1;
+        if entry.subscribed {
             return Ok(());
         }
-        lock(&engine.live.wanted).insert(channel.clone());
     }
-    let _change = engine.live.changes.lock().await;
-    let batch: Vec<ChannelName> = {
-        let channels = lock(&engine.live.channels);
-        if channels.get(channel).is_some_and(|l| l.subscribed) {
-            return Ok(()); // an earlier batch took this channel along
-        }
-        let mut wanted = lock(&engine.live.wanted);
-        wanted.insert(channel.clone());
-        wanted.drain().filter(|c| channels.get(c).is_some_and(|l| !l.subscribed)).collect()
-    };
-    let pages = match subscribe_batch(engine, &batch).await {
+    let ix = live.lane_of(channel);
+    let lane = &live.lanes[ix];
+    lock(&lane.wanted).insert(channel.clone());
+    let _change = lane.changes.lock().await;
+    if live.shard(channel).get(channel).is_some_and(|l| l.subscribed) {
+        return Ok(()); // an earlier batch took this channel along
+    }
+    let mut batch: Vec<ChannelName> = lock(&lane.wanted).drain().collect();
+    if !batch.contains(channel) {
+        batch.push(channel.clone()); // a failed batch took it along: try again
+    }
+    batch.retain(|c| live.shard(c).get(c).is_some_and(|l| !l.subscribed));
+    let pages = match subscribe_batch(engine, ix, &batch).await {
         Ok(pages) => pages,
         Err(e) => {
-            release(&mut lock(&engine.live.channels), channel);
+            release(&mut live.shard(channel), channel);
             // The SUBSCRIBE may have reached Redis (only the top read failed, or no answer came
             // in time): take it back while the change lock still keeps others off the wire, or
             // a channel nobody holds stays subscribed. The others in the batch find themselves
             // unsubscribed and try again on their own.
-            if let Err(undo) = unsubscribe_names(engine, &batch).await {
+            if let Err(undo) = unsubscribe_names(engine, ix, &batch).await {
                 tracing::debug!(error = %undo, "undoing a failed SUBSCRIBE failed; a reconnect clears it");
             }
             return Err(e);
         }
     };
-    let mut channels = lock(&engine.live.channels);
     for (name, page) in batch.iter().zip(pages) {
-        if let Some(live) = channels.get_mut(name) {
-            live.subscribed_at(page.position());
+        if let Some(entry) = live.shard(name).get_mut(name) {
+            entry.subscribed_at(page.position());
         }
     }
     Ok(())
 }
 
-/// One SUBSCRIBE for the whole batch (one SSUBSCRIBE per hash slot on a cluster, the slots'
-/// concurrently), then each channel's current top, read concurrently: that is where delivery
-/// starts on this node, and any session that reads history after `subscribe` returned has
-/// everything up to it.
-async fn subscribe_batch(engine: &RedisEngine, batch: &[ChannelName]) -> Result<Vec<HistoryPage>, EngineError> {
-    if !engine.subscriber.is_connected() {
+/// One SUBSCRIBE for the whole batch on lane `ix` (one SSUBSCRIBE per hash slot on a cluster,
+/// the slots concurrently), then each channel's current top, read concurrently: that is where
+/// delivery starts on this node, and any session that reads history after `subscribe` returned
+/// has everything up to it.
+async fn subscribe_batch(
+    engine: &RedisEngine,
+    ix: usize,
+    batch: &[ChannelName],
+) -> Result<Vec<HistoryPage>, EngineError> {
+    if !engine.live.lanes[ix].subscriber.is_connected() {
         engine.metrics.error(Operation::Subscribe.label(), "disconnected");
         return Err(EngineError::Unavailable("redis pub/sub is not connected".into()));
     }
-    subscribe_names(engine, batch).await?;
+    subscribe_names(engine, ix, batch).await?;
     let tops = batch.iter().map(|c| engine.read_history(c, HistoryQuery::Latest { limit: 0 }));
     futures_util::future::join_all(tops).await.into_iter().collect()
 }
@@ -256,25 +335,27 @@ fn by_slot(names: Vec<String>) -> HashMap<u16, Vec<String>> {
     slots
 }
 
-/// One SUBSCRIBE for `channels` (one SSUBSCRIBE per hash slot on a cluster, the slots at once).
-async fn subscribe_names(engine: &RedisEngine, channels: &[ChannelName]) -> Result<(), EngineError> {
+/// One SUBSCRIBE for `channels` on lane `ix` (one SSUBSCRIBE per hash slot on a cluster, the
+/// slots at once).
+async fn subscribe_names(engine: &RedisEngine, ix: usize, channels: &[ChannelName]) -> Result<(), EngineError> {
     if channels.is_empty() {
         return Ok(());
     }
+    let subscriber = &engine.live.lanes[ix].subscriber;
     let names: Vec<String> = channels.iter().map(|c| engine.keys.pubsub(c)).collect();
     match engine.deployment {
         Deployment::Cluster => {
-            let slots = by_slot(names).into_values().map(|names| engine.subscriber.ssubscribe(names));
+            let slots = by_slot(names).into_values().map(|names| subscriber.ssubscribe(names));
             let subscribed = futures_util::future::try_join_all(slots);
             on_subscriber(engine, subscribed).await.map(drop)
         }
-        _ => on_subscriber(engine, engine.subscriber.subscribe(names)).await,
+        _ => on_subscriber(engine, subscriber.subscribe(names)).await,
     }
 }
 
-/// Runs one SUBSCRIBE on the subscriber connection, timed and bounded: a resubscribe that never
-/// ends would hold the change lock and stop every later one; a timed-out SUBSCRIBE is retried
-/// (resync) or taken back (a failed batch).
+/// Runs one SUBSCRIBE on a pub/sub connection, timed and bounded: a resubscribe that never
+/// ends would hold the lane's change lock and stop every later one; a timed-out SUBSCRIBE is
+/// retried (resync) or taken back (a failed batch).
 async fn on_subscriber<T>(
     engine: &RedisEngine,
     command: impl Future<Output = Result<T, fred::error::Error>>,
@@ -287,29 +368,31 @@ async fn on_subscriber<T>(
     engine.timed(Operation::Subscribe, bounded).await
 }
 
-/// One UNSUBSCRIBE for `channels` (per hash slot on a cluster). Not bounded by a timeout of its
-/// own: it ends when Redis answers or the connection drops (which ends every subscription), so
-/// a slow answer can never leave a subscription nobody holds.
-async fn unsubscribe_names(engine: &RedisEngine, channels: &[ChannelName]) -> Result<(), EngineError> {
+/// One UNSUBSCRIBE for `channels` on lane `ix` (per hash slot on a cluster). Not bounded by a
+/// timeout of its own: it ends when Redis answers or the connection drops (which ends every
+/// subscription), so a slow answer can never leave a subscription nobody holds.
+async fn unsubscribe_names(engine: &RedisEngine, ix: usize, channels: &[ChannelName]) -> Result<(), EngineError> {
     if channels.is_empty() {
         return Ok(());
     }
+    let subscriber = &engine.live.lanes[ix].subscriber;
     let names: Vec<String> = channels.iter().map(|c| engine.keys.pubsub(c)).collect();
     match engine.deployment {
         Deployment::Cluster => {
-            let slots = by_slot(names).into_values().map(|names| engine.subscriber.sunsubscribe(names));
+            let slots = by_slot(names).into_values().map(|names| subscriber.sunsubscribe(names));
             let unsubscribed = futures_util::future::try_join_all(slots);
             engine.timed(Operation::Subscribe, unsubscribed).await.map(drop)
         }
-        _ => engine.timed(Operation::Subscribe, engine.subscriber.unsubscribe(names)).await,
+        _ => engine.timed(Operation::Subscribe, subscriber.unsubscribe(names)).await,
     }
 }
 
 /// Drops one reference; the last one unsubscribes the node.
 pub(super) async fn unsubscribe(engine: &RedisEngine, channel: &ChannelName) {
-    let _change = engine.live.changes.lock().await;
-    let last = release(&mut lock(&engine.live.channels), channel);
-    if last && let Err(e) = unsubscribe_names(engine, std::slice::from_ref(channel)).await {
+    let ix = engine.live.lane_of(channel);
+    let _change = engine.live.lanes[ix].changes.lock().await;
+    let last = release(&mut engine.live.shard(channel), channel);
+    if last && let Err(e) = unsubscribe_names(engine, ix, std::slice::from_ref(channel)).await {
         tracing::warn!(%channel, error = %e, "unsubscribe failed");
     }
 }
@@ -325,32 +408,48 @@ fn release(channels: &mut HashMap<ChannelName, LiveChannel>, channel: &ChannelNa
     false
 }
 
-/// Starts the task that turns pub/sub traffic into deliveries.
-pub(super) fn spawn_dispatcher(engine: &Arc<RedisEngine>) {
-    let messages = engine.subscriber.message_rx();
-    let reconnects = engine.subscriber.reconnect_rx();
-    tokio::spawn(dispatch(Arc::downgrade(engine), messages, reconnects));
+/// Subscribes the control channels (surveys, and answers to this node's) on the first lane.
+pub(super) async fn subscribe_control(engine: &RedisEngine) -> Result<(), EngineError> {
+    let control = vec![engine.keys.control(), engine.keys.control_reply(&engine.settings.node_id)];
+    on_subscriber(engine, engine.live.lanes[0].subscriber.subscribe(control)).await
+}
+
+/// Starts one task per lane that turns its pub/sub traffic into deliveries, and the resync task.
+pub(super) fn spawn_dispatchers(engine: &Arc<RedisEngine>) {
+    for (ix, lane) in engine.live.lanes.iter().enumerate() {
+        let (messages, reconnects) = (lane.subscriber.message_rx(), lane.subscriber.reconnect_rx());
+        tokio::spawn(dispatch(Arc::downgrade(engine), ix, messages, reconnects));
+    }
     tokio::spawn(resyncs(Arc::downgrade(engine), engine.live.resync.clone()));
 }
 
-/// Asks for a resubscribe and catch-up of every channel (a cluster's slots moved).
+/// Asks for a resubscribe and catch-up of every lane (a cluster's slots moved).
 pub(super) fn request_resync(engine: &RedisEngine) {
-    engine.live.resync.notify_one();
+    engine.live.all_stale();
 }
 
-/// The resync task: after each reconnect (or slot move), resubscribes every channel this node
-/// holds and catches them up, retrying with backoff until Redis takes the SUBSCRIBE. Retrying
-/// matters: a channel that stays marked subscribed without a subscription would receive
-/// nothing, and no later event would tell.
+/// The resync task: after a lane reconnected (or slots moved), subscribes its channels again and
+/// catches them up, retrying with backoff until Redis takes the SUBSCRIBE. Retrying matters: a
+/// channel that stays marked subscribed without a subscription would receive nothing, and no
+/// later event would tell.
 async fn resyncs(engine: Weak<RedisEngine>, wanted: Arc<tokio::sync::Notify>) {
     loop {
         wanted.notified().await;
         let mut backoff = Duration::from_millis(100);
         loop {
             let Some(engine) = engine.upgrade() else { return };
-            match resync(&engine).await {
-                Ok(()) => break,
-                Err(e) => tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "resubscribe failed"),
+            let mut failed = false;
+            for (ix, lane) in engine.live.lanes.iter().enumerate() {
+                if lane.stale.swap(false, Ordering::Relaxed)
+                    && let Err(e) = resync(&engine, ix).await
+                {
+                    tracing::warn!(lane = ix, error = %e, retry_in_ms = backoff.as_millis() as u64, "resubscribe failed");
+                    lane.stale.store(true, Ordering::Relaxed);
+                    failed = true;
+                }
+            }
+            if !failed {
+                break;
             }
             drop(engine);
             tokio::time::sleep(backoff).await;
@@ -361,6 +460,7 @@ async fn resyncs(engine: Weak<RedisEngine>, wanted: Arc<tokio::sync::Notify>) {
 
 async fn dispatch(
     engine: Weak<RedisEngine>,
+    ix: usize,
     mut messages: tokio::sync::broadcast::Receiver<fred::types::Message>,
     mut reconnects: tokio::sync::broadcast::Receiver<Server>,
 ) {
@@ -372,8 +472,8 @@ async fn dispatch(
                     Ok(message) => on_message(&engine, message),
                     Err(RecvError::Lagged(n)) => {
                         engine.metrics.pubsub_lagged.inc();
-                        tracing::warn!(dropped = n, "pub/sub receiver lagged: filling from the streams");
-                        catch_up_all(&engine);
+                        tracing::warn!(lane = ix, dropped = n, "pub/sub receiver lagged: filling from the streams");
+                        catch_up(&engine, Some(ix));
                     }
                     Err(RecvError::Closed) => return,
                 }
@@ -384,31 +484,31 @@ async fn dispatch(
                     return;
                 }
                 engine.metrics.pubsub_reconnects.inc();
-                tracing::info!("redis subscriber reconnected: resubscribing and catching up");
+                tracing::info!(lane = ix, "redis subscriber reconnected: resubscribing and catching up");
+                engine.live.lanes[ix].stale.store(true, Ordering::Relaxed);
                 engine.live.resync.notify_one();
             }
         }
     }
 }
 
-/// Subscribes again to every channel this node holds (from its own table, not the client
-/// library's memory, which also keeps what a failed batch left), then fills each from its
-/// stream: messages published while a subscription was missing (a reconnect, a slot that moved)
-/// are read back. Resubscribe first, then read the streams: nothing can fall in between. The
-/// fill runs even when the resubscribe failed, so what reached the streams is delivered either
-/// way.
-async fn resync(engine: &Arc<RedisEngine>) -> Result<(), EngineError> {
+/// Subscribes lane `ix` again to every channel it carries (from the node's own table, not the
+/// client library's memory, which also keeps what a failed batch left), then fills each from
+/// its stream: messages published while a subscription was missing (a reconnect, a slot that
+/// moved) are read back. Resubscribe first, then read the streams: nothing can fall in between.
+/// The fill runs even when the resubscribe failed, so what reached the streams is delivered
+/// either way.
+async fn resync(engine: &Arc<RedisEngine>, ix: usize) -> Result<(), EngineError> {
     let resubscribed = {
-        let _change = engine.live.changes.lock().await;
-        let held: Vec<ChannelName> =
-            lock(&engine.live.channels).iter().filter(|(_, l)| l.subscribed).map(|(c, _)| c.clone()).collect();
-        let control = vec![engine.keys.control(), engine.keys.control_reply(&engine.settings.node_id)];
-        match on_subscriber(engine, engine.subscriber.subscribe(control)).await {
-            Ok(()) => subscribe_names(engine, &held).await,
+        let _change = engine.live.lanes[ix].changes.lock().await;
+        let held = engine.live.subscribed(Some(ix));
+        let control = if ix == 0 { subscribe_control(engine).await } else { Ok(()) };
+        match control {
+            Ok(()) => subscribe_names(engine, ix, &held).await,
             Err(e) => Err(e),
         }
     };
-    catch_up_all(engine);
+    catch_up(engine, Some(ix));
     resubscribed
 }
 
@@ -432,42 +532,52 @@ fn on_message(engine: &Arc<RedisEngine>, message: fred::types::Message) {
             let msg = NewMessage { event: wire.v, data: data.to_owned(), idempotency_key: None };
             let p = Arc::new(Publication::new(channel.clone(), Epoch::new(epoch), offset, msg, wire.t.unwrap_or(0)));
             let gap = {
-                let mut channels = lock(&engine.live.channels);
-                let Some(live) = channels.get_mut(&channel) else { return };
-                live.accept(p, deliver.as_ref())
+                let mut shard = engine.live.shard(&channel);
+                let Some(live) = shard.get_mut(&channel) else { return };
+                live.accept(p, deliver.as_ref()).then_some(live.generation)
             };
-            if gap {
-                tokio::spawn(fill(Arc::downgrade(engine), channel));
+            if let Some(generation) = gap {
+                tokio::spawn(fill(Arc::downgrade(engine), channel, generation));
             }
         }
         _ => tracing::warn!(%channel, "pub/sub message of unknown shape"),
     }
 }
 
-/// Puts every live channel into gap filling from its last delivered offset.
-fn catch_up_all(engine: &Arc<RedisEngine>) {
+/// Puts every live channel of lane `ix` (of every lane for `None`) into gap filling from its
+/// last delivered offset; one shard locked at a time.
+fn catch_up(engine: &Arc<RedisEngine>, ix: Option<usize>) {
     let mut to_fill = Vec::new();
-    for (channel, live) in lock(&engine.live.channels).iter_mut() {
-        if live.start_catch_up() {
-            to_fill.push(channel.clone());
+    for shard in &engine.live.channels {
+        for (channel, live) in lock(shard).iter_mut() {
+            if ix.is_none_or(|ix| engine.live.lane_of(channel) == ix) && live.start_catch_up() {
+                to_fill.push((channel.clone(), live.generation));
+            }
         }
     }
-    for channel in to_fill {
-        tokio::spawn(fill(Arc::downgrade(engine), channel));
+    for (channel, generation) in to_fill {
+        tokio::spawn(fill(Arc::downgrade(engine), channel, generation));
     }
 }
 
 /// Reads what `channel` is missing from the stream and delivers it, then the messages that
 /// waited; retries while Redis is away. If the channel's epoch changed (Redis lost it), the
 /// subscribers get `reset` and then the new epoch's messages from 1 where the stream still has
-/// them, or `reset` to the current top where it does not.
-async fn fill(engine: Weak<RedisEngine>, channel: ChannelName) {
+/// them, or `reset` to the current top where it does not. The fill belongs to the channel's
+/// entry `generation`: once the channel was left (and perhaps joined again) it stops.
+async fn fill(engine: Weak<RedisEngine>, channel: ChannelName, generation: u64) {
     let mut backoff = Duration::from_millis(50);
     // Whether this fill had to send `reset` (its result, for the metrics).
     let mut lost = false;
     loop {
         let Some(engine) = engine.upgrade() else { return };
-        let Some(Some(from)) = lock(&engine.live.channels).get(&channel).map(|l| l.position.clone()) else { return };
+        let from = engine
+            .live
+            .shard(&channel)
+            .get(&channel)
+            .filter(|l| l.generation == generation)
+            .map(|l| l.position.clone());
+        let Some(Some(from)) = from else { return };
         let read = |after| engine.read_history(&channel, HistoryQuery::After { after, limit: FILL_PAGE });
         let missing = match read_missing(read, &from).await {
             Ok(missing) => missing,
@@ -480,8 +590,8 @@ async fn fill(engine: Weak<RedisEngine>, channel: ChannelName) {
             }
         };
         let Some(deliver) = engine.deliver.upgrade() else { return };
-        let mut channels = lock(&engine.live.channels);
-        let Some(live) = channels.get_mut(&channel) else { return };
+        let mut shard = engine.live.shard(&channel);
+        let Some(live) = shard.get_mut(&channel).filter(|l| l.generation == generation) else { return };
         if let Some(reset) = &missing.reset {
             tracing::warn!(%channel, from = from.offset, epoch = %reset.epoch, offset = reset.offset, "history lost under live subscribers: reset");
             lost = true;

@@ -39,8 +39,10 @@ async fn watch(engine: Weak<RedisEngine>) {
         if changed {
             engine.metrics.pubsub_reconnects.inc();
             tracing::info!("redis cluster slots moved: resubscribing and catching up");
-            if let Err(e) = engine.subscriber.sync_cluster().await {
-                tracing::warn!(error = %e, "refreshing the subscriber's cluster routing failed");
+            for subscriber in engine.live.subscribers() {
+                if let Err(e) = subscriber.sync_cluster().await {
+                    tracing::warn!(error = %e, "refreshing a subscriber's cluster routing failed");
+                }
             }
             pubsub::request_resync(&engine);
         }
