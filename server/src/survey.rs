@@ -19,10 +19,25 @@ use crate::protocol::{Close, CloseCode};
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum SurveyRequest {
     Stats,
-    Connections { user: Option<String>, channel: Option<String> },
-    Channels { pattern: Option<String> },
-    Channel { channel: String },
-    Kick { conns: Vec<String>, user: Option<String>, reason: String },
+    /// At most `limit` + 1 connections per node, the first by `conn_order`: merged, they still
+    /// give the first `limit` of the cluster, and whether there were more.
+    Connections {
+        user: Option<String>,
+        channel: Option<String>,
+        #[serde(default)]
+        limit: Option<usize>,
+    },
+    Channels {
+        pattern: Option<String>,
+    },
+    Channel {
+        channel: String,
+    },
+    Kick {
+        conns: Vec<String>,
+        user: Option<String>,
+        reason: String,
+    },
 }
 
 /// One node's answer to `Stats`: its stats as the admin API lists them, plus what the cluster
@@ -55,8 +70,10 @@ impl SurveyHandler for Node {
     fn answer(&self, request: &str) -> String {
         let answer = match serde_json::from_str::<SurveyRequest>(request) {
             Ok(SurveyRequest::Stats) => serde_json::to_value(self.stats()),
-            Ok(SurveyRequest::Connections { user, channel }) => {
-                serde_json::to_value(self.connections(user.as_deref(), channel.as_deref()))
+            Ok(SurveyRequest::Connections { user, channel, limit }) => {
+                let mut list = self.connections(user.as_deref(), channel.as_deref());
+                list.truncate(limit.map_or(usize::MAX, |l| l.saturating_add(1)));
+                serde_json::to_value(list)
             }
             Ok(SurveyRequest::Channels { pattern }) => serde_json::to_value(self.local_channels(pattern.as_deref())),
             Ok(SurveyRequest::Channel { channel }) => serde_json::to_value(self.subscribers_of(&channel)),

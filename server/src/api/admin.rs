@@ -255,7 +255,8 @@ async fn nodes(node: &Node, req: &Request<Incoming>) -> AdminResult {
 async fn connections(node: &Node, req: &Request<Incoming>) -> AdminResult {
     let limit = number(req, "limit")?.unwrap_or(100).clamp(1, 10_000) as usize;
     let only_node = http::query(req, "node");
-    let request = SurveyRequest::Connections { user: http::query(req, "user"), channel: http::query(req, "channel") };
+    let (user, channel) = (http::query(req, "user"), http::query(req, "channel"));
+    let request = SurveyRequest::Connections { user, channel, limit: Some(limit) };
     let (answers, coverage) = survey::<Vec<ConnectionInfo>>(node, &request, Deadline::of(req)?).await?;
     let mut all: Vec<ConnectionInfo> = answers
         .into_iter()

@@ -56,17 +56,34 @@ pub(super) fn on_request(engine: &Arc<RedisEngine>, text: &str) {
         return tracing::warn!("unreadable control request");
     };
     let Some(handler) = engine.scatter.handler.get().and_then(Weak::upgrade) else { return };
-    let answer = handler.answer(request.body.get());
-    let Ok(body) = RawValue::from_string(answer) else { return tracing::warn!("control answer is not JSON") };
-    let reply = serde_json::to_string(&Reply { id: request.id, node: &engine.settings.node_id, body: &body })
-        .expect("replies serialise");
-    let channel = engine.keys.control_reply(request.from);
-    let engine = engine.clone();
+    let (engine, body, from) = (engine.clone(), request.body.get().to_owned(), request.from.to_owned());
+    // Answered in a task of its own: listing a large node takes time that must not hold up the
+    // pub/sub reading path, and so fan-out on this lane.
     tokio::spawn(async move {
+        let answer = capped(handler.answer(&body));
+        let Ok(body) = RawValue::from_string(answer) else { return tracing::warn!("control answer is not JSON") };
+        let reply = serde_json::to_string(&Reply { id: request.id, node: &engine.settings.node_id, body: &body })
+            .expect("replies serialise");
+        let channel = engine.keys.control_reply(&from);
         if let Err(e) = engine.call(Operation::Control, |c| c.publish::<(), _, _>(channel, reply)).await {
             tracing::debug!(error = %e, "control reply not published");
         }
     });
+}
+
+/// Largest answer a node publishes: one pub/sub message every node's reader must take whole.
+const MAX_ANSWER_BYTES: usize = 8 << 20;
+
+/// `answer`, or an error the asker shows when it is too large to send.
+fn capped(answer: String) -> String {
+    if answer.len() <= MAX_ANSWER_BYTES {
+        return answer;
+    }
+    let error = format!(
+        "this node's answer is {} bytes, over the {MAX_ANSWER_BYTES}-byte cap: narrow the request",
+        answer.len()
+    );
+    serde_json::json!({ "error": error }).to_string()
 }
 
 /// Hands a reply to the survey waiting for it.
