@@ -10,7 +10,11 @@ runs=${1:-1}
 bin=target/release
 work=$(mktemp -d /tmp/pushd-bench.XXXXXX)
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+cleanup() {
+  for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
 trap cleanup EXIT
 
 # Starts redis-server on port $1 with extra args; records its pid.
@@ -62,18 +66,31 @@ nodes() {
 
 stop_all() { cleanup; pids=(); work=$(mktemp -d /tmp/pushd-bench.XXXXXX); }
 
-report() { python3 -c 'import json,sys; r=json.load(sys.stdin); print(sys.argv[1], json.dumps(r, separators=(",",":"))[:600])' "$1"; }
+# One line per run: the verdict, publishes/s and publish latency, deliveries/s and delivery
+# latency, and the nodes' CPU seconds while publishing (fan-out runs).
+report() {
+  python3 -c '
+import json, sys
+r = json.load(sys.stdin)
+lat = lambda l: "p50 %.1f ms, p99 %.1f ms" % (l["p50"] / 1000, l["p99"] / 1000)
+rate = r.get("publishes_per_second", r.get("publish_rate"))
+line = "%-34s ok=%s  %7.0f publishes/s (%s)" % (sys.argv[1], r["ok"], rate, lat(r.get("publish_latency_us") or r["latency_us"]))
+if "deliveries_per_second" in r:
+    cpu = sum(s.get("cpu_seconds") or 0 for s in r["usage"]["servers"])
+    line += "  %9.0f deliveries/s (%s)  nodes %.1f CPU-s" % (r["deliveries_per_second"], lat(r["latency_us"]), cpu)
+print(line, flush=True)' "$1"
+}
 
 for setup in single cluster; do
   for durable in 0 1; do
     for run in $(seq "$runs"); do
       $setup
       nodes --publish-replicas $durable
-      "$bin/pushload" --json publish --url "$urls" --publishers 32 --messages 20000 --channels 64 \
-        | report "$setup durable=$durable publish run=$run"
+      "$bin/pushload" --json publish --url "$urls" --publishers 32 --messages 20000 --channels 64 2>/dev/null \
+        | report "$setup durable=$durable publish #$run"
       "$bin/pushload" --json fanout --url "$urls" --pid "${node_pids[0]},${node_pids[1]}" --subscribers 2000 \
-        --channels 10 --messages 20000 --publishers 16 --connect-concurrency 100 \
-        | report "$setup durable=$durable fanout run=$run"
+        --channels 10 --messages 10000 --publishers 16 --connect-concurrency 100 2>/dev/null \
+        | report "$setup durable=$durable fanout #$run"
       stop_all
     done
   done
