@@ -19,8 +19,8 @@ use crate::channel::ChannelName;
 use crate::config::Config;
 use crate::engine::memory::MemorySettings;
 use crate::engine::{
-    ClientInfo, Deliver, Engine, EngineError, MemoryEngine, NewMessage, NodeInfo, Publication, RedisEngine,
-    RedisSettings, SurveyHandler,
+    ClientInfo, Deliver, Engine, MemoryEngine, NewMessage, NodeInfo, Publication, RedisEngine, RedisSettings,
+    SurveyHandler,
 };
 use crate::hub::ConnId;
 use crate::hub::Hub;
@@ -329,17 +329,17 @@ impl Node {
                 self.metrics.published.with_label_values(&[route]).inc();
                 Ok(p)
             }
-            Err(e @ EngineError::Unavailable(_)) => {
-                self.metrics.publish_errors.with_label_values(&["unavailable"]).inc();
-                Err(CommandError::new(ErrorCode::Unavailable, format!("message not stored: {e}; retry")))
-            }
-            Err(e @ EngineError::NoAnswer(_)) => {
+            Err(e) if e.outcome_unknown() => {
                 self.metrics.publish_errors.with_label_values(&["outcome_unknown"]).inc();
                 let text = format!(
                     "{e}: the message may have been stored; retry with the same idempotency_key \
                      (a retry without one may store it twice)"
                 );
                 Err(CommandError::new(ErrorCode::OutcomeUnknown, text))
+            }
+            Err(e) => {
+                self.metrics.publish_errors.with_label_values(&["unavailable"]).inc();
+                Err(CommandError::new(ErrorCode::Unavailable, format!("message not stored: {e}; retry")))
             }
         }
     }

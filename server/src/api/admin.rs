@@ -176,7 +176,7 @@ impl Deadline {
     async fn bound<T>(self, call: impl Future<Output = Result<T, EngineError>>) -> Result<T, EngineError> {
         tokio::time::timeout_at(self.0, call)
             .await
-            .unwrap_or_else(|_| Err(EngineError::NoAnswer("no answer within the request's timeout_ms".into())))
+            .unwrap_or_else(|_| Err(EngineError::Timeout("no answer within the request's timeout_ms".into())))
     }
 }
 
@@ -333,7 +333,7 @@ async fn channel(node: &Node, req: &Request<Incoming>, name: &str) -> AdminResul
         Ok(Ok(clients)) => Some(clients),
         Ok(Err(e)) if e.code == ErrorCode::PresenceDisabled => None,
         Ok(Err(e)) => return Err(e.into()),
-        Err(_) => return Err(unavailable(EngineError::NoAnswer("presence: no answer within timeout_ms".into()))),
+        Err(_) => return Err(unavailable(EngineError::Timeout("presence: no answer within timeout_ms".into()))),
     };
     let history = history.map_err(unavailable)?;
     let body = ChannelDetail { channel: ch.to_string(), subscribers, presence, history, coverage };

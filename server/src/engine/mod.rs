@@ -225,18 +225,33 @@ pub enum PresenceChange {
     Leave,
 }
 
-/// The engine's failures, split by what they mean for a write.
+/// The engine's failures, typed by what they mean for a write, so callers map them to wire codes
+/// (`unavailable` 503, `outcome_unknown` 504) without reading their text.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
-    /// Nothing reached the store (no connection, or the store refused the command): a publish
-    /// was NOT stored, and retrying is safe.
+    /// Nothing was sent: no connection to the store. A publish was NOT stored; retrying is safe.
     #[error("history store unavailable: {0}")]
     Unavailable(String),
     /// The command went out but no answer came back in time, or the connection broke under it:
-    /// the store may still have run it. A publish may or may not be stored; only a retry with
-    /// the same idempotency key is safe.
+    /// the store may still have run it. Only a retry with the same idempotency key is safe.
     #[error("history store did not answer: {0}")]
-    NoAnswer(String),
+    Timeout(String),
+    /// The store answered with an error (a script or the server refused the command: out of
+    /// memory, read-only replica, no permission): it did not run. Not stored; retrying is safe
+    /// once the cause is gone.
+    #[error("history store refused the command: {0}")]
+    Refused(String),
+    /// The store's answer could not be read: it may have run, as with `Timeout`.
+    #[error("history store answered something unreadable: {0}")]
+    Protocol(String),
+}
+
+impl EngineError {
+    /// Whether the store may have run the command (a publish may be stored): `Timeout` and
+    /// `Protocol`. For `Unavailable` and `Refused` it certainly did not.
+    pub fn outcome_unknown(&self) -> bool {
+        matches!(self, EngineError::Timeout(_) | EngineError::Protocol(_))
+    }
 }
 
 /// Answers control requests from the cluster (`survey`) on this node: implemented by the node.

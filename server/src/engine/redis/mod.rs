@@ -213,11 +213,7 @@ impl RedisEngine {
             // The details (script hashes, Redis' own words) are for the log, not for clients.
             tracing::debug!(operation = operation.label(), kind, error = %e, "redis round trip failed");
             let text = format!("redis {kind} during {}", operation.label());
-            match kind {
-                // Sent, and perhaps run: the caller cannot know.
-                "timeout" | "connection" | "protocol" => EngineError::NoAnswer(text),
-                _ => EngineError::Unavailable(text),
-            }
+            engine_error(kind, text)
         })
     }
 
@@ -271,7 +267,7 @@ impl RedisEngine {
             self.call(Operation::History, |c| self.history_script.evalsha_with_reload(c, keys, args)).await?;
         parse_history(channel, value).map_err(|e| {
             self.metrics.error(Operation::History.label(), "protocol");
-            EngineError::Unavailable(format!("unexpected history reply: {e}"))
+            EngineError::Protocol(format!("unexpected history reply: {e}"))
         })
     }
 
@@ -506,6 +502,17 @@ fn secs(d: Duration) -> i64 {
     d.as_secs().max(1) as i64
 }
 
+/// The typed error of a failed round trip of `kind` (see `error_kind`).
+fn engine_error(kind: &str, text: String) -> EngineError {
+    match kind {
+        // Sent, and perhaps run: the caller cannot know.
+        "timeout" | "connection" => EngineError::Timeout(text),
+        "protocol" => EngineError::Protocol(text),
+        // Redis answered with an error: it did not run the command.
+        _ => EngineError::Refused(text),
+    }
+}
+
 /// The `kind` label of a failed round trip.
 fn error_kind(e: &fred::error::Error) -> &'static str {
     match e.kind() {
@@ -643,5 +650,22 @@ impl ServerStats {
             .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(':')))
             .map(str::trim)
             .map(str::to_owned)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_round_trip_that_may_have_run_is_an_unknown_outcome_and_a_refused_one_is_not() {
+        let typed = |kind: ErrorKind| engine_error(error_kind(&fred::error::Error::new(kind, "x")), "t".into());
+        assert!(matches!(typed(ErrorKind::Timeout), EngineError::Timeout(_)));
+        assert!(matches!(typed(ErrorKind::IO), EngineError::Timeout(_)));
+        assert!(matches!(typed(ErrorKind::Protocol), EngineError::Protocol(_)));
+        assert!(matches!(typed(ErrorKind::Unknown), EngineError::Refused(_)));
+        assert!(typed(ErrorKind::Timeout).outcome_unknown() && typed(ErrorKind::Protocol).outcome_unknown());
+        assert!(!typed(ErrorKind::Unknown).outcome_unknown());
+        assert!(!EngineError::Unavailable("down".into()).outcome_unknown());
     }
 }

@@ -102,7 +102,7 @@ pub(super) async fn survey(engine: &RedisEngine, request: &str, timeout: Duratio
     let deadline = tokio::time::Instant::now() + timeout;
     let registry = tokio::time::timeout_at(deadline, engine.nodes()).await;
     let registry =
-        registry.unwrap_or_else(|_| Err(EngineError::NoAnswer("the node registry did not answer in time".into())));
+        registry.unwrap_or_else(|_| Err(EngineError::Timeout("the node registry did not answer in time".into())));
     let mut expected: HashSet<String> = registry?.into_iter().map(|n| n.id).collect();
     expected.insert(engine.settings.node_id.clone());
     let id = engine.scatter.next.fetch_add(1, Ordering::Relaxed);
@@ -134,7 +134,7 @@ async fn collect(
     );
     let _: () = published
         .await
-        .unwrap_or_else(|_| Err(EngineError::NoAnswer("the control channel did not answer in time".into())))?;
+        .unwrap_or_else(|_| Err(EngineError::Timeout("the control channel did not answer in time".into())))?;
     let mut answers: Vec<(String, String)> = Vec::new();
     while !expected.iter().all(|n| answers.iter().any(|(a, _)| a == n)) {
         match tokio::time::timeout_at(deadline, rx.recv()).await {
