@@ -1,7 +1,8 @@
 //! The engine: the one seam between "this node" and "the cluster".
 //!
 //! An engine stores each channel's history, hands out positions (epoch, offset), fans published
-//! messages out to every node's hub, and keeps presence. It never sees sessions or sockets: it
+//! messages out to every node's hub, and keeps presence (the data plane, `DataPlane`); it also
+//! carries the cluster's housekeeping: the node registry, bans, surveys (`ClusterPlane`). It never sees sessions or sockets: it
 //! calls back into a [`Deliver`] (the hub) with shared, already serialised publications.
 //! `memory` is the single-node, in-process engine; other engines keep the same semantics.
 
@@ -279,9 +280,10 @@ pub trait Deliver: Send + Sync + 'static {
     fn reset(&self, channel: &ChannelName, position: &Position);
 }
 
-/// The cluster as one node sees it. Every method is safe to call concurrently.
+/// The data plane: what sessions and the server API need to move messages and positions.
+/// Every method is safe to call concurrently.
 #[async_trait]
-pub trait Engine: Send + Sync + 'static {
+pub trait DataPlane: Send + Sync + 'static {
     /// Stores `msg` in `channel`'s history and fans it out in one step; returns its position.
     /// Offsets are contiguous within an epoch. `Err` means it was NOT stored: answer 503.
     async fn publish(&self, channel: &ChannelName, msg: NewMessage) -> Result<Arc<Publication>, EngineError>;
@@ -306,9 +308,14 @@ pub trait Engine: Send + Sync + 'static {
     /// Everyone present in `channel`, cluster-wide.
     async fn presence(&self, channel: &ChannelName) -> Result<Vec<ClientInfo>, EngineError>;
 
-    /// Whether the engine can take traffic now (for /readyz).
-    fn ready(&self) -> bool;
+    /// Length and bounds of `channel`'s stored history.
+    async fn history_bounds(&self, channel: &ChannelName) -> Result<HistoryBounds, EngineError>;
+}
 
+/// The cluster plane: what operators and the node's own housekeeping need (the registry, bans,
+/// surveys, the shared store's stats). Nothing here is on a message's path.
+#[async_trait]
+pub trait ClusterPlane: Send + Sync + 'static {
     /// Publishes this node's info to the registry; it lapses unless refreshed within the TTL.
     async fn heartbeat(&self, info: &NodeInfo) -> Result<(), EngineError>;
 
@@ -334,13 +341,17 @@ pub trait Engine: Send + Sync + 'static {
     /// When `user`'s ban ends, if banned now.
     async fn banned_until(&self, user: &str) -> Result<Option<u64>, EngineError>;
 
-    /// Length and bounds of `channel`'s stored history.
-    async fn history_bounds(&self, channel: &ChannelName) -> Result<HistoryBounds, EngineError>;
-
     /// The shared store's own stats (Redis INFO and pub/sub); `None` without one.
     async fn backend_stats(&self) -> Result<Option<RedisStats>, EngineError> {
         Ok(None)
     }
+}
+
+/// The cluster as one node sees it: both planes, and the engine's own life.
+#[async_trait]
+pub trait Engine: DataPlane + ClusterPlane {
+    /// Whether the engine can take traffic now (for /readyz).
+    fn ready(&self) -> bool;
 
     /// Releases connections at shutdown.
     async fn close(&self) {}

@@ -22,8 +22,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::{
-    ClientInfo, Deliver, Engine, EngineError, Epoch, HistoryBounds, HistoryPage, HistoryQuery, NewMessage, NodeInfo,
-    Offset, PresenceChange, Publication, Survey, SurveyHandler, now_ms, now_us, presence_frame,
+    ClientInfo, ClusterPlane, DataPlane, Deliver, Engine, EngineError, Epoch, HistoryBounds, HistoryPage, HistoryQuery,
+    NewMessage, NodeInfo, Offset, PresenceChange, Publication, Survey, SurveyHandler, now_ms, now_us, presence_frame,
 };
 use crate::channel::ChannelName;
 use crate::locks::lock;
@@ -282,7 +282,7 @@ async fn sweep(engine: Weak<MemoryEngine>, ttl: Duration) {
 }
 
 #[async_trait]
-impl Engine for MemoryEngine {
+impl DataPlane for MemoryEngine {
     async fn publish(&self, channel: &ChannelName, msg: NewMessage) -> Result<Arc<Publication>, EngineError> {
         let log = self.log(channel);
         let mut log = lock(&log);
@@ -367,10 +367,26 @@ impl Engine for MemoryEngine {
         Ok(clients)
     }
 
-    fn ready(&self) -> bool {
-        true
+    async fn history_bounds(&self, channel: &ChannelName) -> Result<HistoryBounds, EngineError> {
+        let log = self.log(channel);
+        let (bounds, freed) = {
+            let mut log = lock(&log);
+            let freed = log.expire(now_ms(), self.ttl_ms());
+            let bounds = HistoryBounds {
+                epoch: log.epoch.to_string(),
+                last_offset: log.top,
+                len: log.ring.len() as u64,
+                first_offset: log.ring.front().map(|p| p.offset),
+            };
+            (bounds, freed)
+        };
+        self.held(0, freed);
+        Ok(bounds)
     }
+}
 
+#[async_trait]
+impl ClusterPlane for MemoryEngine {
     async fn heartbeat(&self, info: &NodeInfo) -> Result<(), EngineError> {
         *lock(&self.node) = Some(info.clone());
         Ok(())
@@ -409,28 +425,18 @@ impl Engine for MemoryEngine {
         Ok(lock(&self.bans).get(user).copied().filter(|until| *until > now_ms()))
     }
 
-    async fn history_bounds(&self, channel: &ChannelName) -> Result<HistoryBounds, EngineError> {
-        let log = self.log(channel);
-        let (bounds, freed) = {
-            let mut log = lock(&log);
-            let freed = log.expire(now_ms(), self.ttl_ms());
-            let bounds = HistoryBounds {
-                epoch: log.epoch.to_string(),
-                last_offset: log.top,
-                len: log.ring.len() as u64,
-                first_offset: log.ring.front().map(|p| p.offset),
-            };
-            (bounds, freed)
-        };
-        self.held(0, freed);
-        Ok(bounds)
-    }
-
     async fn deregister(&self, node: &str) {
         let mut slot = lock(&self.node);
         if slot.as_ref().is_some_and(|n| n.id == node) {
             *slot = None;
         }
+    }
+}
+
+#[async_trait]
+impl Engine for MemoryEngine {
+    fn ready(&self) -> bool {
+        true
     }
 }
 

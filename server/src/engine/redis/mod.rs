@@ -39,8 +39,9 @@ use pubsub::LiveChannels;
 pub use setup::Deployment;
 
 use super::{
-    ClientInfo, Deliver, Engine, EngineError, Epoch, HistoryBounds, HistoryPage, HistoryQuery, NewMessage, NodeInfo,
-    Offset, PresenceChange, Publication, RedisStats, Survey, SurveyHandler, now_ms, now_us, presence_frame,
+    ClientInfo, ClusterPlane, DataPlane, Deliver, Engine, EngineError, Epoch, HistoryBounds, HistoryPage, HistoryQuery,
+    NewMessage, NodeInfo, Offset, PresenceChange, Publication, RedisStats, Survey, SurveyHandler, now_ms, now_us,
+    presence_frame,
 };
 use crate::channel::ChannelName;
 use crate::locks::lock;
@@ -332,7 +333,7 @@ async fn refresh_presence(engine: Weak<RedisEngine>) {
 }
 
 #[async_trait]
-impl Engine for RedisEngine {
+impl DataPlane for RedisEngine {
     async fn publish(&self, channel: &ChannelName, msg: NewMessage) -> Result<Arc<Publication>, EngineError> {
         let time_us = now_us();
         let mut keys = vec![self.keys.stream(channel), self.keys.meta(channel)];
@@ -409,12 +410,19 @@ impl Engine for RedisEngine {
         Ok(clients)
     }
 
-    /// Ready only with every pool connection and every pub/sub connection up: commands go
-    /// round-robin, channels are spread over the pub/sub connections.
-    fn ready(&self) -> bool {
-        self.pool.clients().iter().all(|c| c.is_connected()) && self.live.subscribers().all(|s| s.is_connected())
+    async fn history_bounds(&self, channel: &ChannelName) -> Result<HistoryBounds, EngineError> {
+        let page = self.read_history(channel, HistoryQuery::After { after: 0, limit: 1 }).await?;
+        let size = self.settings.history_size as u64;
+        let len: u64 = self.call(Operation::History, |c| c.xlen(self.keys.stream(channel))).await?;
+        // Reads never go below top - size (see history.lua), whatever MAXLEN ~ kept.
+        let len = len.min(size);
+        let first_offset = page.publications.first().map(|p| p.offset.max(page.top.saturating_sub(size) + 1));
+        Ok(HistoryBounds { epoch: page.epoch.to_string(), last_offset: page.top, len, first_offset })
     }
+}
 
+#[async_trait]
+impl ClusterPlane for RedisEngine {
     async fn heartbeat(&self, info: &NodeInfo) -> Result<(), EngineError> {
         let json = serde_json::to_string(info).expect("node info serialises");
         let ttl = Expiration::PX(self.settings.node_ttl.as_millis() as i64);
@@ -466,16 +474,6 @@ impl Engine for RedisEngine {
         Ok(until.filter(|u| *u > now_ms()))
     }
 
-    async fn history_bounds(&self, channel: &ChannelName) -> Result<HistoryBounds, EngineError> {
-        let page = self.read_history(channel, HistoryQuery::After { after: 0, limit: 1 }).await?;
-        let size = self.settings.history_size as u64;
-        let len: u64 = self.call(Operation::History, |c| c.xlen(self.keys.stream(channel))).await?;
-        // Reads never go below top - size (see history.lua), whatever MAXLEN ~ kept.
-        let len = len.min(size);
-        let first_offset = page.publications.first().map(|p| p.offset.max(page.top.saturating_sub(size) + 1));
-        Ok(HistoryBounds { epoch: page.epoch.to_string(), last_offset: page.top, len, first_offset })
-    }
-
     async fn backend_stats(&self) -> Result<Option<RedisStats>, EngineError> {
         backend_stats(self).await.map(Some)
     }
@@ -488,6 +486,15 @@ impl Engine for RedisEngine {
         if let Err(e) = removed.await {
             tracing::debug!(error = %e, "registry entry not removed; it lapses on its own");
         }
+    }
+}
+
+#[async_trait]
+impl Engine for RedisEngine {
+    /// Ready only with every pool connection and every pub/sub connection up: commands go
+    /// round-robin, channels are spread over the pub/sub connections.
+    fn ready(&self) -> bool {
+        self.pool.clients().iter().all(|c| c.is_connected()) && self.live.subscribers().all(|s| s.is_connected())
     }
 
     async fn close(&self) {

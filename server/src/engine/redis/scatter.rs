@@ -17,7 +17,7 @@ use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 
 use super::{Operation, RedisEngine};
-use crate::engine::{Engine, EngineError, Survey, SurveyHandler};
+use crate::engine::{ClusterPlane, EngineError, Survey, SurveyHandler};
 use crate::locks::lock;
 
 /// Surveys in flight and the local handler.
