@@ -353,9 +353,11 @@ async fn subscribe_names(engine: &RedisEngine, ix: usize, channels: &[ChannelNam
     }
 }
 
-/// Runs one SUBSCRIBE on a pub/sub connection, timed and bounded: a resubscribe that never
-/// ends would hold the lane's change lock and stop every later one; a timed-out SUBSCRIBE is
-/// retried (resync) or taken back (a failed batch).
+/// Runs one SUBSCRIBE on a pub/sub connection, timed and bounded. fred resolves a classic
+/// SUBSCRIBE once it is written (Redis' confirmation arrives out of band and is dropped), so
+/// that fails only when the write does; an SSUBSCRIBE waits for Redis' reply, and a resubscribe
+/// that never ends would hold the lane's change lock and stop every later one. A timed-out
+/// SUBSCRIBE is retried (resync) or taken back (a failed batch).
 async fn on_subscriber<T>(
     engine: &RedisEngine,
     command: impl Future<Output = Result<T, fred::error::Error>>,
