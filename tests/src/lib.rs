@@ -163,6 +163,14 @@ impl TestNode {
         resp.text().await.unwrap()
     }
 
+    /// The value of one series on `/metrics`: its whole name with labels as Prometheus prints
+    /// them, e.g. `pushd_subscriptions{transport="sse"}`.
+    pub async fn metric(&self, series: &str) -> f64 {
+        let text = self.metrics().await;
+        let line = text.lines().find(|l| l.starts_with(&format!("{series} "))).unwrap_or_else(|| panic!("no {series}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    }
+
     /// Opens a raw HTTP/1.1 SSE stream.
     pub async fn sse(&self, path_and_query: &str, last_event_id: Option<&str>) -> SseClient {
         SseClient::open(self.addr, path_and_query, last_event_id).await

@@ -678,13 +678,6 @@ async fn a_stalled_redis_cannot_hold_an_admin_answer_past_its_timeout() {
     assert_eq!((status, &detail["error"]["code"]), (503, &json!("unavailable")), "{detail}");
 }
 
-/// A metric's value on `node`'s /metrics (`series` is the whole name with its labels).
-async fn series(node: &TestNode, series: &str) -> f64 {
-    let text = node.metrics().await;
-    let line = text.lines().find(|l| l.starts_with(&format!("{series} "))).unwrap_or_else(|| panic!("no {series}"));
-    line.rsplit(' ').next().unwrap().parse().unwrap()
-}
-
 #[tokio::test]
 async fn an_sse_request_dropped_while_subscribing_leaves_no_subscription_behind() {
     let redis = RedisServer::start().await;
@@ -699,7 +692,7 @@ async fn an_sse_request_dropped_while_subscribing_leaves_no_subscription_behind(
     tokio::io::AsyncWriteExt::write_all(&mut request, head.as_bytes()).await.unwrap();
     // The hub took the subscriber before the engine call: the request is now inside subscribe.
     guard("the SSE request to reach the subscribe", async {
-        while series(&node, sse).await != 1.0 {
+        while node.metric(sse).await != 1.0 {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     })
@@ -710,7 +703,7 @@ async fn an_sse_request_dropped_while_subscribing_leaves_no_subscription_behind(
     guard("the dropped request's subscription to be released", async {
         loop {
             let numsub = redis.cli(&["PUBSUB", "NUMSUB", "pushd:{room:1}"]).await;
-            if series(&node, sse).await == 0.0 && numsub.lines().last() == Some("0") {
+            if node.metric(sse).await == 0.0 && numsub.lines().last() == Some("0") {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;

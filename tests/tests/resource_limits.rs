@@ -183,13 +183,6 @@ async fn one_address_behind_a_trusted_proxy_cannot_take_every_connection() {
     assert_eq!(refused_status(spoofed), 429);
 }
 
-/// `name`'s value on the node's /metrics.
-async fn metric(node: &TestNode, name: &str) -> f64 {
-    let text = node.metrics().await;
-    let line = text.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap_or_else(|| panic!("no {name}"));
-    line.rsplit(' ').next().unwrap().parse().unwrap()
-}
-
 #[tokio::test]
 async fn channels_subscribed_once_and_left_do_not_pile_up_in_memory() {
     let config = Config { max_idle_channels: 100, rate_limit: 10_000, rate_burst: 10_000, ..secure_config() };
@@ -206,7 +199,7 @@ async fn channels_subscribed_once_and_left_do_not_pile_up_in_memory() {
             true
         );
     }
-    assert!(metric(&node, "pushd_memory_channels").await <= 100.0, "the memory engine keeps at most 100");
+    assert!(node.metric("pushd_memory_channels").await <= 100.0, "the memory engine keeps at most 100");
     // The longest unused was forgotten: its position cannot be honoured, and the client is told.
     let reply = churn.subscribe("churn:0", Some((&first_epoch, 0))).await;
     assert_eq!(reply["recovered"], false, "{reply}");

@@ -335,29 +335,65 @@ fn by_slot(names: Vec<String>) -> HashMap<u16, Vec<String>> {
     slots
 }
 
+/// Which way a lane's subscriptions change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Change {
+    Subscribe,
+    Unsubscribe,
+}
+
 /// One SUBSCRIBE for `channels` on lane `ix` (one SSUBSCRIBE per hash slot on a cluster, the
 /// slots at once).
 async fn subscribe_names(engine: &RedisEngine, ix: usize, channels: &[ChannelName]) -> Result<(), EngineError> {
+    change_names(engine, ix, channels, Change::Subscribe).await
+}
+
+/// One UNSUBSCRIBE for `channels` on lane `ix` (per hash slot on a cluster).
+async fn unsubscribe_names(engine: &RedisEngine, ix: usize, channels: &[ChannelName]) -> Result<(), EngineError> {
+    change_names(engine, ix, channels, Change::Unsubscribe).await
+}
+
+/// Sends `change` for `channels` on lane `ix`, timed. A SUBSCRIBE is bounded: fred resolves a
+/// classic SUBSCRIBE once it is written (Redis' confirmation arrives out of band and is
+/// dropped), so that fails only when the write does, but an SSUBSCRIBE waits for Redis' reply,
+/// and a resubscribe that never ends would hold the lane's change lock and stop every later one
+/// (a timed-out SUBSCRIBE is retried by the resync, or taken back after a failed batch). An
+/// UNSUBSCRIBE is not bounded: it ends when Redis answers or the connection drops (which ends
+/// every subscription), so a slow answer can never leave a subscription nobody holds.
+async fn change_names(
+    engine: &RedisEngine,
+    ix: usize,
+    channels: &[ChannelName],
+    change: Change,
+) -> Result<(), EngineError> {
     if channels.is_empty() {
         return Ok(());
     }
     let subscriber = &engine.live.lanes[ix].subscriber;
     let names: Vec<String> = channels.iter().map(|c| engine.keys.pubsub(c)).collect();
-    match engine.deployment {
-        Deployment::Cluster => {
-            let slots = by_slot(names).into_values().map(|names| subscriber.ssubscribe(names));
-            let subscribed = futures_util::future::try_join_all(slots);
-            on_subscriber(engine, subscribed).await.map(drop)
+    let sent = async {
+        match (engine.deployment, change) {
+            (Deployment::Cluster, Change::Subscribe) => {
+                futures_util::future::try_join_all(by_slot(names).into_values().map(|n| subscriber.ssubscribe(n)))
+                    .await
+                    .map(drop)
+            }
+            (Deployment::Cluster, Change::Unsubscribe) => {
+                futures_util::future::try_join_all(by_slot(names).into_values().map(|n| subscriber.sunsubscribe(n)))
+                    .await
+                    .map(drop)
+            }
+            (_, Change::Subscribe) => subscriber.subscribe(names).await,
+            (_, Change::Unsubscribe) => subscriber.unsubscribe(names).await,
         }
-        _ => on_subscriber(engine, subscriber.subscribe(names)).await,
+    };
+    match change {
+        Change::Subscribe => on_subscriber(engine, sent).await,
+        Change::Unsubscribe => engine.timed(Operation::Subscribe, sent).await,
     }
 }
 
-/// Runs one SUBSCRIBE on a pub/sub connection, timed and bounded. fred resolves a classic
-/// SUBSCRIBE once it is written (Redis' confirmation arrives out of band and is dropped), so
-/// that fails only when the write does; an SSUBSCRIBE waits for Redis' reply, and a resubscribe
-/// that never ends would hold the lane's change lock and stop every later one. A timed-out
-/// SUBSCRIBE is retried (resync) or taken back (a failed batch).
+/// Runs one SUBSCRIBE on a pub/sub connection, timed and bounded by the command timeout.
 async fn on_subscriber<T>(
     engine: &RedisEngine,
     command: impl Future<Output = Result<T, fred::error::Error>>,
@@ -368,25 +404,6 @@ async fn on_subscriber<T>(
         })
     };
     engine.timed(Operation::Subscribe, bounded).await
-}
-
-/// One UNSUBSCRIBE for `channels` on lane `ix` (per hash slot on a cluster). Not bounded by a
-/// timeout of its own: it ends when Redis answers or the connection drops (which ends every
-/// subscription), so a slow answer can never leave a subscription nobody holds.
-async fn unsubscribe_names(engine: &RedisEngine, ix: usize, channels: &[ChannelName]) -> Result<(), EngineError> {
-    if channels.is_empty() {
-        return Ok(());
-    }
-    let subscriber = &engine.live.lanes[ix].subscriber;
-    let names: Vec<String> = channels.iter().map(|c| engine.keys.pubsub(c)).collect();
-    match engine.deployment {
-        Deployment::Cluster => {
-            let slots = by_slot(names).into_values().map(|names| subscriber.sunsubscribe(names));
-            let unsubscribed = futures_util::future::try_join_all(slots);
-            engine.timed(Operation::Subscribe, unsubscribed).await.map(drop)
-        }
-        _ => engine.timed(Operation::Subscribe, subscriber.unsubscribe(names)).await,
-    }
 }
 
 /// Drops one reference; the last one unsubscribes the node.
