@@ -5,15 +5,19 @@
 //! changed, refreshes the subscriber's routing and has the resync task subscribe every channel
 //! again where its slot now lives and fill each from its stream (retrying until it works).
 
+use std::future::Future;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use fred::prelude::*;
+use fred::types::cluster::SlotRange;
 
-use super::{Deployment, Operation, RedisEngine, pubsub};
+use super::{Deployment, RedisEngine, pubsub};
 
 /// How often the slot map is read when nothing else signals a change.
 const CHECK_EVERY: Duration = Duration::from_secs(1);
+/// After a change, how many more checks resubscribe again (a few seconds of settling).
+const SETTLE_CHECKS: u32 = 3;
 
 /// Starts the watch on a cluster; does nothing on other deployments.
 pub(super) fn spawn(engine: &Arc<RedisEngine>) {
@@ -26,31 +30,58 @@ async fn watch(engine: Weak<RedisEngine>) {
     let Some(mut redirected) = engine.upgrade().map(|e| e.pool.next().cluster_change_rx()) else { return };
     let mut tick = tokio::time::interval(CHECK_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut known: Option<String> = None;
+    let mut known: Option<Vec<SlotRange>> = None;
+    // Checks left in which to resubscribe again: nodes learn a move one by one, so a resubscribe
+    // right after the first change may still be routed by a view that is about to change, and
+    // land on the node that is giving the slot away.
+    let mut settling = 0;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = redirected.recv() => {}
         }
         let Some(engine) = engine.upgrade() else { return };
-        let Ok(map) = slot_map(&engine).await else { continue };
+        let Some(map) = slot_map(&engine).await else { continue };
         let changed = known.as_ref().is_some_and(|k| *k != map);
         known = Some(map);
         if changed {
+            settling = SETTLE_CHECKS;
             engine.metrics.pubsub_reconnects.inc();
             tracing::info!("redis cluster slots moved: resubscribing and catching up");
+        }
+        if settling > 0 {
+            settling -= 1;
+            // Commands follow MOVED on their own only if a retry is allowed, and a publish
+            // never is: every client of the pool learns the new map here.
+            for client in engine.pool.clients() {
+                refresh(client.sync_cluster(), "a command connection").await;
+            }
             for subscriber in engine.live.subscribers() {
-                if let Err(e) = subscriber.sync_cluster().await {
-                    tracing::warn!(error = %e, "refreshing a subscriber's cluster routing failed");
-                }
+                refresh(subscriber.sync_cluster(), "a subscriber").await;
             }
             pubsub::request_resync(&engine);
         }
     }
 }
 
-/// The cluster's slot map as the pool sees it (`CLUSTER SLOTS`), as comparable text.
-async fn slot_map(engine: &RedisEngine) -> Result<String, crate::engine::EngineError> {
-    let slots: Value = engine.call(Operation::Control, |c| c.cluster_slots()).await?;
-    Ok(format!("{slots:?}"))
+/// Awaits one client's routing refresh, bounded: a client stuck behind a redirect must not stop
+/// the watch.
+async fn refresh(sync: impl Future<Output = Result<(), fred::error::Error>>, what: &str) {
+    match tokio::time::timeout(super::setup::COMMAND_TIMEOUT, sync).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "refreshing {what}'s cluster routing failed"),
+        Err(_) => tracing::warn!("refreshing {what}'s cluster routing timed out"),
+    }
+}
+
+/// The cluster's slot map as the first pub/sub connection's routing has it after a refresh
+/// (fred reads `CLUSTER SLOTS` on a connection of its own for that); `None` if it cannot.
+async fn slot_map(engine: &RedisEngine) -> Option<Vec<SlotRange>> {
+    let subscriber = engine.live.subscribers().next()?;
+    let refreshed = tokio::time::timeout(super::setup::COMMAND_TIMEOUT, subscriber.sync_cluster()).await;
+    if let Err(e) = refreshed.unwrap_or_else(|_| Err(fred::error::Error::new(ErrorKind::Timeout, "no answer"))) {
+        tracing::debug!(error = %e, "reading the cluster's slot map failed");
+        return None;
+    }
+    subscriber.cached_cluster_state().map(|state| state.slots().to_vec())
 }
