@@ -291,12 +291,20 @@ impl RedisCluster {
 
     /// `CLUSTER FAILOVER` on the replica of `key`'s primary (a planned hand-over that waits for
     /// the replica to catch up); returns (old primary, new primary) once the new one serves the slot.
+    ///
+    /// A manual failover gives up when the replica does not catch up within twice the node
+    /// timeout (a busy machine), so it is asked again while the slot has not moved.
     pub async fn failover(&self, key: &str) -> (usize, usize) {
         let (primary, replica) = self.primary_and_replica_of(key).await;
-        let out = self.nodes[replica].cli(&["CLUSTER", "FAILOVER"]).await;
-        assert!(out.contains("OK"), "CLUSTER FAILOVER: {out}");
-        self.await_primary(key, replica).await;
-        (primary, replica)
+        for _ in 0..5 {
+            let out = self.nodes[replica].cli(&["CLUSTER", "FAILOVER"]).await;
+            assert!(out.contains("OK"), "CLUSTER FAILOVER: {out}");
+            let moved = tokio::time::timeout(Duration::from_secs(5), self.await_primary(key, replica)).await;
+            if moved.is_ok() {
+                return (primary, replica);
+            }
+        }
+        panic!("CLUSTER FAILOVER of {key}'s primary never completed");
     }
 
     /// SIGKILLs `key`'s primary; returns (old primary, new primary) once its replica was
@@ -356,10 +364,11 @@ impl RedisSentinel {
             sentinels.push(Self::sentinel(primary.port).await);
         }
         let s = Self { primary, replica, sentinels };
-        within("the sentinels to see the replica", async {
+        within("the replica to sync and the sentinels to see it", async {
             loop {
                 let replicas = s.sentinels[0].cli(&["SENTINEL", "REPLICAS", SENTINEL_SERVICE]).await;
-                if replicas.contains(&s.replica.port.to_string()) {
+                let synced = s.replica.cli(&["INFO", "replication"]).await.contains("master_link_status:up");
+                if synced && replicas.contains(&s.replica.port.to_string()) {
                     return;
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -383,6 +392,23 @@ impl RedisSentinel {
         )
         .unwrap();
         RedisServer::sentinel(port, conf).await
+    }
+
+    /// SIGKILLs the primary; returns once the Sentinels name the replica as the new primary.
+    pub async fn kill_primary(&mut self) {
+        self.primary.kill().await;
+        let replica = self.replica.port.to_string();
+        within("the sentinels to promote the replica", async {
+            loop {
+                let addr = self.sentinels[0].cli(&["SENTINEL", "GET-MASTER-ADDR-BY-NAME", SENTINEL_SERVICE]).await;
+                if addr.lines().nth(1) == Some(replica.as_str()) {
+                    return;
+                }
+                // Sentinel's failover is a clock (down-after 1 s, then an election): poll it.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await;
     }
 
     /// `redis-sentinel://` naming every Sentinel.
