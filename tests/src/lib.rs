@@ -838,20 +838,21 @@ pub async fn cluster(n: usize, redis: &RedisServer) -> Vec<TestNode> {
 
 /// `n` nodes sharing `redis`, each config passed through `tweak`.
 pub async fn cluster_with(n: usize, redis: &RedisServer, tweak: impl Fn(Config) -> Config) -> Vec<TestNode> {
+    start_nodes(n, |id| tweak(redis_config(redis, id))).await
+}
+
+/// `n` in-process nodes named n0, n1, ..., each started with `config(its id)`.
+async fn start_nodes(n: usize, config: impl Fn(&str) -> Config) -> Vec<TestNode> {
     let mut nodes = Vec::with_capacity(n);
     for i in 0..n {
-        nodes.push(TestNode::start(tweak(redis_config(redis, &format!("n{i}")))).await);
+        nodes.push(TestNode::start(config(&format!("n{i}"))).await);
     }
     nodes
 }
 
 /// `n` in-process nodes on `backend`, named n0, n1, ..., each config passed through `tweak`.
 pub async fn nodes_on(n: usize, backend: &backends::Backend, tweak: impl Fn(Config) -> Config) -> Vec<TestNode> {
-    let mut nodes = Vec::with_capacity(n);
-    for i in 0..n {
-        nodes.push(TestNode::start(tweak(backend.config(&format!("n{i}")))).await);
-    }
-    nodes
+    start_nodes(n, |id| tweak(backend.config(id))).await
 }
 
 /// HTTP helpers for a real `pushd` process. Processes run in dev mode (no `--api-key`), where

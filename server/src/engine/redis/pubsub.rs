@@ -398,12 +398,7 @@ async fn on_subscriber<T>(
     engine: &RedisEngine,
     command: impl Future<Output = Result<T, fred::error::Error>>,
 ) -> Result<T, EngineError> {
-    let bounded = async {
-        tokio::time::timeout(super::setup::COMMAND_TIMEOUT, command).await.unwrap_or_else(|_| {
-            Err(fred::error::Error::new(fred::error::ErrorKind::Timeout, "no answer to a SUBSCRIBE"))
-        })
-    };
-    engine.timed(Operation::Subscribe, bounded).await
+    engine.timed(Operation::Subscribe, super::setup::bounded(command)).await
 }
 
 /// Drops one reference; the last one unsubscribes the node.

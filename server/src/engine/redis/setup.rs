@@ -14,6 +14,16 @@ use rustls::pki_types::pem::PemObject;
 /// How long one Redis command may take before it counts as failed.
 pub(super) const COMMAND_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// `command`, failing as a fred timeout when it takes longer than `COMMAND_TIMEOUT`: for calls
+/// the client library does not bound itself (subscriptions, routing refreshes).
+pub(super) async fn bounded<T>(
+    command: impl std::future::Future<Output = Result<T, fred::error::Error>>,
+) -> Result<T, fred::error::Error> {
+    tokio::time::timeout(COMMAND_TIMEOUT, command)
+        .await
+        .unwrap_or_else(|_| Err(fred::error::Error::new(ErrorKind::Timeout, "no answer in time")))
+}
+
 /// The URL schemes `--redis-url` takes.
 const SCHEMES: [&str; 6] = ["redis", "rediss", "redis-cluster", "rediss-cluster", "redis-sentinel", "rediss-sentinel"];
 

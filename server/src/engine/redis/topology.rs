@@ -12,6 +12,7 @@ use std::time::Duration;
 use fred::prelude::*;
 use fred::types::cluster::SlotRange;
 
+use super::setup::bounded;
 use super::{Deployment, RedisEngine, pubsub};
 
 /// How often the slot map is read when nothing else signals a change.
@@ -67,10 +68,8 @@ async fn watch(engine: Weak<RedisEngine>) {
 /// Awaits one client's routing refresh, bounded: a client stuck behind a redirect must not stop
 /// the watch.
 async fn refresh(sync: impl Future<Output = Result<(), fred::error::Error>>, what: &str) {
-    match tokio::time::timeout(super::setup::COMMAND_TIMEOUT, sync).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::warn!(error = %e, "refreshing {what}'s cluster routing failed"),
-        Err(_) => tracing::warn!("refreshing {what}'s cluster routing timed out"),
+    if let Err(e) = bounded(sync).await {
+        tracing::warn!(error = %e, "refreshing {what}'s cluster routing failed");
     }
 }
 
@@ -78,8 +77,7 @@ async fn refresh(sync: impl Future<Output = Result<(), fred::error::Error>>, wha
 /// (fred reads `CLUSTER SLOTS` on a connection of its own for that); `None` if it cannot.
 async fn slot_map(engine: &RedisEngine) -> Option<Vec<SlotRange>> {
     let subscriber = engine.live.subscribers().next()?;
-    let refreshed = tokio::time::timeout(super::setup::COMMAND_TIMEOUT, subscriber.sync_cluster()).await;
-    if let Err(e) = refreshed.unwrap_or_else(|_| Err(fred::error::Error::new(ErrorKind::Timeout, "no answer"))) {
+    if let Err(e) = bounded(subscriber.sync_cluster()).await {
         tracing::debug!(error = %e, "reading the cluster's slot map failed");
         return None;
     }
