@@ -57,7 +57,7 @@ pub const ADMIN_ROUTES: [&str; 10] =
 pub const REDIS_OPERATIONS: [&str; 5] = ["publish", "history", "subscribe", "presence", "control"];
 /// How a Redis round trip failed: not sent (no connection), timed out, connection lost
 /// mid-way, an error reply from the server, or a reply the engine could not read.
-pub const REDIS_ERROR_KINDS: [&str; 5] = ["disconnected", "timeout", "connection", "server", "protocol"];
+pub const REDIS_ERROR_KINDS: [&str; 6] = ["disconnected", "timeout", "connection", "moving", "server", "protocol"];
 
 /// Handles to every metric; cheap to clone (each is an `Arc` inside).
 #[derive(Clone)]
@@ -137,12 +137,19 @@ pub struct RedisMetrics {
     pub pubsub_lagged: IntCounter,
     /// Gaps in live delivery repaired from the streams, by result (filled, reset).
     pub gap_fills: IntCounterVec,
+    /// Commands a Redis Cluster turned away unrun because their slot was moving, sent again.
+    pub slot_retries: IntCounterVec,
 }
 
 impl RedisMetrics {
     /// Counts one round trip of `operation` that took `elapsed`.
     pub fn observe(&self, operation: &str, elapsed: Duration) {
         self.command_duration.with_label_values(&[operation]).observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts one command sent again because its slot was moving.
+    pub fn slot_moving(&self, operation: &str) {
+        self.slot_retries.with_label_values(&[operation]).inc();
     }
 
     /// Counts one failed round trip.
@@ -203,6 +210,14 @@ impl Metrics {
                 &["result"],
             )
             .expect("valid metric"),
+            slot_retries: IntCounterVec::new(
+                Opts::new(
+                    "pushd_redis_slot_retries_total",
+                    "Redis Cluster commands turned away unrun because their slot was moving, sent again",
+                ),
+                &["operation"],
+            )
+            .expect("valid metric"),
         };
         if identity.engine == "redis" {
             r.collector(redis.command_duration.clone());
@@ -210,6 +225,8 @@ impl Metrics {
             r.collector(redis.pubsub_reconnects.clone());
             r.collector(redis.pubsub_lagged.clone());
             r.collector(redis.gap_fills.clone());
+            r.collector(redis.slot_retries.clone());
+            zero(&redis.slot_retries, &[&REDIS_OPERATIONS]);
             zero(&redis.command_duration, &[&REDIS_OPERATIONS]);
             zero(&redis.errors, &[&REDIS_OPERATIONS, &REDIS_ERROR_KINDS]);
             zero(&redis.gap_fills, &[&["filled", "reset"]]);

@@ -316,6 +316,52 @@ impl RedisCluster {
         (primary, replica)
     }
 
+    /// Moves `key`'s slot, with every key in it, from its primary to the next primary, the way
+    /// `redis-cli --cluster reshard` does: `SETSLOT IMPORTING` on the target, `MIGRATING` on
+    /// the source, `MIGRATE` in batches of `batch` keys, then `SETSLOT NODE` on the target, the
+    /// source and every other primary. Returns (source, target) once every node agrees.
+    pub async fn move_slot_of(&self, key: &str, batch: usize) -> (usize, usize) {
+        let (from, _) = self.primary_and_replica_of(key).await;
+        let primaries = self.primary_indexes().await;
+        let at = primaries.iter().position(|&p| p == from).expect("the source is a primary");
+        let to = primaries[(at + 1) % primaries.len()];
+        let (source, target) = (&self.nodes[from], &self.nodes[to]);
+        let slot = source.cli(&["CLUSTER", "KEYSLOT", key]).await.trim().to_owned();
+        let from_id = source.cli(&["CLUSTER", "MYID"]).await.trim().to_owned();
+        let to_id = target.cli(&["CLUSTER", "MYID"]).await.trim().to_owned();
+        let ok = |step: &str, out: String| assert!(out.contains("OK"), "{step}: {out}");
+        ok("IMPORTING", target.cli(&["CLUSTER", "SETSLOT", &slot, "IMPORTING", &from_id]).await);
+        ok("MIGRATING", source.cli(&["CLUSTER", "SETSLOT", &slot, "MIGRATING", &to_id]).await);
+        let batch = batch.to_string();
+        loop {
+            let keys = source.cli(&["CLUSTER", "GETKEYSINSLOT", &slot, &batch]).await;
+            let keys: Vec<&str> = keys.lines().filter(|k| !k.is_empty()).collect();
+            if keys.is_empty() {
+                break;
+            }
+            let port = target.port.to_string();
+            let mut migrate = vec!["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS"];
+            migrate.extend(keys);
+            ok("MIGRATE", source.cli(&migrate).await);
+        }
+        for node in [to, from].into_iter().chain(primaries.iter().copied().filter(|&p| p != to && p != from)) {
+            ok("SETSLOT NODE", self.nodes[node].cli(&["CLUSTER", "SETSLOT", &slot, "NODE", &to_id]).await);
+        }
+        self.await_primary(key, to).await;
+        (from, to)
+    }
+
+    /// The indexes in `nodes` of the running primaries, in `nodes` order.
+    async fn primary_indexes(&self) -> Vec<usize> {
+        let mut primaries = Vec::new();
+        for (i, node) in self.nodes.iter().enumerate().filter(|(_, n)| n.is_running()) {
+            if node.cli(&["ROLE"]).await.starts_with("master") {
+                primaries.push(i);
+            }
+        }
+        primaries
+    }
+
     /// Starts a killed node again on its port with its cluster config: it rejoins as a replica
     /// of whoever took over its slots, and syncs from it.
     pub async fn restart(&mut self, node: usize) {

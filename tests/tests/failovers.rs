@@ -3,7 +3,8 @@
 //! primary SIGKILLed so that its replica is promoted. Subscribers end with every acknowledged
 //! message once and in order, or, where an asynchronously replicated write died with its
 //! primary, with an explicit `reset`: never a silent gap. Durable publishes (`--publish-replicas
-//! 1`) lose nothing even then. A primary behind Sentinel killed under load is followed the same
+//! 1`) lose nothing even then. A busy channel's slot moved to another primary (a live
+//! resharding) loses nothing and refuses nothing. A primary behind Sentinel killed under load is followed the same
 //! way.
 
 use std::collections::HashMap;
@@ -62,6 +63,43 @@ async fn a_planned_failover_of_the_primaries_of_busy_channels_loses_nothing() {
     assert_eq!(moved.len(), KILL_AT.len());
     assert_acked_once(&published);
     assert_eq!(published.acked.len() as u64, PUBLISHES, "every publish was acknowledged in the end");
+    let top = publish_end_markers(&nodes[0]).await;
+    readers.assert_saw_every_stored_offset(&published, &top).await;
+    for node in nodes {
+        node.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn busy_channels_slots_moved_to_another_primary_under_load_lose_nothing() {
+    let backend = Backend::cluster().await;
+    let cluster = cluster_of(&backend);
+    let nodes = nodes_on(2, &backend, |c| c).await;
+    let readers = Readers::start(&nodes).await;
+    let (tx, mut rx) = watch::channel(0);
+    let moves = async {
+        let mut moved = Vec::new();
+        for (at, channel) in KILL_AT.iter().zip(CHANNELS.iter().cycle()) {
+            rx.wait_for(|n| *n >= *at).await.expect("the publisher stopped early");
+            // Batches of 10 keys, as `redis-cli --cluster reshard` moves them: the channel's
+            // stream, meta and idempotency keys are split between the primaries for a while.
+            moved.push(cluster.move_slot_of(&key_of(channel), 10).await);
+        }
+        moved
+    };
+    // No retries: a publish to a slot in motion waits for the move instead of failing.
+    let (published, moved) =
+        guard("publishing through slot moves", async { tokio::join!(publish_all(&nodes, tx, false), moves) }).await;
+    assert!(moved.iter().all(|(from, to)| from != to), "{moved:?}");
+    assert_acked_once(&published);
+    assert_eq!(published.acked.len() as u64, PUBLISHES, "refused: {:?}", published.refused);
+    // The moves met publishes: some were turned away while their slot moved, and sent again.
+    let mut retried = 0.0;
+    for node in &nodes {
+        retried += node.metric(r#"pushd_redis_slot_retries_total{operation="publish"}"#).await;
+    }
+    eprintln!("{} slot moves under load: {retried} publishes sent again", moved.len());
+    assert!(retried > 0.0, "no publish met a moving slot");
     let top = publish_end_markers(&nodes[0]).await;
     readers.assert_saw_every_stored_offset(&published, &top).await;
     for node in nodes {

@@ -187,16 +187,30 @@ impl RedisEngine {
     }
 
     /// Runs `command` on a connected client as one round trip of `operation`.
-    async fn call<'a, T, F>(
-        &'a self,
-        operation: Operation,
-        command: impl FnOnce(&'a Client) -> F,
-    ) -> Result<T, EngineError>
+    ///
+    /// On a Redis Cluster, a command turned away because its slot is moving between primaries
+    /// (`ASK`, `MOVED`, `TRYAGAIN`: Redis ran nothing of it) is sent again after a short pause,
+    /// within `COMMAND_TIMEOUT`, so a live resharding delays publishes instead of failing them.
+    /// Commands that ran before it in `command` run again: each closure is safe to repeat.
+    async fn call<'a, T, F>(&'a self, operation: Operation, command: impl Fn(&'a Client) -> F) -> Result<T, EngineError>
     where
         F: Future<Output = Result<T, fred::error::Error>> + 'a,
     {
         let client = self.client().inspect_err(|_| self.metrics.error(operation.label(), "disconnected"))?;
-        self.timed(operation, command(client)).await
+        let started = Instant::now();
+        let mut pause = Duration::from_millis(2);
+        loop {
+            let result = command(client).await;
+            match result {
+                Err(e) if slot_in_motion(&e) && started.elapsed() + pause < setup::COMMAND_TIMEOUT => {
+                    tracing::debug!(operation = operation.label(), error = %e, "slot moving; sending again");
+                    self.metrics.slot_moving(operation.label());
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(100));
+                }
+                result => return self.settle(operation, started, result),
+            }
+        }
     }
 
     /// Times one round trip and counts its failure by kind.
@@ -207,6 +221,16 @@ impl RedisEngine {
     ) -> Result<T, EngineError> {
         let started = Instant::now();
         let result = command.await;
+        self.settle(operation, started, result)
+    }
+
+    /// Records a round trip that began at `started`, and types its error.
+    fn settle<T>(
+        &self,
+        operation: Operation,
+        started: Instant,
+        result: Result<T, fred::error::Error>,
+    ) -> Result<T, EngineError> {
         self.metrics.observe(operation.label(), started.elapsed());
         result.map_err(|e| {
             let kind = error_kind(&e);
@@ -264,8 +288,9 @@ impl RedisEngine {
             secs(self.settings.history_ttl).into(),
         ];
         let keys = vec![self.keys.stream(channel), self.keys.meta(channel)];
-        let value: Value =
-            self.call(Operation::History, |c| self.history_script.evalsha_with_reload(c, keys, args)).await?;
+        let value: Value = self
+            .call(Operation::History, |c| self.history_script.evalsha_with_reload(c, keys.clone(), args.clone()))
+            .await?;
         parse_history(channel, value).map_err(|e| {
             self.metrics.error(Operation::History.label(), "protocol");
             EngineError::Protocol(format!("unexpected history reply: {e}"))
@@ -275,7 +300,7 @@ impl RedisEngine {
     /// Announces a join or leave to every node's subscribers of `channel`.
     async fn announce(&self, change: PresenceChange, channel: &ChannelName, client: &ClientInfo) {
         let frame = presence_frame(change, channel, client);
-        let message = format!(r#"{{"k":"p","f":{}}}"#, frame.as_str());
+        let message = &format!(r#"{{"k":"p","f":{}}}"#, frame.as_str());
         let published = self.call(Operation::Presence, |c| async move {
             let name = self.keys.pubsub(channel);
             match self.deployment {
@@ -294,13 +319,14 @@ impl RedisEngine {
     async fn write_presence(&self, channel: &ChannelName, client: &ClientInfo) -> Result<(), EngineError> {
         let json = serde_json::to_string(client).expect("client info serialises");
         let lapse = (now_ms() + self.settings.presence_ttl.as_millis() as u64) as f64;
-        let (hash, zset) = (self.keys.presence(channel), self.keys.presence_expiry(channel));
+        let (hash, zset) = (&self.keys.presence(channel), &self.keys.presence_expiry(channel));
+        let json = &json;
         let keep = secs(self.settings.presence_ttl) * 2;
         self.call(Operation::Presence, |c| async move {
-            let _: () = c.hset(&hash, (&*client.conn, json)).await?;
-            let _: () = c.zadd(&zset, None, None, false, false, (lapse, &*client.conn)).await?;
-            let _: () = c.expire(&hash, keep, None).await?;
-            c.expire(&zset, keep, None).await
+            let _: () = c.hset(hash, (&*client.conn, json.as_str())).await?;
+            let _: () = c.zadd(zset, None, None, false, false, (lapse, &*client.conn)).await?;
+            let _: () = c.expire(hash, keep, None).await?;
+            c.expire(zset, keep, None).await
         })
         .await
     }
@@ -355,9 +381,10 @@ impl DataPlane for RedisEngine {
             self.publish_command().into(),
         ];
         let slot = fred::util::redis_keyslot(keys[0].as_bytes());
+        let (keys, args) = (&keys, &args);
         let (offset, epoch, _duplicate): (i64, String, i64) = self
             .call(Operation::Publish, |c| async move {
-                let stored = self.publish_script.evalsha_with_reload(c, keys, args).await?;
+                let stored = self.publish_script.evalsha_with_reload(c, keys.clone(), args.clone()).await?;
                 self.await_replicas(c, slot).await?;
                 Ok(stored)
             })
@@ -403,8 +430,9 @@ impl DataPlane for RedisEngine {
     async fn presence(&self, channel: &ChannelName) -> Result<Vec<ClientInfo>, EngineError> {
         let keys = vec![self.keys.presence(channel), self.keys.presence_expiry(channel)];
         let args = vec![now_ms() as i64];
-        let values: Vec<String> =
-            self.call(Operation::Presence, |c| self.presence_script.evalsha_with_reload(c, keys, args)).await?;
+        let values: Vec<String> = self
+            .call(Operation::Presence, |c| self.presence_script.evalsha_with_reload(c, keys.clone(), args.clone()))
+            .await?;
         let mut clients: Vec<ClientInfo> = values.iter().filter_map(|v| serde_json::from_str(v).ok()).collect();
         clients.sort_by(|a, b| (&a.user, &a.conn).cmp(&(&b.user, &b.conn)));
         Ok(clients)
@@ -424,12 +452,12 @@ impl DataPlane for RedisEngine {
 #[async_trait]
 impl ClusterPlane for RedisEngine {
     async fn heartbeat(&self, info: &NodeInfo) -> Result<(), EngineError> {
-        let json = serde_json::to_string(info).expect("node info serialises");
-        let ttl = Expiration::PX(self.settings.node_ttl.as_millis() as i64);
+        let json = &serde_json::to_string(info).expect("node info serialises");
+        let ttl = &Expiration::PX(self.settings.node_ttl.as_millis() as i64);
         // Scored by when the entry lapses, so any live node's heartbeat prunes dead nodes.
         let lapse = (info.updated_ms + self.settings.node_ttl.as_millis() as u64) as f64;
         self.call(Operation::Control, |c| async move {
-            let _: () = c.set(self.keys.node(&info.id), json, Some(ttl), None, false).await?;
+            let _: () = c.set(self.keys.node(&info.id), json.as_str(), Some(ttl.clone()), None, false).await?;
             let _: () = c.zadd(self.keys.nodes(), None, None, false, false, (lapse, info.id.as_str())).await?;
             c.zremrangebyscore(self.keys.nodes(), f64::NEG_INFINITY, now_ms() as f64).await
         })
@@ -461,7 +489,8 @@ impl ClusterPlane for RedisEngine {
     async fn ban(&self, user: &str, until_ms: u64) -> Result<(), EngineError> {
         let ttl = until_ms.saturating_sub(now_ms()).max(1) as i64;
         let expiry = Some(Expiration::PX(ttl));
-        self.call(Operation::Control, |c| c.set(self.keys.ban(user), until_ms as i64, expiry, None, false)).await
+        self.call(Operation::Control, |c| c.set(self.keys.ban(user), until_ms as i64, expiry.clone(), None, false))
+            .await
     }
 
     async fn unban(&self, user: &str) -> Result<bool, EngineError> {
@@ -509,6 +538,14 @@ fn secs(d: Duration) -> i64 {
     d.as_secs().max(1) as i64
 }
 
+/// Whether a Redis Cluster turned the command away, unrun, because its slot is moving: a
+/// redirect (the clients follow none, see `setup::builder`), or `TRYAGAIN` while a multi-key
+/// command's keys are split between the two primaries.
+fn slot_in_motion(e: &fred::error::Error) -> bool {
+    let details = e.details();
+    (e.kind() == &ErrorKind::Routing && details == "Too many redirections.") || details.starts_with("TRYAGAIN")
+}
+
 /// The typed error of a failed round trip of `kind` (see `error_kind`).
 fn engine_error(kind: &str, text: String) -> EngineError {
     match kind {
@@ -522,6 +559,9 @@ fn engine_error(kind: &str, text: String) -> EngineError {
 
 /// The `kind` label of a failed round trip.
 fn error_kind(e: &fred::error::Error) -> &'static str {
+    if slot_in_motion(e) {
+        return "moving";
+    }
     match e.kind() {
         ErrorKind::Timeout => "timeout",
         ErrorKind::IO | ErrorKind::Canceled => "connection",

@@ -65,7 +65,9 @@ pub(super) fn on_request(engine: &Arc<RedisEngine>, text: &str) {
         let reply = serde_json::to_string(&Reply { id: request.id, node: &engine.settings.node_id, body: &body })
             .expect("replies serialise");
         let channel = engine.keys.control_reply(&from);
-        if let Err(e) = engine.call(Operation::Control, |c| c.publish::<(), _, _>(channel, reply)).await {
+        if let Err(e) =
+            engine.call(Operation::Control, |c| c.publish::<(), _, _>(channel.as_str(), reply.as_str())).await
+        {
             tracing::debug!(error = %e, "control reply not published");
         }
     });
@@ -130,7 +132,7 @@ async fn collect(
         .expect("requests serialise");
     let published = tokio::time::timeout_at(
         deadline,
-        engine.call(Operation::Control, |c| c.publish(engine.keys.control(), message)),
+        engine.call(Operation::Control, |c| c.publish(engine.keys.control(), message.as_str())),
     );
     let _: () = published
         .await

@@ -107,12 +107,18 @@ fn rustls_trusting(path: &Path) -> anyhow::Result<TlsConnector> {
 
 /// A builder for every client of one engine: commands time out, are never retried (a publish
 /// must not run twice after Redis may have run it), and connections come back with backoff.
+///
+/// Cluster redirects are not followed either: fred follows an `ASK` only with a command
+/// attempt to spare, and without one it drops every connection of the client. A redirect
+/// comes back as an error instead, and `RedisEngine::call` sends the command again once
+/// fred's slot map caught up (a `MOVED` refreshes it) or the slot's keys finished moving.
 pub(super) fn builder(config: Config) -> Builder {
     let mut builder = Builder::from_config(config);
     builder
         .with_performance_config(|p| p.default_command_timeout = COMMAND_TIMEOUT)
         .with_connection_config(|c| {
             c.max_command_attempts = 1;
+            c.max_redirections = 0;
             c.connection_timeout = Duration::from_secs(2);
         })
         .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2));
