@@ -9,7 +9,7 @@ use serde_json::Value;
 use serde_json::value::RawValue;
 
 use crate::channel::ChannelName;
-use crate::engine::{ClientInfo, Epoch, Offset, Position};
+use crate::engine::{ClientInfo, Epoch, Offset, Position, PresenceChange, Publication};
 
 /// A parsed client command with the id its reply must echo.
 #[derive(Debug)]
@@ -259,6 +259,36 @@ pub fn to_frame<T: Serialize>(frame: &T) -> Utf8Bytes {
     serde_json::to_string(frame).expect("server frames always serialise").into()
 }
 
+/// `{"type":"message",...}`: a stored message, with its data as the publisher sent it.
+pub fn message_frame(p: &Publication) -> Utf8Bytes {
+    #[derive(Serialize)]
+    struct Message<'a> {
+        #[serde(rename = "type")]
+        kind: &'static str,
+        channel: &'a ChannelName,
+        offset: Offset,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        event: Option<&'a str>,
+        data: &'a RawValue,
+    }
+    let frame =
+        Message { kind: "message", channel: &p.channel, offset: p.offset, event: p.event.as_deref(), data: &p.data };
+    to_frame(&frame)
+}
+
+/// `{"type":"join"|"leave",...}`: a subscriber of `channel` came or went.
+pub fn presence_frame(change: PresenceChange, channel: &ChannelName, client: &ClientInfo) -> Utf8Bytes {
+    #[derive(Serialize)]
+    struct Presence<'a> {
+        #[serde(rename = "type")]
+        kind: PresenceChange,
+        channel: &'a ChannelName,
+        user: &'a str,
+        conn: &'a str,
+    }
+    to_frame(&Presence { kind: change, channel, user: &client.user, conn: &client.conn })
+}
+
 /// `{"type":"welcome",...}`: the first frame of every connection.
 #[derive(Debug, Serialize)]
 pub struct Welcome<'a> {
@@ -317,6 +347,20 @@ pub struct Reset<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::NewMessage;
+
+    #[test]
+    fn a_message_frame_carries_the_data_as_sent() {
+        let ch = ChannelName::parse("room:1").unwrap();
+        let data = RawValue::from_string(r#"{"text":"hi"}"#.into()).unwrap();
+        let msg = NewMessage { event: Some("chat".into()), data, idempotency_key: None };
+        let p = Publication::new(ch.clone(), Epoch::new("e"), 42, msg, 0);
+        let expected = r#"{"type":"message","channel":"room:1","offset":42,"event":"chat","data":{"text":"hi"}}"#;
+        assert_eq!(message_frame(&p).as_str(), expected);
+        let client = ClientInfo { user: "u".into(), conn: "n.1".into(), node: "n".into() };
+        let join = presence_frame(PresenceChange::Join, &ch, &client);
+        assert_eq!(join.as_str(), r#"{"type":"join","channel":"room:1","user":"u","conn":"n.1"}"#);
+    }
 
     #[test]
     fn parses_every_op() {

@@ -24,7 +24,7 @@ use crate::channel::ChannelName;
 use crate::engine::{
     ClientInfo, EngineError, Epoch, HistoryQuery, NewMessage, Offset, Position, Publication, check_idempotency_key,
 };
-use crate::hub::{ConnId, Out, SessionHandle, SessionInfo, Transport};
+use crate::hub::{ConnId, Delivery, Out, SessionHandle, SessionInfo, Transport};
 use crate::node::Node;
 use crate::protocol::{Close, CloseCode, CommandError, ErrorCode, Reply, Reset, to_frame};
 use crate::rate::RateLimiter;
@@ -39,7 +39,8 @@ struct Subscription {
 /// A successful subscribe: the reply to send first, then the replayed messages in order.
 pub struct Subscribed {
     pub reply: Reply,
-    pub replay: Vec<Arc<Publication>>,
+    /// The messages missed since the client's position, each with its frame.
+    pub replay: Vec<Delivery>,
 }
 
 /// Frames a session has ready for its transport to write, with how many of them are messages;
@@ -191,8 +192,8 @@ impl Session {
         let mut joining = Joining::new(&self.node, &channel, &self.handle.conn);
         let (position, replay) = self.position_and_replay(&channel, since.as_ref(), &mut joining).await?;
         joining.done();
-        let replay = replay.filter(|r| {
-            let bytes: usize = r.iter().map(|p| p.frame().len()).sum();
+        let replay = replay.map(|r| r.into_iter().map(Delivery::new).collect::<Vec<_>>()).filter(|r| {
+            let bytes: usize = r.iter().map(|d| d.frame.len()).sum();
             let fits = bytes <= *budget;
             if fits {
                 *budget -= bytes;
@@ -308,7 +309,8 @@ impl Session {
     /// session so the client replays instead of silently missing messages.
     pub fn accept(&mut self, out: Out, frames: &mut Frames) -> Result<(), Close> {
         match out {
-            Out::Message(p) => {
+            Out::Message(delivery) => {
+                let p = &delivery.publication;
                 let Some(sub) = self.subs.get_mut(&p.channel) else { return Ok(()) };
                 if p.epoch != sub.epoch {
                     *sub = Subscription { epoch: p.epoch.clone(), last: p.offset - 1 };
@@ -323,7 +325,7 @@ impl Session {
                     return Err(Close::new(CloseCode::SlowConsumer, "missed messages: reconnect and replay"));
                 }
                 sub.last = p.offset;
-                frames.message(p.frame().clone());
+                frames.message(delivery.frame.clone());
             }
             Out::Event(event) => {
                 let (channel, frame) = *event;
@@ -355,8 +357,8 @@ impl Session {
     /// Records store-to-send latency once per batch (its first message): a per-message
     /// observation would cost more than the measurement is worth.
     pub fn observe_latency(&self, batch: &[Out]) {
-        if let Some(Out::Message(p)) = batch.first() {
-            let age_us = crate::engine::now_us().saturating_sub(p.time_us);
+        if let Some(Out::Message(delivery)) = batch.first() {
+            let age_us = crate::engine::now_us().saturating_sub(delivery.publication.time_us);
             self.node.metrics().delivery_latency.observe(age_us as f64 / 1e6);
         }
     }
@@ -524,7 +526,7 @@ mod tests {
     }
 
     fn message(epoch: &Epoch, offset: Offset) -> Out {
-        Out::Message(publications(epoch, offset..=offset).remove(0))
+        Out::Message(Arc::new(Delivery::new(publications(epoch, offset..=offset).remove(0))))
     }
 
     /// What `frames` holds, as JSON, and how many of them are messages.

@@ -29,9 +29,9 @@ use crate::admission::Slot;
 use crate::auth::AuthError;
 use crate::channel::ChannelName;
 use crate::cursor::{self, Cursor};
-use crate::engine::{HistoryQuery, Position, Publication};
+use crate::engine::{HistoryQuery, Position};
 use crate::http::{self, Body, HttpError};
-use crate::hub::{Out, SessionInfo, Transport};
+use crate::hub::{Delivery, Out, SessionInfo, Transport};
 use crate::node::Node;
 use crate::protocol::{Close, CloseCode, ErrorCode, Reply, to_frame};
 use crate::session::{Frames, Session, Subscribed, Tally};
@@ -189,7 +189,7 @@ struct SseStream {
     /// Events in `out` not yet counted by `Session::sent`.
     tally: Tally,
     /// The replay still to stream after the welcome: (channel index, messages).
-    replays: Vec<(usize, Vec<Arc<Publication>>)>,
+    replays: Vec<(usize, Vec<Delivery>)>,
 }
 
 impl SseStream {
@@ -237,9 +237,9 @@ impl SseStream {
     ) -> Result<(), Option<Close>> {
         for (i, replay) in std::mem::take(&mut self.replays) {
             for p in replay {
-                self.cursor[i].offset = p.offset;
+                self.cursor[i].offset = p.publication.offset;
                 self.tally.messages += 1;
-                self.event(p.frame());
+                self.event(&p.frame);
                 if self.out.len() >= REPLAY_CHUNK {
                     self.send(session, tx, info).await?;
                 }

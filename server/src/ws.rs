@@ -260,7 +260,7 @@ impl WsConn {
                     self.count_command(op, Ok(()));
                     self.frames.control(to_frame(&Reply { id: cmd.id, ..reply }));
                     for p in &replay {
-                        self.frames.message(p.frame().clone());
+                        self.frames.message(p.frame.clone());
                     }
                     return;
                 }

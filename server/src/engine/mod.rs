@@ -3,7 +3,8 @@
 //! An engine stores each channel's history, hands out positions (epoch, offset), fans published
 //! messages out to every node's hub, and keeps presence (the data plane, `DataPlane`); it also
 //! carries the cluster's housekeeping: the node registry, bans, surveys (`ClusterPlane`). It never sees sessions or sockets: it
-//! calls back into a [`Deliver`] (the hub) with shared, already serialised publications.
+//! calls back into a [`Deliver`] (the hub) with shared publications; what a client receives
+//! (frames, their encoding) is built above it, once per message, by the hub and `protocol`.
 //! `memory` is the single-node, in-process engine; other engines keep the same semantics.
 
 pub mod memory;
@@ -15,7 +16,6 @@ use std::time::Duration;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use hyper_tungstenite::tungstenite::Utf8Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
@@ -139,7 +139,7 @@ fn compact(text: &str) -> Result<Option<String>, DataTooDeep> {
     Ok(multiline.then(|| String::from_utf8(out).unwrap_or_default()))
 }
 
-/// A stored message, serialised once into the wire frame every subscriber receives.
+/// A stored message and its position.
 #[derive(Debug)]
 pub struct Publication {
     pub channel: ChannelName,
@@ -149,37 +149,11 @@ pub struct Publication {
     pub data: Box<RawValue>,
     /// Microseconds since the Unix epoch when the message was stored.
     pub time_us: u64,
-    frame: Utf8Bytes,
-}
-
-#[derive(Serialize)]
-struct MessageFrame<'a> {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    channel: &'a ChannelName,
-    offset: Offset,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    event: Option<&'a str>,
-    data: &'a RawValue,
 }
 
 impl Publication {
-    /// Builds the publication and its `{"type":"message",...}` frame (the only serialisation).
     pub fn new(channel: ChannelName, epoch: Epoch, offset: Offset, msg: NewMessage, time_us: u64) -> Self {
-        let frame = serde_json::to_string(&MessageFrame {
-            kind: "message",
-            channel: &channel,
-            offset,
-            event: msg.event.as_deref(),
-            data: &msg.data,
-        })
-        .expect("message frames always serialise");
-        Self { channel, epoch, offset, event: msg.event, data: msg.data, time_us, frame: frame.into() }
-    }
-
-    /// The serialised frame; cloning it shares the bytes.
-    pub fn frame(&self) -> &Utf8Bytes {
-        &self.frame
+        Self { channel, epoch, offset, event: msg.event, data: msg.data, time_us }
     }
 }
 
@@ -219,7 +193,7 @@ pub enum HistoryQuery {
 }
 
 /// A join or leave of a channel subscriber, fanned out where join/leave events are on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PresenceChange {
     Join,
@@ -273,8 +247,8 @@ pub struct Survey {
 pub trait Deliver: Send + Sync + 'static {
     /// A stored message for this node's subscribers of its channel, in offset order per channel.
     fn deliver(&self, publication: Arc<Publication>);
-    /// A transient frame (join/leave) for this node's subscribers of `channel`; not stored.
-    fn deliver_event(&self, channel: &ChannelName, frame: Utf8Bytes);
+    /// A join or leave for this node's subscribers of `channel`; transient, not stored.
+    fn deliver_presence(&self, channel: &ChannelName, change: PresenceChange, client: &ClientInfo);
     /// `channel`'s history was lost under live subscribers: live delivery goes on after
     /// `position` (a new epoch), and the subscribers must resync from their own store.
     fn reset(&self, channel: &ChannelName, position: &Position);
@@ -357,20 +331,6 @@ pub trait Engine: DataPlane + ClusterPlane {
     async fn close(&self) {}
 }
 
-/// Serialises a join/leave frame for `channel`.
-pub fn presence_frame(change: PresenceChange, channel: &ChannelName, client: &ClientInfo) -> Utf8Bytes {
-    #[derive(Serialize)]
-    struct Frame<'a> {
-        #[serde(rename = "type")]
-        kind: PresenceChange,
-        channel: &'a ChannelName,
-        user: &'a str,
-        conn: &'a str,
-    }
-    let frame = Frame { kind: change, channel, user: &client.user, conn: &client.conn };
-    serde_json::to_string(&frame).expect("presence frames always serialise").into()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -390,22 +350,5 @@ mod tests {
         assert!(NewMessage::new(None, nested(MAX_DATA_DEPTH + 1).unwrap()).is_err());
         let brackets_in_strings = RawValue::from_string(format!("[\"{}\"]", "[".repeat(500))).unwrap();
         assert!(NewMessage::new(None, brackets_in_strings).is_ok());
-    }
-
-    #[test]
-    fn publication_frame_is_serialised_once_with_raw_data() {
-        let ch = ChannelName::parse("room:1").unwrap();
-        let data = RawValue::from_string(r#"{"text":"hi"}"#.into()).unwrap();
-        let p = Publication::new(
-            ch,
-            Epoch::new("e"),
-            42,
-            NewMessage { event: Some("chat".into()), data, idempotency_key: None },
-            0,
-        );
-        assert_eq!(
-            p.frame().as_str(),
-            r#"{"type":"message","channel":"room:1","offset":42,"event":"chat","data":{"text":"hi"}}"#
-        );
     }
 }

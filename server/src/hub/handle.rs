@@ -14,7 +14,7 @@ use tokio::sync::{Notify, mpsc};
 use crate::channel::ChannelName;
 use crate::engine::{Position, Publication};
 use crate::locks::lock;
-use crate::protocol::{Close, CloseCode};
+use crate::protocol::{Close, CloseCode, message_frame};
 
 /// A connection's id, unique in the cluster: `<node>.<sequence>`.
 pub type ConnId = Arc<str>;
@@ -36,12 +36,27 @@ impl Transport {
     }
 }
 
+/// A stored message as this node's subscribers receive it: the publication, and its frame,
+/// serialised once for all of them.
+#[derive(Debug)]
+pub struct Delivery {
+    pub publication: Arc<Publication>,
+    pub frame: Utf8Bytes,
+}
+
+impl Delivery {
+    pub fn new(publication: Arc<Publication>) -> Self {
+        let frame = message_frame(&publication);
+        Self { publication, frame }
+    }
+}
+
 /// What the hub queues for a session. Kept to two words (rare variants boxed): every session's
 /// queue preallocates a block of these.
 #[derive(Debug)]
 pub enum Out {
     /// A stored message of a channel the session subscribes to.
-    Message(Arc<Publication>),
+    Message(Arc<Delivery>),
     /// A transient frame (join/leave) for a channel.
     Event(Box<(ChannelName, Utf8Bytes)>),
     /// History lost: live delivery continues after `Position` in a new epoch.

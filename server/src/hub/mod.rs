@@ -1,6 +1,7 @@
 //! This node's sockets, by channel and by connection id. The hub owns no socket and no history:
-//! the engine hands it publications already serialised, and it queues the same shared frame for
-//! every local subscriber with a non-blocking `try_send`. Channels are sharded and each has its
+//! the engine hands it publications, the hub serialises each one once into the frame every
+//! subscriber receives, and queues that shared frame for every local subscriber with a
+//! non-blocking `try_send`. Channels are sharded and each has its
 //! own lock, so fan-out for one busy channel never waits on another's.
 
 mod handle;
@@ -9,16 +10,14 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use hyper_tungstenite::tungstenite::Utf8Bytes;
-
 use crate::channel::ChannelName;
-use crate::engine::{Deliver, Position, Publication};
+use crate::engine::{ClientInfo, Deliver, Position, PresenceChange, Publication};
 use crate::locks::{lock, read, write};
 use crate::metrics::Metrics;
-use crate::protocol::Close;
+use crate::protocol::{Close, presence_frame};
 use crate::shard::Sharded;
 
-pub use handle::{ConnId, Out, SessionHandle, SessionInfo, Transport};
+pub use handle::{ConnId, Delivery, Out, SessionHandle, SessionInfo, Transport};
 
 /// One channel's local subscribers and its message rate.
 #[derive(Default)]
@@ -156,12 +155,16 @@ impl Deliver for Hub {
     fn deliver(&self, publication: Arc<Publication>) {
         if let Some(local) = self.subscribers(&publication.channel) {
             local.messages.fetch_add(1, Ordering::Relaxed);
-            local.push_all(|| Out::Message(publication.clone()));
+            let delivery = Arc::new(Delivery::new(publication));
+            local.push_all(|| Out::Message(delivery.clone()));
         }
     }
 
-    fn deliver_event(&self, channel: &ChannelName, frame: Utf8Bytes) {
-        self.push_all(channel, || Out::Event(Box::new((channel.clone(), frame.clone()))));
+    fn deliver_presence(&self, channel: &ChannelName, change: PresenceChange, client: &ClientInfo) {
+        if let Some(local) = self.subscribers(channel) {
+            let frame = presence_frame(change, channel, client);
+            local.push_all(|| Out::Event(Box::new((channel.clone(), frame.clone()))));
+        }
     }
 
     fn reset(&self, channel: &ChannelName, position: &Position) {

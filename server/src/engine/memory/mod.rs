@@ -23,7 +23,7 @@ use async_trait::async_trait;
 
 use super::{
     ClientInfo, ClusterPlane, DataPlane, Deliver, Engine, EngineError, Epoch, HistoryBounds, HistoryPage, HistoryQuery,
-    NewMessage, NodeInfo, Offset, PresenceChange, Publication, Survey, SurveyHandler, now_ms, now_us, presence_frame,
+    NewMessage, NodeInfo, Offset, PresenceChange, Publication, Survey, SurveyHandler, now_ms, now_us,
 };
 use crate::channel::ChannelName;
 use crate::locks::lock;
@@ -93,10 +93,10 @@ struct ChannelLog {
     bytes: usize,
 }
 
-/// What one stored publication costs the memory engine, roughly: its data, its frame (which
-/// repeats the data) and the bookkeeping around them.
+/// What one stored publication costs the memory engine, roughly: its data, its names and the
+/// bookkeeping around them.
 fn held_size(p: &Publication) -> usize {
-    p.data.get().len() + p.frame().len() + 160
+    p.data.get().len() + p.channel.as_str().len() + p.event.as_ref().map_or(0, String::len) + 200
 }
 
 impl ChannelLog {
@@ -265,7 +265,7 @@ impl MemoryEngine {
 
     fn announce(&self, change: PresenceChange, channel: &ChannelName, client: &ClientInfo) {
         if let Some(hub) = self.deliver.upgrade() {
-            hub.deliver_event(channel, presence_frame(change, channel, client));
+            hub.deliver_presence(channel, change, client);
         }
     }
 }
@@ -472,7 +472,7 @@ mod tests {
     struct NoHub;
     impl Deliver for NoHub {
         fn deliver(&self, _: Arc<Publication>) {}
-        fn deliver_event(&self, _: &ChannelName, _: hyper_tungstenite::tungstenite::Utf8Bytes) {}
+        fn deliver_presence(&self, _: &ChannelName, _: PresenceChange, _: &ClientInfo) {}
         fn reset(&self, _: &ChannelName, _: &super::super::Position) {}
     }
 

@@ -41,7 +41,6 @@ pub use setup::Deployment;
 use super::{
     ClientInfo, ClusterPlane, DataPlane, Deliver, Engine, EngineError, Epoch, HistoryBounds, HistoryPage, HistoryQuery,
     NewMessage, NodeInfo, Offset, PresenceChange, Publication, RedisStats, Survey, SurveyHandler, now_ms, now_us,
-    presence_frame,
 };
 use crate::channel::ChannelName;
 use crate::locks::lock;
@@ -299,8 +298,7 @@ impl RedisEngine {
 
     /// Announces a join or leave to every node's subscribers of `channel`.
     async fn announce(&self, change: PresenceChange, channel: &ChannelName, client: &ClientInfo) {
-        let frame = presence_frame(change, channel, client);
-        let message = &format!(r#"{{"k":"p","f":{}}}"#, frame.as_str());
+        let message = &pubsub::presence_message(change, client);
         let published = self.call(Operation::Presence, |c| async move {
             let name = self.keys.pubsub(channel);
             match self.deployment {

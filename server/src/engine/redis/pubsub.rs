@@ -24,14 +24,15 @@ use std::time::Duration;
 
 use fred::clients::SubscriberClient;
 use fred::prelude::*;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use tokio::sync::broadcast::error::RecvError;
 
 use super::{Deployment, Operation, RedisEngine};
 use crate::channel::ChannelName;
 use crate::engine::{
-    Deliver, EngineError, Epoch, HistoryPage, HistoryQuery, NewMessage, Offset, Position, Publication,
+    ClientInfo, Deliver, EngineError, Epoch, HistoryPage, HistoryQuery, NewMessage, Offset, Position, PresenceChange,
+    Publication,
 };
 use crate::locks::lock;
 use crate::shard::Sharded;
@@ -241,7 +242,8 @@ enum FillStep {
     Stale,
 }
 
-/// What travels on a channel's pub/sub: a stored message or a presence frame.
+/// What travels on a channel's pub/sub: a stored message (`k: "m"`, written by `publish.lua`:
+/// epoch, offset, time, event, data) or a join/leave (`k: "p"`: change, client).
 #[derive(Deserialize)]
 struct Wire<'a> {
     k: &'a str,
@@ -251,8 +253,19 @@ struct Wire<'a> {
     v: Option<String>,
     #[serde(borrow)]
     d: Option<&'a RawValue>,
-    #[serde(borrow)]
-    f: Option<&'a RawValue>,
+    c: Option<PresenceChange>,
+    i: Option<ClientInfo>,
+}
+
+/// The pub/sub message announcing `change` of `client` (see `Wire`).
+pub(super) fn presence_message(change: PresenceChange, client: &ClientInfo) -> String {
+    #[derive(Serialize)]
+    struct Presence<'a> {
+        k: &'static str,
+        c: PresenceChange,
+        i: &'a ClientInfo,
+    }
+    serde_json::to_string(&Presence { k: "p", c: change, i: client }).expect("presence messages serialise")
 }
 
 /// Makes sure this node receives `channel`, counting the reference.
@@ -540,9 +553,11 @@ fn on_message(engine: &Arc<RedisEngine>, message: fred::types::Message) {
         Err(e) => return tracing::warn!(%channel, error = %e, "unreadable pub/sub message"),
     };
     let Some(deliver) = engine.deliver.upgrade() else { return };
-    match (wire.k, wire.f, wire.e, wire.o, wire.d) {
-        ("p", Some(frame), ..) => deliver.deliver_event(&channel, frame.get().to_owned().into()),
-        ("m", _, Some(epoch), Some(offset), Some(data)) => {
+    match (wire.k, wire.e, wire.o, wire.d) {
+        ("p", ..) if let (Some(change), Some(client)) = (wire.c, &wire.i) => {
+            deliver.deliver_presence(&channel, change, client)
+        }
+        ("m", Some(epoch), Some(offset), Some(data)) => {
             let msg = NewMessage { event: wire.v, data: data.to_owned(), idempotency_key: None };
             let p = Arc::new(Publication::new(channel.clone(), Epoch::new(epoch), offset, msg, wire.t.unwrap_or(0)));
             let gap = {
@@ -675,7 +690,6 @@ mod tests {
     use std::pin::pin;
     use std::task::{Context, Poll, Waker};
 
-    use hyper_tungstenite::tungstenite::Utf8Bytes;
     use serde_json::value::RawValue;
 
     use super::*;
@@ -731,8 +745,8 @@ mod tests {
             assert_eq!(p.channel, room());
             lock(&self.0).push(Got::Message(p.epoch.to_string(), p.offset));
         }
-        fn deliver_event(&self, _: &ChannelName, _: Utf8Bytes) {
-            panic!("the merge never hands on presence frames");
+        fn deliver_presence(&self, _: &ChannelName, _: PresenceChange, _: &ClientInfo) {
+            panic!("the merge never hands on presence");
         }
         fn reset(&self, channel: &ChannelName, position: &Position) {
             assert_eq!(*channel, room());
