@@ -783,3 +783,38 @@ async fn channels_are_spread_over_the_pubsub_connections_and_one_killed_costs_no
     assert_eq!(got, want);
     node.stop().await;
 }
+
+/// Polls `ACL LOG` until Redis logged a refusal on a channel (NOPERM for a SUBSCRIBE).
+async fn await_channel_refusal(redis: &RedisServer) {
+    guard("Redis to refuse a SUBSCRIBE", async {
+        // Redis logs refusals but publishes no event for them: poll, under the guard.
+        while !redis.cli(&["ACL", "LOG"]).await.lines().any(|l| l == "channel") {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_resubscribe_redis_refused_is_retried_until_it_is_taken_and_nothing_is_missed() {
+    let redis = RedisServer::start().await;
+    let node = TestNode::start(pushd::Config { redis_subscribers: 1, ..redis_config(&redis, "n0") }).await;
+    let mut alice = node.ws(&token("alice")).await;
+    let since = alice.subscribe("room:1", None).await;
+    assert_eq!(since["ok"], true, "{since}");
+    node.publish("room:1", json!({ "n": 1 })).await;
+    assert_eq!(alice.next().await["data"]["n"], 1);
+    // Taking channel rights away closes the node's pub/sub connection; it reconnects at once,
+    // and Redis refuses its resubscribe (NOPERM) until the rights come back.
+    assert!(redis.cli(&["ACL", "SETUSER", "default", "resetchannels"]).await.contains("OK"));
+    await_channel_refusal(&redis).await;
+    assert!(redis.cli(&["ACL", "SETUSER", "default", "allchannels"]).await.contains("OK"));
+    // Published while the node may not hold the channel yet: the resubscribe's catch-up or the
+    // live path delivers both, once and in order.
+    node.publish("room:1", json!({ "n": 2 })).await;
+    node.publish("room:1", json!({ "n": 3 })).await;
+    let got: Vec<Value> = guard("messages after the refused resubscribe", alice.messages(2)).await;
+    assert_eq!(got.iter().map(|m| m["data"]["n"].clone()).collect::<Vec<_>>(), [2, 3], "{got:?}");
+    assert_eq!(numsub(&redis, "room:1").await, "1");
+    node.stop().await;
+}

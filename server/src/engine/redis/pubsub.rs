@@ -366,11 +366,18 @@ async fn unsubscribe_names(engine: &RedisEngine, ix: usize, channels: &[ChannelN
     change_names(engine, ix, channels, Change::Unsubscribe).await
 }
 
-/// Sends `change` for `channels` on lane `ix`, timed. A SUBSCRIBE is bounded: fred resolves a
-/// classic SUBSCRIBE once it is written (Redis' confirmation arrives out of band and is
-/// dropped), so that fails only when the write does, but an SSUBSCRIBE waits for Redis' reply,
-/// and a resubscribe that never ends would hold the lane's change lock and stop every later one
-/// (a timed-out SUBSCRIBE is retried by the resync, or taken back after a failed batch). An
+/// Sends `change` for `channels` on lane `ix`, timed.
+///
+/// fred resolves a classic SUBSCRIBE once it is written (Redis' confirmation arrives out of band
+/// and is dropped), so a SUBSCRIBE Redis refused (`NOPERM`) would look taken, and its channels
+/// would stay marked subscribed while receiving nothing. A `PING` follows it: replies come in
+/// order, so the PING's answer comes once Redis has handled the SUBSCRIBE, and a refusal, the
+/// first reply fred can match to a command, becomes the PING's error. An SSUBSCRIBE waits for
+/// Redis' reply itself.
+///
+/// A SUBSCRIBE is bounded: a resubscribe that never ends would hold the lane's change lock and
+/// stop every later one (a timed-out SUBSCRIBE is retried by the resync, or taken back after a
+/// failed batch). An
 /// UNSUBSCRIBE is not bounded: it ends when Redis answers or the connection drops (which ends
 /// every subscription), so a slow answer can never leave a subscription nobody holds.
 async fn change_names(
@@ -396,7 +403,10 @@ async fn change_names(
                     .await
                     .map(drop)
             }
-            (_, Change::Subscribe) => subscriber.subscribe(names).await,
+            (_, Change::Subscribe) => {
+                subscriber.subscribe(names).await?;
+                subscriber.ping::<Value>(None).await.map(drop)
+            }
             (_, Change::Unsubscribe) => subscriber.unsubscribe(names).await,
         }
     };
