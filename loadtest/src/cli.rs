@@ -42,6 +42,31 @@ pub enum Command {
     /// connections, then a check that the node still serves and, with --metrics-url, that
     /// nothing panicked. Give the node a high --rate-limit, or most connections end at 4008.
     Fuzz(FuzzArgs),
+    /// The write floor of this machine: one thread writes a small frame to each of many
+    /// loopback sockets per round, at a fixed rate, and reports its own user and system time
+    /// per write: the least CPU a broker that writes each delivery on its own can spend. Run it
+    /// next to a fanout run to compare the broker's CPU per delivery with it.
+    Floor(FloorArgs),
+}
+
+/// Flags of `pushload floor`.
+#[derive(Debug, Clone, Args)]
+pub struct FloorArgs {
+    /// Loopback connections to write to (each costs two open files).
+    #[arg(long, env = "PUSHLOAD_SOCKETS", default_value_t = 2000)]
+    pub sockets: usize,
+
+    /// Rounds per second; each round writes one frame to every socket.
+    #[arg(long, env = "PUSHLOAD_RATE", default_value_t = 30)]
+    pub rate: u64,
+
+    /// How long to write.
+    #[arg(long, env = "PUSHLOAD_SECONDS", default_value_t = 10)]
+    pub seconds: u64,
+
+    /// Bytes per frame: a 100-byte payload's message frame is about 110.
+    #[arg(long, env = "PUSHLOAD_FRAME_BYTES", default_value_t = 110)]
+    pub frame_bytes: usize,
 }
 
 /// Flags of `pushload fuzz`.

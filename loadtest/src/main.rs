@@ -5,6 +5,7 @@
 
 mod checker;
 mod cli;
+mod floor;
 mod fuzz;
 mod publisher;
 mod report;
@@ -30,6 +31,7 @@ async fn main() -> ExitCode {
         Command::Fanout(args) => Fanout::try_from(args).map(Plan::Fanout),
         Command::Publish(args) => PublishRun::try_from(args).map(Plan::Publish),
         Command::Fuzz(args) => fuzz::plan(args).map(Plan::Fuzz),
+        Command::Floor(args) => Ok(Plan::Floor(args)),
     };
     let plan = match plan {
         Ok(plan) => plan,
@@ -42,6 +44,7 @@ async fn main() -> ExitCode {
         Plan::Fanout(plan) => workload::fanout(plan).await.map(|r| Box::new(r) as _),
         Plan::Publish(plan) => workload::publish(plan).await.map(|r| Box::new(r) as _),
         Plan::Fuzz(plan) => fuzz::run(plan).await.map(|r| Box::new(r) as _),
+        Plan::Floor(args) => floor::run(args).await.map(|r| Box::new(r) as _),
     };
     let report = match report {
         Ok(report) => report,
@@ -66,4 +69,5 @@ enum Plan {
     Fanout(Fanout),
     Publish(PublishRun),
     Fuzz(fuzz::FuzzPlan),
+    Floor(cli::FloorArgs),
 }

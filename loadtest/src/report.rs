@@ -273,6 +273,7 @@ impl Verdict for Report {
             }
         }
         self.usage.render(&mut r);
+        self.usage.render_costs(&mut r, self.tally.received);
         r.verdict(&self.failures());
         r.0
     }
@@ -349,6 +350,10 @@ fn ms(us: u64) -> String {
 pub struct Text(String);
 
 impl Text {
+    pub fn into_string(self) -> String {
+        self.0
+    }
+
     pub fn head(&mut self, title: &str) {
         if !self.0.is_empty() {
             self.0.push('\n');

@@ -71,10 +71,37 @@ pub struct ProcessUsage {
     pub per_connection_kib: Option<f64>,
     /// CPU time (user + system) used during the publish phase.
     pub cpu_seconds: Option<f64>,
+    /// The same, split: user and system time.
+    pub cpu: Option<Cpu>,
+    /// CPU time used while the subscribers connected (before to idle): what connecting costs.
+    pub connect_cpu: Option<Cpu>,
     /// The process could no longer be read: it exited (or crashed) during the run.
     pub gone: bool,
     #[serde(skip)]
-    cpu_at_idle: Option<f64>,
+    cpu_at_start: Option<Cpu>,
+    #[serde(skip)]
+    cpu_at_idle: Option<Cpu>,
+}
+
+/// CPU seconds, user and system apart.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Cpu {
+    pub user: f64,
+    pub system: f64,
+}
+
+impl Cpu {
+    pub fn total(self) -> f64 {
+        self.user + self.system
+    }
+
+    pub fn minus(self, before: Cpu) -> Cpu {
+        Cpu { user: self.user - before.user, system: self.system - before.system }
+    }
+
+    fn plus(self, other: Cpu) -> Cpu {
+        Cpu { user: self.user + other.user, system: self.system + other.system }
+    }
 }
 
 /// The nodes' readings summed over every `--pid`; `peak_kib` is the highest summed sample.
@@ -88,6 +115,8 @@ pub struct TotalUsage {
     /// (idle - before) / subscribers, over every node.
     pub per_connection_kib: Option<f64>,
     pub cpu_seconds: Option<f64>,
+    pub cpu: Option<Cpu>,
+    pub connect_cpu: Option<Cpu>,
     pub gone: bool,
 }
 
@@ -131,6 +160,8 @@ impl Usage {
                 peak_kib: before_kib,
                 per_connection_kib: None,
                 cpu_seconds: None,
+                cpu: None,
+                connect_cpu: None,
                 gone: false,
             }
         });
@@ -165,6 +196,7 @@ impl Usage {
             t.idle_kib = sum(self.servers.iter().map(|s| s.idle_kib));
             t.per_connection_kib = t.idle_kib.and_then(|idle| growth(idle, t.before_kib, self.subscribers));
             t.peak_kib = t.peak_kib.max(t.idle_kib.unwrap_or(0));
+            t.connect_cpu = sum_cpu(self.servers.iter().map(|s| s.connect_cpu));
         }
         let c = &mut self.client;
         c.idle_kib = status_kib("self", "VmRSS");
@@ -173,7 +205,7 @@ impl Usage {
             .zip(c.before_kib)
             .filter(|_| self.subscribers > 0)
             .map(|(idle, before)| idle.saturating_sub(before) as f64 / self.subscribers as f64);
-        c.cpu_at_idle = cpu_seconds("self");
+        c.cpu_at_idle = cpu_seconds("self").map(Cpu::total);
         self.irq_at_idle = machine_irq();
         self.others_at_idle = (!self.servers.is_empty()).then(|| processes(&self.ours()));
         self.phase_started = Some(Instant::now());
@@ -201,9 +233,10 @@ impl Usage {
             t.end_kib = sum(self.servers.iter().map(|s| s.end_kib));
             t.peak_kib = t.peak_kib.max(t.end_kib.unwrap_or(0));
             t.cpu_seconds = sum_f(self.servers.iter().map(|s| s.cpu_seconds));
+            t.cpu = sum_cpu(self.servers.iter().map(|s| s.cpu));
             t.gone = self.servers.iter().any(|s| s.gone);
         }
-        self.client.cpu_seconds = since(self.client.cpu_at_idle, cpu_seconds("self"));
+        self.client.cpu_seconds = since(self.client.cpu_at_idle, cpu_seconds("self").map(Cpu::total));
         self.phase_seconds = self.phase_started.map(|t| t.elapsed().as_secs_f64());
         self.softirq_cpu_seconds = since(self.irq_at_idle, machine_irq());
         self.other_cpu_seconds =
@@ -219,6 +252,28 @@ impl Usage {
     /// Whether a watched process vanished during the run.
     pub fn gone(&self) -> bool {
         self.servers.iter().chain(&self.redis).any(|s| s.gone)
+    }
+
+    /// The nodes' CPU per delivery in the publish phase, user and system apart, and what each
+    /// connection cost them while connecting.
+    pub fn render_costs(&self, r: &mut Text, deliveries: u64) {
+        let Some(t) = &self.server else { return };
+        if let Some(cpu) = t.cpu.filter(|_| deliveries > 0) {
+            let us = |secs: f64| secs * 1e6 / deliveries as f64;
+            let line = format!(
+                "user {:.2} + system {:.2} = {:.2} us ({:.2} CPU-s per million)",
+                us(cpu.user),
+                us(cpu.system),
+                us(cpu.total()),
+                us(cpu.total())
+            );
+            r.row("server CPU per delivery", line);
+        }
+        if let Some(cpu) = t.connect_cpu.filter(|_| self.subscribers > 0) {
+            let ms = cpu.total() * 1e3 / self.subscribers as f64;
+            let line = format!("{ms:.3} ms (user {:.2} s + system {:.2} s in all)", cpu.user, cpu.system);
+            r.row("server CPU per connect", line);
+        }
     }
 
     pub fn render(&self, r: &mut Text) {
@@ -297,7 +352,10 @@ impl ProcessUsage {
             hwm_kib: None,
             per_connection_kib: None,
             cpu_seconds: None,
+            cpu: None,
+            connect_cpu: None,
             gone: false,
+            cpu_at_start: cpu_seconds(&pid.to_string()),
             cpu_at_idle: None,
         })
     }
@@ -307,12 +365,14 @@ impl ProcessUsage {
         self.per_connection_kib =
             self.idle_kib.zip(self.connections).and_then(|(idle, n)| growth(idle, self.before_kib, n));
         self.cpu_at_idle = cpu_seconds(&self.pid.to_string());
+        self.connect_cpu = self.cpu_at_idle.zip(self.cpu_at_start).map(|(now, before)| now.minus(before));
     }
 
     fn end(&mut self) {
         self.end_kib = self.read("VmRSS");
         self.hwm_kib = self.read("VmHWM");
-        self.cpu_seconds = since(self.cpu_at_idle, cpu_seconds(&self.pid.to_string()));
+        self.cpu = self.cpu_at_idle.zip(cpu_seconds(&self.pid.to_string())).map(|(before, now)| now.minus(before));
+        self.cpu_seconds = self.cpu.map(Cpu::total);
     }
 
     /// Reads one field, keeping the peak up to date and noting a vanished process.
@@ -374,6 +434,10 @@ fn sum_f(values: impl Iterator<Item = Option<f64>>) -> Option<f64> {
     values.sum()
 }
 
+fn sum_cpu(values: impl Iterator<Item = Option<Cpu>>) -> Option<Cpu> {
+    values.map(|v| v.ok_or(())).try_fold(Cpu::default(), |acc, v| v.map(|v| acc.plus(v))).ok()
+}
+
 fn since(before: Option<f64>, now: Option<f64>) -> Option<f64> {
     Some(now? - before?)
 }
@@ -390,9 +454,14 @@ fn parse_status(status: &str, field: &str) -> Option<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
-/// User + system CPU seconds of a process so far, from `/proc/<pid>/stat`.
-fn cpu_seconds(pid: &str) -> Option<f64> {
+/// User and system CPU seconds of a process so far, from `/proc/<pid>/stat`.
+fn cpu_seconds(pid: &str) -> Option<Cpu> {
     parse_stat(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// User and system CPU seconds of the calling thread so far.
+pub fn thread_cpu() -> Option<Cpu> {
+    parse_stat(&std::fs::read_to_string("/proc/thread-self/stat").ok()?)
 }
 
 /// CPU seconds the whole machine has spent in irq and softirq so far, from /proc/stat.
@@ -444,12 +513,12 @@ fn parse_process(stat: &str) -> Option<(u64, f64)> {
     Some((ticks(22)? as u64, cpu as f64 / USER_HZ))
 }
 
-fn parse_stat(stat: &str) -> Option<f64> {
+fn parse_stat(stat: &str) -> Option<Cpu> {
     // The command name (field 2) may hold spaces and parentheses: fields resume after the last ')'.
     let mut fields = stat.rsplit_once(')')?.1.split_whitespace().skip(11);
     let utime: u64 = fields.next()?.parse().ok()?;
     let stime: u64 = fields.next()?.parse().ok()?;
-    Some((utime + stime) as f64 / USER_HZ)
+    Some(Cpu { user: utime as f64 / USER_HZ, system: stime as f64 / USER_HZ })
 }
 
 #[cfg(test)]
@@ -468,7 +537,8 @@ mod tests {
     #[test]
     fn reads_cpu_ticks_from_proc_stat() {
         let stat = "4242 (push d) S 1 4242 4242 0 -1 4194560 900 0 0 0 250 75 0 0 20 0 3 0 100 0 0";
-        assert_eq!(parse_stat(stat), Some(3.25));
+        let cpu = parse_stat(stat).unwrap();
+        assert_eq!((cpu.user, cpu.system, cpu.total()), (2.5, 0.75, 3.25));
         assert!(cpu_seconds("self").is_some());
     }
 
