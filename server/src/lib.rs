@@ -40,6 +40,7 @@ pub mod shard;
 pub mod shutdown;
 pub mod sse;
 pub mod survey;
+pub mod tcp;
 pub mod ws;
 
 use std::future::Future;

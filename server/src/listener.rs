@@ -6,22 +6,18 @@
 //! buffer per connection. Accept errors (EMFILE when descriptors run out) back off and are
 //! logged once per interval instead of spinning.
 
-use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::node::Node;
 use crate::router::{self, Plane};
+use crate::tcp::{Budget, Counted};
 
 /// Most bytes hyper buffers for one connection's request head (hyper's floor is 8 KiB): heads
 /// bigger than this are refused with 431 instead of growing the buffer to hyper's ~400 KB.
@@ -35,7 +31,7 @@ pub async fn accept_loop(listener: TcpListener, node: Arc<Node>, plane: Plane) {
         Plane::Admin => ADMIN_CONNECTIONS,
         Plane::All | Plane::Public => node.config().max_tcp_connections,
     };
-    let budget = Arc::new(Budget { open: AtomicUsize::new(0), max });
+    let budget = Budget::new(max);
     let mut backoff = AcceptBackoff::default();
     loop {
         let (stream, remote) = tokio::select! {
@@ -58,7 +54,7 @@ pub async fn accept_loop(listener: TcpListener, node: Arc<Node>, plane: Plane) {
             continue;
         };
         let _ = stream.set_nodelay(true);
-        tokio::spawn(serve_connection(Counted { stream, _held: held }, remote, node.clone(), plane));
+        tokio::spawn(serve_connection(Counted::new(stream, held), remote, node.clone(), plane));
     }
 }
 
@@ -94,71 +90,6 @@ async fn serve_connection(stream: Counted, remote: SocketAddr, node: Arc<Node>, 
     };
     if let Err(e) = result {
         tracing::debug!(%remote, error = %e, "http connection ended with an error");
-    }
-}
-
-/// Open connections of one listener against its maximum.
-struct Budget {
-    open: AtomicUsize,
-    max: usize,
-}
-
-impl Budget {
-    /// Takes a place for one connection; `None` when the listener is full.
-    fn take(budget: &Arc<Budget>) -> Option<Held> {
-        budget
-            .open
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < budget.max).then_some(n + 1))
-            .ok()
-            .map(|_| Held(budget.clone()))
-    }
-}
-
-/// One connection's place in its listener's budget, given back on drop.
-struct Held(Arc<Budget>);
-
-impl Drop for Held {
-    fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// A TCP stream that holds its place in the budget for as long as it lives: through hyper, and
-/// on inside an upgraded WebSocket, which takes the stream over.
-struct Counted {
-    stream: TcpStream,
-    _held: Held,
-}
-
-impl AsyncRead for Counted {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Counted {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
 
@@ -211,15 +142,5 @@ mod tests {
         assert_eq!(b.failed(t0 + LOG_EVERY).1, Some(11), "then one line counting the failures since");
         b.succeeded();
         assert_eq!(b.failed(t0 + LOG_EVERY).0, FIRST_PAUSE, "an accept that works resets the pause");
-    }
-
-    #[test]
-    fn the_budget_refuses_beyond_its_maximum_and_frees_on_drop() {
-        let budget = Arc::new(Budget { open: AtomicUsize::new(0), max: 2 });
-        let a = Budget::take(&budget).unwrap();
-        let _b = Budget::take(&budget).unwrap();
-        assert!(Budget::take(&budget).is_none());
-        drop(a);
-        assert!(Budget::take(&budget).is_some());
     }
 }

@@ -2,23 +2,31 @@
 //! subscribes anything itself: commands go to its `Session`, which does.
 //!
 //! One task per connection reads commands, drains the session's send queue and writes every
-//! queued frame in one flush (one syscall for many messages). Writes race the close signal, so a
-//! peer that stopped reading cannot pin the task: the hub's 4010 still gets through.
+//! queued frame in one `writev` (`wire.rs`: the socket is taken back out of hyper after the
+//! upgrade; tungstenite reads the client's frames, server frames are written as a header and the
+//! message's shared bytes). Writes race the close signal, so a peer that stopped reading cannot
+//! pin the task: the hub's 4010 still gets through.
+
+mod wire;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::{SinkExt, StreamExt};
-use http_body_util::BodyExt;
+use futures_util::StreamExt;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
 use hyper::{Request, Response, StatusCode};
+use hyper_tungstenite::WebSocketStream;
 use hyper_tungstenite::tungstenite::error::{CapacityError, ProtocolError};
+use hyper_tungstenite::tungstenite::handshake::derive_accept_key;
 use hyper_tungstenite::tungstenite::protocol::frame::CloseFrame;
-use hyper_tungstenite::tungstenite::protocol::{WebSocketConfig, frame::coding::CloseCode as WsCloseCode};
+use hyper_tungstenite::tungstenite::protocol::{Role, WebSocketConfig, frame::coding::CloseCode as WsCloseCode};
 use hyper_tungstenite::tungstenite::{Error as WsError, Message};
-use hyper_tungstenite::{HyperWebsocket, HyperWebsocketStream};
+use hyper_util::rt::TokioIo;
 use tracing::Instrument;
+use wire::{Wire, WireIo};
 
 use crate::admission::Slot;
 use crate::auth::{AuthError, Identity};
@@ -27,12 +35,14 @@ use crate::hub::{Out, SessionInfo, Transport};
 use crate::node::Node;
 use crate::protocol::{Close, CloseCode, Command, CommandError, ErrorCode, Op, Reply, Welcome, to_frame};
 use crate::session::{Frames, Session, Subscribed};
+use crate::tcp::Counted;
+
+/// The client's half of the socket, as tungstenite reads it.
+type WsStream = WebSocketStream<WireIo>;
 
 /// Bytes tungstenite reads per syscall; small, because every idle connection holds one buffer
 /// (commands are small; a bigger frame grows it while it is read).
 const READ_BUFFER: usize = 512;
-/// Bytes of frames batched before tungstenite writes mid-batch; the flush writes the rest.
-const WRITE_BUFFER: usize = 32 * 1024;
 /// Most queued items taken per wake-up.
 const BATCH: usize = 1024;
 /// How long a close handshake may take before the socket is just dropped.
@@ -62,23 +72,51 @@ pub fn upgrade(node: Arc<Node>, remote: SocketAddr, mut req: Request<Incoming>) 
     };
     let config = WebSocketConfig::default()
         .read_buffer_size(READ_BUFFER)
-        .write_buffer_size(WRITE_BUFFER)
+        // tungstenite writes only pongs and the close frame, straight into the wire's queue.
+        .write_buffer_size(0)
         .max_message_size(Some(node.config().max_frame))
         .max_frame_size(Some(node.config().max_frame));
-    let (response, websocket) = match hyper_tungstenite::upgrade(&mut req, Some(config)) {
+    let (response, upgrade) = match accept(&mut req) {
         Ok(pair) => pair,
         Err(e) => {
             return http::error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, format!("bad WebSocket upgrade: {e}"));
         }
     };
-    node.spawn(run(node.clone(), websocket, identity, slot, remote));
-    response.map(|b| b.boxed())
+    node.spawn(run(node.clone(), upgrade, config, identity, slot, remote));
+    response
+}
+
+/// The `101 Switching Protocols` answer to a WebSocket handshake, and the upgrade to await.
+fn accept(req: &mut Request<Incoming>) -> Result<(Response<Body>, OnUpgrade), &'static str> {
+    let key = req.headers().get("sec-websocket-key").ok_or("no Sec-WebSocket-Key header")?;
+    if req.headers().get("sec-websocket-version").map(|v| v.as_bytes()) != Some(b"13") {
+        return Err("Sec-WebSocket-Version must be 13");
+    }
+    let response = Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(hyper::header::CONNECTION, "upgrade")
+        .header(hyper::header::UPGRADE, "websocket")
+        .header("sec-websocket-accept", derive_accept_key(key.as_bytes()))
+        .body(Full::default().boxed())
+        .map_err(|_| "bad handshake")?;
+    Ok((response, hyper::upgrade::on(req)))
+}
+
+/// The upgraded connection's socket, taken back out of hyper, and tungstenite reading from it.
+async fn open(upgrade: OnUpgrade, config: WebSocketConfig) -> Result<(Arc<Wire>, WsStream), String> {
+    let upgraded = upgrade.await.map_err(|e| e.to_string())?;
+    let parts = upgraded.downcast::<TokioIo<Counted>>().map_err(|_| "the upgraded connection is not a TCP stream")?;
+    let (stream, held) = parts.io.into_inner().into_parts();
+    let wire = Arc::new(Wire::new(stream, held));
+    let io = WireIo { wire: wire.clone(), early: parts.read_buf };
+    Ok((wire, WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await))
 }
 
 /// Serves one upgraded socket. `slot` is `Some` exactly when `identity` is `Ok`.
 async fn run(
     node: Arc<Node>,
-    websocket: HyperWebsocket,
+    upgrade: OnUpgrade,
+    config: WebSocketConfig,
     identity: Result<Identity, AuthError>,
     slot: Option<Slot>,
     remote: SocketAddr,
@@ -86,8 +124,8 @@ async fn run(
     // A block, so that its locals (the stream before it is boxed, above all) are not kept in
     // every connection's task for as long as it serves.
     let (mut conn, info, span) = {
-        let mut ws = match websocket.await {
-            Ok(ws) => ws,
+        let (wire, mut ws) = match open(upgrade, config).await {
+            Ok(opened) => opened,
             Err(e) => return tracing::debug!(%remote, error = %e, "websocket upgrade failed"),
         };
         let identity = match identity {
@@ -107,7 +145,7 @@ async fn run(
         let session = Session::open(node, identity, Transport::Ws, Some(remote));
         let span = tracing::debug_span!("ws", conn = %session.conn(), user = %session.identity.user);
         let info = session.info_arc();
-        (Box::new(WsConn { ws, session, frames: Frames::default(), last_seen: Instant::now() }), info, span)
+        (Box::new(WsConn { ws, wire, session, frames: Frames::default(), last_seen: Instant::now() }), info, span)
     };
     async move {
         tracing::debug!(%remote, "connected");
@@ -130,7 +168,8 @@ async fn run(
 
 /// One live WebSocket session.
 struct WsConn {
-    ws: HyperWebsocketStream,
+    ws: WsStream,
+    wire: Arc<Wire>,
     session: Session,
     frames: Frames,
     last_seen: Instant,
@@ -293,21 +332,18 @@ impl WsConn {
             return Ok(());
         }
         let (frames, tally) = self.frames.take();
-        let write = async {
-            for frame in frames {
-                self.ws.feed(Message::Text(frame)).await?;
+        let written = self.wire.send(frames, ping).map_err(|e| {
+            tracing::debug!(error = %e, "websocket write failed");
+            None
+        })?;
+        if !written {
+            tokio::select! {
+                flushed = self.wire.flushed() => flushed.map_err(|e| {
+                    tracing::debug!(error = %e, "websocket write failed");
+                    None
+                })?,
+                close = info.closed() => return Err(Some(close)),
             }
-            if ping {
-                self.ws.feed(Message::Ping(Default::default())).await?;
-            }
-            self.ws.flush().await
-        };
-        tokio::select! {
-            written = write => written.map_err(|e| {
-                tracing::debug!(error = %e, "websocket write failed");
-                None
-            })?,
-            close = info.closed() => return Err(Some(close)),
         }
         self.session.sent(tally);
         Ok(())
@@ -316,7 +352,7 @@ impl WsConn {
 
 /// Sends a close frame with `close`'s code and reason and waits for the peer's close, so data
 /// the peer still sends does not turn into a TCP reset; gives up after `CLOSE_TIMEOUT`.
-async fn send_close(ws: &mut HyperWebsocketStream, close: Close) {
+async fn send_close(ws: &mut WsStream, close: Close) {
     let mut reason = close.reason.into_owned();
     // A close frame's reason is at most 123 bytes.
     while reason.len() > 123 {
