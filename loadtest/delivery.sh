@@ -8,12 +8,13 @@
 #   idle      5,000 subscribers over the two nodes: RSS per idle connection, CPU per connect
 # Every line says whether pushload's checks passed (nothing lost, duplicated or reordered).
 # Usage: loadtest/delivery.sh [runs, default 1] [sections, default "floor paced unpaced half idle"]
-# Needs: cargo build --release -p pushd -p pushload; redis-server and redis-cli; ulimit -n 20000.
+# Needs: cargo build --release -p pushd -p pushload (or BIN=<dir> with both); redis-server and
+# redis-cli; ulimit -n 20000.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-1}
 sections=${2:-floor paced unpaced half idle}
-bin=target/release
+bin=${BIN:-target/release}
 work=$(mktemp -d /tmp/pushd-bench.XXXXXX)
 pids=()
 cleanup() {

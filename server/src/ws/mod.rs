@@ -13,6 +13,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use futures_util::StreamExt;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -108,7 +109,9 @@ async fn open(upgrade: OnUpgrade, config: WebSocketConfig) -> Result<(Arc<Wire>,
     let parts = upgraded.downcast::<TokioIo<Counted>>().map_err(|_| "the upgraded connection is not a TCP stream")?;
     let (stream, held) = parts.io.into_inner().into_parts();
     let wire = Arc::new(Wire::new(stream, held));
-    let io = WireIo { wire: wire.clone(), early: parts.read_buf };
+    // An empty `read_buf` may still hold hyper's whole read buffer alive: keep only real bytes.
+    let early = if parts.read_buf.is_empty() { Bytes::new() } else { Bytes::copy_from_slice(&parts.read_buf) };
+    let io = WireIo { wire: wire.clone(), early };
     Ok((wire, WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await))
 }
 
