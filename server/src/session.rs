@@ -24,7 +24,7 @@ use crate::channel::ChannelName;
 use crate::engine::{
     ClientInfo, EngineError, Epoch, HistoryQuery, NewMessage, Offset, Position, Publication, check_idempotency_key,
 };
-use crate::hub::{ConnId, Delivery, Out, SessionHandle, SessionInfo, Transport};
+use crate::hub::{ConnId, Delivery, Express, Out, Outlet, SessionHandle, SessionInfo, Transport};
 use crate::node::Node;
 use crate::protocol::{Close, CloseCode, CommandError, ErrorCode, Reply, Reset, to_frame};
 use crate::rate::RateLimiter;
@@ -102,15 +102,24 @@ pub struct Session {
     pub identity: Identity,
     rx: mpsc::Receiver<Out>,
     subs: HashMap<ChannelName, Subscription>,
+    /// A channel may be ready for the express lane (see `go_express`).
+    express_stale: bool,
     rate: RateLimiter,
     counters: Counters,
 }
 
 impl Session {
-    /// Registers a new session with the hub.
-    pub fn open(node: Arc<Node>, identity: Identity, transport: Transport, remote: Option<SocketAddr>) -> Session {
+    /// Registers a new session with the hub. With an `outlet` (a WebSocket), the fan-out may
+    /// queue caught-up channels' messages on it directly (`go_express`).
+    pub fn open(
+        node: Arc<Node>,
+        identity: Identity,
+        transport: Transport,
+        remote: Option<SocketAddr>,
+        outlet: Option<Arc<dyn Outlet>>,
+    ) -> Session {
         let info = SessionInfo::new(identity.user.as_str().into(), transport, remote);
-        let (handle, rx) = SessionHandle::new(node.next_conn_id(), info, node.config().send_queue);
+        let (handle, rx) = SessionHandle::new(node.next_conn_id(), info, node.config().send_queue, outlet);
         node.hub().register(handle.clone());
         let m = &node.metrics();
         let t = [transport.as_str()];
@@ -121,7 +130,7 @@ impl Session {
             resets: m.resets.with_label_values(&t),
         };
         let rate = RateLimiter::new(node.config().rate_limit, node.config().rate_burst);
-        Session { node, handle, identity, rx, subs: HashMap::new(), rate, counters }
+        Session { node, handle, identity, rx, subs: HashMap::new(), express_stale: false, rate, counters }
     }
 
     /// Counts the session as opened: the transport is about to send its welcome.
@@ -210,6 +219,7 @@ impl Session {
         }
         let replay = replay.unwrap_or_default();
         self.subs.insert(channel.clone(), Subscription { epoch: position.epoch.clone(), last: position.offset });
+        self.express_stale = true;
         self.join_presence(&channel).await;
         let reply = Reply {
             channel: Some(channel),
@@ -308,6 +318,8 @@ impl Session {
     /// seen, turns an epoch change into a `reset`. A gap the engine did not fill closes the
     /// session so the client replays instead of silently missing messages.
     pub fn accept(&mut self, out: Out, frames: &mut Frames) -> Result<(), Close> {
+        // A message or reset through the queue may have taken its channel off the express lane.
+        self.express_stale |= !matches!(out, Out::Event(_));
         match out {
             Out::Message(delivery) => {
                 let p = &delivery.publication;
@@ -347,6 +359,28 @@ impl Session {
             }
         }
         Ok(())
+    }
+
+    /// Puts the subscribed channels on the express lane, where the fan-out queues their next
+    /// messages on the socket itself. Called once the session's own frames are on the socket,
+    /// and only with nothing in its queue: a message waiting there would be overtaken by the
+    /// next one going express. A channel already on the lane keeps its position there, which is
+    /// ahead of the session's own (the session does not see express messages).
+    pub fn go_express(&mut self) {
+        if !self.express_stale || self.handle.express.is_none() {
+            return;
+        }
+        let (hub, conn, rx) = (self.node.hub(), &self.handle.conn, &self.rx);
+        let mut all = true;
+        for (channel, sub) in &self.subs {
+            all &= hub.go_express(channel, conn, (sub.epoch.clone(), sub.last), || rx.is_empty());
+        }
+        self.express_stale = !all;
+    }
+
+    /// The express lane's wake-up: the fan-out found the socket full.
+    pub fn express(&self) -> Option<&Arc<Express>> {
+        self.handle.express.as_ref()
     }
 
     /// The subscriber's position in `channel`, if subscribed.
@@ -516,7 +550,7 @@ mod tests {
     async fn subscribed(epoch: &Epoch, last: Offset) -> Session {
         let node = Node::start(crate::Config::dev(), "127.0.0.1:0".parse().unwrap()).await.unwrap();
         let identity = node.authenticate(None, Some("alice")).unwrap();
-        let mut session = Session::open(node, identity, Transport::Ws, None);
+        let mut session = Session::open(node, identity, Transport::Ws, None, None);
         session.subs.insert(channel(), Subscription { epoch: epoch.clone(), last });
         session
     }

@@ -78,7 +78,7 @@ async fn start<B>(node: Arc<Node>, remote: SocketAddr, req: &Request<B>) -> Resu
     let last_id = req.headers().get("last-event-id").and_then(|v| v.to_str().ok()).map(str::to_owned);
     let cursor = Cursor::parse(last_id.or_else(|| http::query(req, "since")).as_deref(), channels.len());
     let since = resolve(&node, &channels, cursor).await.map_err(|e| ("unavailable", e))?;
-    let mut session = Session::open(node.clone(), identity, Transport::Sse, Some(remote));
+    let mut session = Session::open(node.clone(), identity, Transport::Sse, Some(remote), None);
     let mut stream = SseStream {
         cursor: Vec::new(),
         digest: 0,

@@ -1,13 +1,14 @@
 //! What the hub holds of a session: its id, the facts operators see, the sending side of its
-//! queue and its close signal. The session itself (`session.rs`) owns the receiving side and
-//! everything else; it builds these and hands them to the hub, so the hub never needs to know
-//! what a session is.
+//! queue, its close signal and, for a WebSocket, its express lane. The session itself
+//! (`session.rs`) owns the receiving side and everything else; it builds these and hands them
+//! to the hub, so the hub never needs to know what a session is.
 
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::SystemTime;
 
+use bytes::Bytes;
 use hyper_tungstenite::tungstenite::Utf8Bytes;
 use tokio::sync::{Notify, mpsc};
 
@@ -42,12 +43,15 @@ impl Transport {
 pub struct Delivery {
     pub publication: Arc<Publication>,
     pub frame: Utf8Bytes,
+    /// The frame as an outlet writes it to a socket, made once by the first outlet that
+    /// needs it and shared by the rest (the hub does not know transports' encodings).
+    pub encoded: OnceLock<Bytes>,
 }
 
 impl Delivery {
     pub fn new(publication: Arc<Publication>) -> Self {
         let frame = message_frame(&publication);
-        Self { publication, frame }
+        Self { publication, frame, encoded: OnceLock::new() }
     }
 }
 
@@ -63,12 +67,42 @@ pub enum Out {
     Reset(Box<(ChannelName, Position)>),
 }
 
+/// A socket the fan-out may hand message frames to itself (a WebSocket's): queued in order
+/// behind whatever the session wrote, and written by the hub's flusher.
+pub trait Outlet: Send + Sync + 'static {
+    /// Queues one message; returns how many frames wait unwritten.
+    fn queue(&self, delivery: &Delivery) -> usize;
+    /// Writes what waits; `Ok(false)` when the socket could not take it all (the session's
+    /// task then waits until it can).
+    fn flush(&self) -> std::io::Result<bool>;
+}
+
+/// A session's express lane: the fan-out queues the next message of a caught-up channel
+/// straight onto the session's socket, without a trip through its queue and task. Which
+/// channels ride it, and at what offset, is kept in the hub's subscriber entries (no lookup per
+/// delivery); this is the per-session part.
+pub struct Express {
+    pub outlet: Arc<dyn Outlet>,
+    /// In the flusher's list already.
+    pub dirty: AtomicBool,
+    /// Wakes the session's task: the socket is full and must be waited for.
+    pub blocked: Notify,
+}
+
+impl Express {
+    pub fn new(outlet: Arc<dyn Outlet>) -> Self {
+        Self { outlet, dirty: AtomicBool::new(false), blocked: Notify::new() }
+    }
+}
+
 /// The part of a session the hub holds: enough to queue frames and to close it.
 #[derive(Clone)]
 pub struct SessionHandle {
     pub conn: ConnId,
     pub info: Arc<SessionInfo>,
     tx: mpsc::Sender<Out>,
+    /// `Some` for sessions whose transport is an `Outlet` (WebSocket).
+    pub express: Option<Arc<Express>>,
 }
 
 /// Facts about a session for operators, plus its close signal.
@@ -84,9 +118,15 @@ pub struct SessionInfo {
 
 impl SessionHandle {
     /// A handle for a new session, and the receiving side of its queue of `capacity` items.
-    pub fn new(conn: ConnId, info: SessionInfo, capacity: usize) -> (Self, mpsc::Receiver<Out>) {
+    pub fn new(
+        conn: ConnId,
+        info: SessionInfo,
+        capacity: usize,
+        outlet: Option<Arc<dyn Outlet>>,
+    ) -> (Self, mpsc::Receiver<Out>) {
         let (tx, rx) = mpsc::channel(capacity);
-        (Self { conn, info: Arc::new(info), tx }, rx)
+        let express = outlet.map(|o| Arc::new(Express::new(o)));
+        (Self { conn, info: Arc::new(info), tx, express }, rx)
     }
 
     /// Queues `out` without waiting. A full queue closes the session as a slow consumer.

@@ -4,36 +4,49 @@
 //! non-blocking `try_send`. Channels are sharded and each has its
 //! own lock, so fan-out for one busy channel never waits on another's.
 
+mod flusher;
 mod handle;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
+use flusher::Flusher;
+use prometheus::IntCounter;
+
 use crate::channel::ChannelName;
-use crate::engine::{ClientInfo, Deliver, Position, PresenceChange, Publication};
+use crate::engine::{ClientInfo, Deliver, Epoch, Offset, Position, PresenceChange, Publication};
 use crate::locks::{lock, read, write};
 use crate::metrics::Metrics;
-use crate::protocol::{Close, presence_frame};
+use crate::protocol::{Close, CloseCode, presence_frame};
 use crate::shard::Sharded;
 
-pub use handle::{ConnId, Delivery, Out, SessionHandle, SessionInfo, Transport};
+pub use handle::{ConnId, Delivery, Express, Out, Outlet, SessionHandle, SessionInfo, Transport};
 
 /// One channel's local subscribers and its message rate.
 #[derive(Default)]
 struct LocalChannel {
-    subs: RwLock<HashMap<ConnId, SessionHandle>>,
+    subs: RwLock<HashMap<ConnId, Subscriber>>,
     /// Publications delivered to this node for the channel.
     messages: AtomicU64,
     /// (messages at the last rate sample, messages per second since then).
     rate: Mutex<(u64, f64)>,
 }
 
+/// One session subscribed to one channel.
+struct Subscriber {
+    handle: SessionHandle,
+    /// `Some` while the channel rides the session's express lane: the epoch and the offset of
+    /// the last message queued on the socket. Every push to the session's queue for this
+    /// channel happens under this lock, which `go_express` relies on.
+    express: Mutex<Option<(Epoch, Offset)>>,
+}
+
 impl LocalChannel {
     /// Queues one item for every local subscriber, without waiting on any of them.
     fn push_all(&self, out: impl Fn() -> Out) {
-        for handle in read(&self.subs).values() {
-            handle.push(out());
+        for sub in read(&self.subs).values() {
+            sub.handle.push(out());
         }
     }
 }
@@ -52,11 +65,89 @@ pub struct Hub {
     channels: Sharded<RwLock<HashMap<ChannelName, Arc<LocalChannel>>>>,
     sessions: Sharded<Mutex<HashMap<ConnId, SessionHandle>>>,
     metrics: Metrics,
+    flusher: Arc<Flusher>,
+    /// Messages delivered over express lanes (all WebSocket), counted once per message.
+    express_delivered: IntCounter,
+    /// Frames a socket may have waiting before its session counts as a slow consumer.
+    send_queue: usize,
+}
+
+/// What became of one message offered to one session.
+enum Offered {
+    /// Queued on the socket by the express lane (or already there: a duplicate).
+    Express,
+    /// Sent through the session's queue.
+    Queued,
 }
 
 impl Hub {
-    pub fn new(metrics: Metrics) -> Self {
-        Self { channels: Sharded::default(), sessions: Sharded::default(), metrics }
+    /// A hub whose express lanes allow `send_queue` frames waiting per socket. Starts the
+    /// flusher task (on the current runtime).
+    pub fn new(metrics: Metrics, send_queue: usize) -> Self {
+        let flusher = Arc::new(Flusher::default());
+        tokio::spawn(flusher.clone().run(metrics.delivery_latency.clone()));
+        let express_delivered = metrics.delivered.with_label_values(&["ws"]);
+        Self {
+            channels: Sharded::default(),
+            sessions: Sharded::default(),
+            metrics,
+            flusher,
+            express_delivered,
+            send_queue,
+        }
+    }
+
+    /// Hands `delivery` to `sub`'s socket directly when the channel rides its express lane and
+    /// this is the next message; otherwise through its queue, taking the channel off the lane
+    /// (a new epoch, a gap) so that the session decides what to send.
+    fn offer(&self, sub: &Subscriber, delivery: &Arc<Delivery>, dirty: &mut Vec<Arc<Express>>) -> Offered {
+        let handle = &sub.handle;
+        let p = &delivery.publication;
+        let mut lane = lock(&sub.express);
+        if let (Some((epoch, last)), Some(express)) = (lane.as_mut(), &handle.express) {
+            if *epoch == p.epoch && p.offset <= *last + 1 {
+                if p.offset == *last + 1 {
+                    *last = p.offset;
+                    let waiting = express.outlet.queue(delivery);
+                    handle.info.messages_out.fetch_add(1, Ordering::Relaxed);
+                    if waiting > self.send_queue {
+                        handle.close(Close::new(CloseCode::SlowConsumer, "send queue full: reconnect and replay"));
+                    }
+                    if !express.dirty.swap(true, Ordering::AcqRel) {
+                        dirty.push(express.clone());
+                    }
+                }
+                return Offered::Express;
+            }
+            *lane = None;
+        }
+        // Pushed under the lane's lock: see `go_express`.
+        handle.push(Out::Message(delivery.clone()));
+        Offered::Queued
+    }
+
+    /// Puts `channel` on `conn`'s express lane at `position`, unless it rides it already, and
+    /// only if `nothing_queued` holds under the lane's lock: a message of the channel waiting
+    /// in the session's queue would be overtaken by the next one going express.
+    pub fn go_express(
+        &self,
+        channel: &ChannelName,
+        conn: &ConnId,
+        position: (Epoch, Offset),
+        nothing_queued: impl Fn() -> bool,
+    ) -> bool {
+        let Some(local) = self.subscribers(channel) else { return false };
+        let subs = read(&local.subs);
+        let Some(sub) = subs.get(conn) else { return false };
+        let mut lane = lock(&sub.express);
+        if lane.is_some() {
+            return true;
+        }
+        if !nothing_queued() {
+            return false;
+        }
+        *lane = Some(position);
+        true
     }
 
     fn subscribers(&self, channel: &ChannelName) -> Option<Arc<LocalChannel>> {
@@ -70,7 +161,8 @@ impl Hub {
             self.metrics.channels.inc();
             Arc::default()
         });
-        if write(&subs.subs).insert(handle.conn.clone(), handle.clone()).is_none() {
+        let sub = Subscriber { handle: handle.clone(), express: Mutex::new(None) };
+        if write(&subs.subs).insert(handle.conn.clone(), sub).is_none() {
             self.metrics.subscriptions.with_label_values(&[handle.info.transport.as_str()]).inc();
         }
     }
@@ -80,8 +172,8 @@ impl Hub {
         let mut shard = write(self.channels.of(channel));
         let Some(subs) = shard.get(channel) else { return };
         let mut subs_w = write(&subs.subs);
-        if let Some(handle) = subs_w.remove(conn) {
-            self.metrics.subscriptions.with_label_values(&[handle.info.transport.as_str()]).dec();
+        if let Some(sub) = subs_w.remove(conn) {
+            self.metrics.subscriptions.with_label_values(&[sub.handle.info.transport.as_str()]).dec();
         }
         if subs_w.is_empty() {
             drop(subs_w);
@@ -92,7 +184,9 @@ impl Hub {
 
     /// Local subscribers of `channel`.
     pub fn channel_subscribers(&self, channel: &ChannelName) -> Vec<SessionHandle> {
-        self.subscribers(channel).map(|s| read(&s.subs).values().cloned().collect()).unwrap_or_default()
+        self.subscribers(channel)
+            .map(|s| read(&s.subs).values().map(|s| s.handle.clone()).collect())
+            .unwrap_or_default()
     }
 
     /// Every channel with local subscribers: count and message rate.
@@ -143,21 +237,27 @@ impl Hub {
         };
         targets.iter().filter(|h| h.close(close.clone())).count()
     }
+}
 
-    fn push_all(&self, channel: &ChannelName, out: impl Fn() -> Out) {
-        if let Some(local) = self.subscribers(channel) {
-            local.push_all(out);
-        }
+impl Drop for Hub {
+    fn drop(&mut self) {
+        self.flusher.stop();
     }
 }
 
 impl Deliver for Hub {
     fn deliver(&self, publication: Arc<Publication>) {
-        if let Some(local) = self.subscribers(&publication.channel) {
-            local.messages.fetch_add(1, Ordering::Relaxed);
-            let delivery = Arc::new(Delivery::new(publication));
-            local.push_all(|| Out::Message(delivery.clone()));
+        let Some(local) = self.subscribers(&publication.channel) else { return };
+        local.messages.fetch_add(1, Ordering::Relaxed);
+        let delivery = Arc::new(Delivery::new(publication));
+        let (mut dirty, mut express) = (Vec::new(), 0);
+        for sub in read(&local.subs).values() {
+            if let Offered::Express = self.offer(sub, &delivery, &mut dirty) {
+                express += 1;
+            }
         }
+        self.express_delivered.inc_by(express);
+        self.flusher.add(dirty, delivery.publication.time_us);
     }
 
     fn deliver_presence(&self, channel: &ChannelName, change: PresenceChange, client: &ClientInfo) {
@@ -168,6 +268,13 @@ impl Deliver for Hub {
     }
 
     fn reset(&self, channel: &ChannelName, position: &Position) {
-        self.push_all(channel, || Out::Reset(Box::new((channel.clone(), position.clone()))));
+        let Some(local) = self.subscribers(channel) else { return };
+        for sub in read(&local.subs).values() {
+            // Off the express lane, under its lock: what follows the reset goes through the
+            // session, after it.
+            let mut lane = lock(&sub.express);
+            *lane = None;
+            sub.handle.push(Out::Reset(Box::new((channel.clone(), position.clone()))));
+        }
     }
 }

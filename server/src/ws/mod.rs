@@ -145,7 +145,7 @@ async fn run(
                 return send_close(&mut ws, Close::new(e.close_code(), e.to_string())).await;
             }
         };
-        let session = Session::open(node, identity, Transport::Ws, Some(remote));
+        let session = Session::open(node, identity, Transport::Ws, Some(remote), Some(wire.clone()));
         let span = tracing::debug_span!("ws", conn = %session.conn(), user = %session.identity.user);
         let info = session.info_arc();
         (Box::new(WsConn { ws, wire, session, frames: Frames::default(), last_seen: Instant::now() }), info, span)
@@ -183,6 +183,8 @@ enum Wake {
     Queued(usize),
     Inbound(Option<Result<Message, WsError>>),
     Heartbeat,
+    /// The flusher found the socket full: wait until it takes what the express lane queued.
+    Blocked,
 }
 
 impl WsConn {
@@ -207,6 +209,7 @@ impl WsConn {
         let expiry = self.session.identity.expired();
         tokio::pin!(expiry);
         let mut batch = Vec::with_capacity(0);
+        let express = self.session.express().cloned().expect("a WebSocket session has an express lane");
         loop {
             let wake = tokio::select! {
                 close = info.closed() => return Some(close),
@@ -214,6 +217,7 @@ impl WsConn {
                 n = self.session.recv_many(&mut batch, BATCH) => Wake::Queued(n),
                 msg = self.ws.next() => Wake::Inbound(msg),
                 _ = heartbeat.tick() => Wake::Heartbeat,
+                _ = express.blocked.notified() => Wake::Blocked,
             };
             let step = match wake {
                 Wake::Queued(0) => return None,
@@ -223,6 +227,7 @@ impl WsConn {
                     return Some(Close::new(CloseCode::GoingAway, "idle timeout: no frames from the client"));
                 }
                 Wake::Heartbeat => Ok(true),
+                Wake::Blocked => Ok(false),
             };
             let flushed = match step {
                 Ok(ping) => self.flush(info, ping).await,
@@ -231,6 +236,7 @@ impl WsConn {
             if let Err(close) = flushed {
                 return close;
             }
+            self.session.go_express();
             // Give back what a burst grew: an idle connection should cost almost nothing.
             if batch.capacity() > BATCH {
                 batch = Vec::new();
@@ -328,12 +334,9 @@ impl WsConn {
         self.session.node().metrics().commands.with_label_values(&[op, result]).inc();
     }
 
-    /// Writes every pending frame (and a ping) with one flush, unless the session is closed
-    /// meanwhile. `Err(None)`: the peer is gone.
+    /// Writes every pending frame (and a ping), and whatever the express lane queued, unless the
+    /// session is closed meanwhile. `Err(None)`: the peer is gone.
     async fn flush(&mut self, info: &SessionInfo, ping: bool) -> Result<(), Option<Close>> {
-        if self.frames.is_empty() && !ping {
-            return Ok(());
-        }
         let (frames, tally) = self.frames.take();
         let written = self.wire.send(frames, ping).map_err(|e| {
             tracing::debug!(error = %e, "websocket write failed");
@@ -348,7 +351,9 @@ impl WsConn {
                 close = info.closed() => return Err(Some(close)),
             }
         }
-        self.session.sent(tally);
+        if tally.frames > 0 {
+            self.session.sent(tally);
+        }
         Ok(())
     }
 }

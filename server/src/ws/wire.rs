@@ -18,11 +18,13 @@ use hyper_tungstenite::tungstenite::Utf8Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+use crate::hub::{Delivery, Outlet};
 use crate::locks::lock;
 use crate::tcp::Held;
 
-/// Most slices handed to one `writev` (the kernel takes at most 1024).
-const MAX_SLICES: usize = 128;
+/// Most slices handed to one `writev` (the kernel takes at most 1024): 16 to 32 frames, some
+/// kilobytes, per system call, and a small array to fill on every write.
+const MAX_SLICES: usize = 32;
 
 /// One WebSocket's socket and the frames waiting to be written to it.
 pub struct Wire {
@@ -77,6 +79,18 @@ fn long_text_frame(body: &[u8]) -> Bytes {
     frame.extend_from_slice(&[0x81, 127]);
     frame.extend_from_slice(&(body.len() as u64).to_be_bytes());
     frame.extend_from_slice(body);
+    frame.into()
+}
+
+/// An unmasked text frame carrying `text`, header and payload in one buffer.
+fn encode_text(text: &Utf8Bytes) -> Bytes {
+    let chunk = Chunk::text(text.clone());
+    if chunk.header_len == 0 {
+        return chunk.body;
+    }
+    let mut frame = Vec::with_capacity(chunk.len());
+    frame.extend_from_slice(&chunk.header[..chunk.header_len as usize]);
+    frame.extend_from_slice(&chunk.body);
     frame.into()
 }
 
@@ -152,7 +166,17 @@ impl Wire {
 
     /// Writes until the queue is empty (true) or the socket is full (false).
     fn write_out(&self, out: &mut Outbound) -> io::Result<bool> {
-        while !out.queue.is_empty() {
+        while let Some(first) = out.queue.front() {
+            // The usual case when paced: one whole encoded frame, one plain write.
+            if out.queue.len() == 1 && first.header_len == 0 {
+                match self.stream.try_write(&first.body[out.sent..]) {
+                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                    Ok(n) => out.consume(n),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                    Err(e) => return Err(e),
+                }
+                continue;
+            }
             let mut slices = [IoSlice::new(&[]); MAX_SLICES];
             let n = out.slices(&mut slices);
             let written = self.stream.try_write_vectored(&slices[..n]);
@@ -174,6 +198,21 @@ impl Wire {
             }
             ready!(self.stream.poll_write_ready(cx))?;
         }
+    }
+}
+
+impl Outlet for Wire {
+    fn queue(&self, delivery: &Delivery) -> usize {
+        // Header and payload in one buffer, made once per message for every socket: one slice
+        // per frame in the `writev`.
+        let frame = delivery.encoded.get_or_init(|| encode_text(&delivery.frame));
+        let mut out = lock(&self.out);
+        out.queue.push_back(Chunk::raw(frame.clone()));
+        out.queue.len()
+    }
+
+    fn flush(&self) -> io::Result<bool> {
+        self.write_out(&mut lock(&self.out))
     }
 }
 
@@ -244,6 +283,7 @@ mod tests {
         assert_eq!(flat(&out), [0x81, 2, b'h', b'i', 0x81, 2, b'y', b'o']);
         let long = Chunk::text(Utf8Bytes::from("x".repeat(300)));
         assert_eq!(&long.header[..long.header_len as usize], [0x81, 126, 1, 44]);
+        assert_eq!(&encode_text(&Utf8Bytes::from_static("hi"))[..], [0x81, 2, b'h', b'i']);
         let huge = Chunk::text(Utf8Bytes::from("x".repeat(70_000)));
         assert_eq!(&huge.body[..10], [0x81, 127, 0, 0, 0, 0, 0, 1, 0x11, 0x70]);
         assert_eq!(huge.len(), 70_010);

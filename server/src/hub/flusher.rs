@@ -1,0 +1,81 @@
+//! The hub's flusher: writes what the fan-out queued on sessions' express lanes. The fan-out
+//! only queues (no syscall on its path, no task woken per session); the flusher then writes
+//! each socket it touched once, however many messages arrived for it meanwhile. A paced message
+//! costs one write per socket; a burst costs one write per socket for the whole burst.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use prometheus::Histogram;
+use tokio::sync::Notify;
+
+use super::handle::Express;
+use crate::engine::now_us;
+use crate::locks::lock;
+
+/// Sockets with frames to write, and the flusher's wake-up.
+#[derive(Default)]
+pub struct Flusher {
+    dirty: Mutex<Dirty>,
+    wake: Notify,
+    stopped: AtomicBool,
+}
+
+#[derive(Default)]
+struct Dirty {
+    lanes: Vec<Arc<Express>>,
+    /// When the oldest message waiting in them was stored (µs since the Unix epoch).
+    oldest_us: Option<u64>,
+}
+
+impl Flusher {
+    /// Hands over `lanes` that got frames of a message stored at `time_us`.
+    pub fn add(&self, lanes: Vec<Arc<Express>>, time_us: u64) {
+        if lanes.is_empty() {
+            return;
+        }
+        let mut dirty = lock(&self.dirty);
+        dirty.lanes.extend(lanes);
+        dirty.oldest_us = Some(dirty.oldest_us.map_or(time_us, |t| t.min(time_us)));
+        drop(dirty);
+        self.wake.notify_one();
+    }
+
+    /// Ends `run` (the hub is gone).
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::Relaxed);
+        self.wake.notify_one();
+    }
+
+    /// Writes every dirty socket, round after round; a socket that cannot take everything
+    /// wakes its session's task, which waits for it. Observes store-to-write latency once a
+    /// round (its oldest message).
+    pub async fn run(self: Arc<Self>, latency: Histogram) {
+        let mut round = Vec::new();
+        loop {
+            self.wake.notified().await;
+            if self.stopped.load(Ordering::Relaxed) {
+                return;
+            }
+            let oldest = {
+                let mut dirty = lock(&self.dirty);
+                std::mem::swap(&mut dirty.lanes, &mut round);
+                dirty.oldest_us.take()
+            };
+            for express in round.drain(..) {
+                // Cleared before writing: frames queued from now on put the lane back in.
+                express.dirty.store(false, Ordering::Release);
+                if !matches!(express.outlet.flush(), Ok(true)) {
+                    express.blocked.notify_one();
+                }
+            }
+            if let Some(t) = oldest {
+                latency.observe(now_us().saturating_sub(t) as f64 / 1e6);
+            }
+            // Give back what a burst grew.
+            if round.capacity() > 4096 {
+                round = Vec::new();
+            }
+        }
+    }
+}
