@@ -6,6 +6,7 @@
 #   unpaced   as fast as 8 publishers go: deliveries/s and CPU-s per million deliveries
 #   half      half the unpaced publish rate: p99 publish-to-delivery
 #   idle      5,000 subscribers over the two nodes: RSS per idle connection, CPU per connect
+#   replay    1,000 missed messages replayed on resubscribe, memory engine and Redis engine
 # Every line says whether pushload's checks passed (nothing lost, duplicated or reordered).
 # Usage: loadtest/delivery.sh [runs, default 1] [sections, default "floor paced unpaced half idle"]
 # Needs: cargo build --release -p pushd -p pushload (or BIN=<dir> with both); redis-server and
@@ -13,7 +14,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-1}
-sections=${2:-floor paced unpaced half idle}
+sections=${2:-floor paced unpaced half idle replay}
 bin=${BIN:-target/release}
 work=$(mktemp -d /tmp/pushd-bench.XXXXXX)
 pids=()
@@ -87,10 +88,24 @@ print("floor    %d writes of %d bytes to %d sockets: user %.2f + sys %.2f = %.2f
         start; fanout "unpaced" --subscribers 2000 --messages 3000 --publishers 8; stop
         saturated=$rate ;;
       half)
-        half=$(( ${saturated:-600} / 2 ))
+        half=${HALF_RATE:-$(( ${saturated:-600} / 2 ))}
         start; fanout "half" --subscribers 2000 --rate "$half" --messages $(( half * 10 )) --publishers 8; stop ;;
       idle)
         start; fanout "idle" --subscribers 5000 --rate 10 --messages 10 --publishers 1; stop ;;
+      replay)
+        start
+        "$bin/pushd" --listen 127.0.0.1:18099 --node-id m0 >"$work/memory.log" 2>&1 &
+        pids+=($!)
+        until curl -sf http://127.0.0.1:18099/readyz >/dev/null; do sleep 0.05; done
+        for engine in memory:18099 redis:18090; do
+          "$bin/pushload" --json replay --url "http://127.0.0.1:${engine#*:}" --messages 1000 --rounds 20 \
+            | python3 -c '
+import json, sys
+r = json.load(sys.stdin)
+print("replay   %-6s ok=%s  %d missed messages: p50 %.2f ms, max %.2f ms over %d resubscribes"
+      % (sys.argv[1], r["ok"], r["messages"], r["p50_ms"], r["max_ms"], r["rounds"]), flush=True)' "${engine%%:*}"
+        done
+        stop ;;
     esac
   done
 done

@@ -47,6 +47,37 @@ pub enum Command {
     /// per write: the least CPU a broker that writes each delivery on its own can spend. Run it
     /// next to a fanout run to compare the broker's CPU per delivery with it.
     Floor(FloorArgs),
+    /// Replay cost: publish --messages to a fresh channel, then time --rounds new subscribers
+    /// that each resubscribe from before the first of them, from `subscribe` to the last one.
+    Replay(ReplayArgs),
+}
+
+/// Flags of `pushload replay`.
+#[derive(Debug, Clone, Args)]
+pub struct ReplayArgs {
+    /// Base URL of the node (plain http://).
+    #[arg(long, env = "PUSHLOAD_URL", default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+
+    /// Channel name prefix (the process id is appended, so each run starts a fresh channel).
+    #[arg(long, env = "PUSHLOAD_CHANNEL", default_value = "replay")]
+    pub channel: String,
+
+    /// Messages each subscriber missed (the node's --history-size must hold them).
+    #[arg(long, env = "PUSHLOAD_MESSAGES", default_value_t = 1000)]
+    pub messages: u64,
+
+    /// Size of each message's `data` JSON in bytes, roughly.
+    #[arg(long, env = "PUSHLOAD_PAYLOAD_BYTES", default_value_t = 100)]
+    pub payload_bytes: usize,
+
+    /// Replays to time, each on a new connection.
+    #[arg(long, env = "PUSHLOAD_ROUNDS", default_value_t = 20)]
+    pub rounds: usize,
+
+    /// Server API key, sent as `Authorization: Bearer <key>` (not needed in dev mode).
+    #[arg(long, env = "PUSHLOAD_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
 }
 
 /// Flags of `pushload floor`.

@@ -8,6 +8,7 @@ mod cli;
 mod floor;
 mod fuzz;
 mod publisher;
+mod replay;
 mod report;
 mod subscriber;
 mod usage;
@@ -32,6 +33,7 @@ async fn main() -> ExitCode {
         Command::Publish(args) => PublishRun::try_from(args).map(Plan::Publish),
         Command::Fuzz(args) => fuzz::plan(args).map(Plan::Fuzz),
         Command::Floor(args) => Ok(Plan::Floor(args)),
+        Command::Replay(args) => Ok(Plan::Replay(args)),
     };
     let plan = match plan {
         Ok(plan) => plan,
@@ -45,6 +47,7 @@ async fn main() -> ExitCode {
         Plan::Publish(plan) => workload::publish(plan).await.map(|r| Box::new(r) as _),
         Plan::Fuzz(plan) => fuzz::run(plan).await.map(|r| Box::new(r) as _),
         Plan::Floor(args) => floor::run(args).await.map(|r| Box::new(r) as _),
+        Plan::Replay(args) => replay::run(args).await.map(|r| Box::new(r) as _),
     };
     let report = match report {
         Ok(report) => report,
@@ -70,4 +73,5 @@ enum Plan {
     Publish(PublishRun),
     Fuzz(fuzz::FuzzPlan),
     Floor(cli::FloorArgs),
+    Replay(cli::ReplayArgs),
 }
