@@ -6,15 +6,17 @@
 #   unpaced   as fast as 8 publishers go: deliveries/s and CPU-s per million deliveries
 #   half      half the unpaced publish rate: p99 publish-to-delivery
 #   idle      5,000 subscribers over the two nodes: RSS per idle connection, CPU per connect
+#   many      18,000 subscribers on one node: RSS per idle connection, CPU per connect
 #   replay    1,000 missed messages replayed on resubscribe, memory engine and Redis engine
 # Every line says whether pushload's checks passed (nothing lost, duplicated or reordered).
-# Usage: loadtest/delivery.sh [runs, default 1] [sections, default "floor paced unpaced half idle"]
+# Usage: loadtest/delivery.sh [runs, default 1] [sections, default all: "floor paced unpaced half idle
+# many replay"]; NODE_FLAGS= adds node flags, HALF_RATE= fixes the half run's rate.
 # Needs: cargo build --release -p pushd -p pushload (or BIN=<dir> with both); redis-server and
 # redis-cli; ulimit -n 20000.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-1}
-sections=${2:-floor paced unpaced half idle replay}
+sections=${2:-floor paced unpaced half idle many replay}
 bin=${BIN:-target/release}
 work=$(mktemp -d /tmp/pushd-bench.XXXXXX)
 pids=()
@@ -36,7 +38,7 @@ start() {
   node_pids=()
   for i in 0 1; do
     "$bin/pushd" --listen 127.0.0.1:1809$i --node-id d$i --redis-url redis://127.0.0.1:17201 \
-      --max-connections-per-user 100000 --max-connections 19000 --rate-limit 100000 --rate-burst 100000 \
+      --max-connections-per-user 100000 --max-connections 19000 --rate-limit 100000 --rate-burst 100000 ${NODE_FLAGS:-} \
       >"$work/node$i.log" 2>&1 &
     node_pids+=($!)
     pids+=($!)
@@ -92,6 +94,10 @@ print("floor    %d writes of %d bytes to %d sockets: user %.2f + sys %.2f = %.2f
         start; fanout "half" --subscribers 2000 --rate "$half" --messages $(( half * 10 )) --publishers 8; stop ;;
       idle)
         start; fanout "idle" --subscribers 5000 --rate 10 --messages 10 --publishers 1; stop ;;
+      many)
+        start
+        urls=http://127.0.0.1:18090 watch="--pid ${node_pids[0]} --redis-pid $redis_pid"
+        fanout "many" --subscribers 18000 --rate 10 --messages 10 --publishers 1; stop ;;
       replay)
         start
         "$bin/pushd" --listen 127.0.0.1:18099 --node-id m0 >"$work/memory.log" 2>&1 &

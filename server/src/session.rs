@@ -16,7 +16,6 @@ use std::time::Instant;
 use hyper_tungstenite::tungstenite::Utf8Bytes;
 use prometheus::IntCounter;
 use serde_json::value::RawValue;
-use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::auth::Identity;
@@ -24,7 +23,7 @@ use crate::channel::ChannelName;
 use crate::engine::{
     ClientInfo, EngineError, Epoch, HistoryQuery, NewMessage, Offset, Position, Publication, check_idempotency_key,
 };
-use crate::hub::{ConnId, Delivery, Express, Out, Outlet, SessionHandle, SessionInfo, Transport};
+use crate::hub::{ConnId, Delivery, Express, Out, Outlet, Queue, SessionHandle, SessionInfo, Transport};
 use crate::node::Node;
 use crate::protocol::{Close, CloseCode, CommandError, ErrorCode, Reply, Reset, to_frame};
 use crate::rate::RateLimiter;
@@ -100,7 +99,7 @@ pub struct Session {
     node: Arc<Node>,
     handle: SessionHandle,
     pub identity: Identity,
-    rx: mpsc::Receiver<Out>,
+    rx: Arc<Queue>,
     subs: HashMap<ChannelName, Subscription>,
     /// A channel may be ready for the express lane (see `go_express`).
     express_stale: bool,

@@ -684,8 +684,10 @@ impl RedisServer {
     pub async fn launch(aof: bool, extra: Vec<String>, tls: Option<PathBuf>) -> Self {
         let dir = std::env::temp_dir().join(format!("pushd-redis-{}-{}", std::process::id(), unique()));
         std::fs::create_dir_all(&dir).unwrap();
+        // A cluster node also listens on its port + 10000 (the cluster bus).
+        let bus = extra.iter().any(|a| a == "--cluster-enabled");
         for _ in 0..5 {
-            let port = free_port();
+            let port = if bus { free_port_with_bus() } else { free_port() };
             let mut server = Self {
                 port,
                 dir: dir.clone(),
@@ -819,6 +821,19 @@ impl Drop for RedisServer {
 /// A loopback port that was free a moment ago.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A free port whose cluster bus port (+10000) is free too; after a load test filled the
+/// ephemeral range with TIME_WAIT sockets, a plain free port's bus port often is not.
+fn free_port_with_bus() -> u16 {
+    loop {
+        let port = free_port();
+        let bus_free =
+            port.checked_add(10_000).is_some_and(|bus| std::net::TcpListener::bind(("127.0.0.1", bus)).is_ok());
+        if bus_free {
+            return port;
+        }
+    }
 }
 
 fn unique() -> u64 {

@@ -10,8 +10,9 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 use hyper_tungstenite::tungstenite::Utf8Bytes;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 
+use super::queue::Queue;
 use crate::channel::ChannelName;
 use crate::engine::{Position, Publication};
 use crate::locks::lock;
@@ -100,7 +101,7 @@ impl Express {
 pub struct SessionHandle {
     pub conn: ConnId,
     pub info: Arc<SessionInfo>,
-    tx: mpsc::Sender<Out>,
+    queue: Arc<Queue>,
     /// `Some` for sessions whose transport is an `Outlet` (WebSocket).
     pub express: Option<Arc<Express>>,
 }
@@ -123,22 +124,19 @@ impl SessionHandle {
         info: SessionInfo,
         capacity: usize,
         outlet: Option<Arc<dyn Outlet>>,
-    ) -> (Self, mpsc::Receiver<Out>) {
-        let (tx, rx) = mpsc::channel(capacity);
+    ) -> (Self, Arc<Queue>) {
+        let queue = Arc::new(Queue::new(capacity));
         let express = outlet.map(|o| Arc::new(Express::new(o)));
-        (Self { conn, info: Arc::new(info), tx, express }, rx)
+        (Self { conn, info: Arc::new(info), queue: queue.clone(), express }, queue)
     }
 
     /// Queues `out` without waiting. A full queue closes the session as a slow consumer.
     pub fn push(&self, out: Out) -> bool {
-        match self.tx.try_send(out) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.close(Close::new(CloseCode::SlowConsumer, "send queue full: reconnect and replay"));
-                false
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        if self.queue.push(out).is_ok() {
+            return true;
         }
+        self.close(Close::new(CloseCode::SlowConsumer, "send queue full: reconnect and replay"));
+        false
     }
 
     /// Asks the session to close with `close`; the first request wins. True if this call was
@@ -155,7 +153,7 @@ impl SessionHandle {
 
     /// Messages waiting in the send queue.
     pub fn queue_depth(&self) -> usize {
-        self.tx.max_capacity() - self.tx.capacity()
+        self.queue.len()
     }
 }
 

@@ -6,6 +6,7 @@
 
 mod flusher;
 mod handle;
+mod queue;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,6 +23,7 @@ use crate::protocol::{Close, CloseCode, presence_frame};
 use crate::shard::Sharded;
 
 pub use handle::{ConnId, Delivery, Express, Out, Outlet, SessionHandle, SessionInfo, Transport};
+pub use queue::Queue;
 
 /// One channel's local subscribers and its message rate.
 #[derive(Default)]

@@ -42,8 +42,9 @@ use crate::tcp::Counted;
 type WsStream = WebSocketStream<WireIo>;
 
 /// Bytes tungstenite reads per syscall; small, because every idle connection holds one buffer
-/// (commands are small; a bigger frame grows it while it is read).
-const READ_BUFFER: usize = 512;
+/// (commands are small; a bigger frame grows it while it is read). 512 cost 0.4 KiB more per
+/// idle connection than this (docs/BENCHMARKS.md, "Delivery path").
+const READ_BUFFER: usize = 128;
 /// Most queued items taken per wake-up.
 const BATCH: usize = 1024;
 /// How long a close handshake may take before the socket is just dropped.
