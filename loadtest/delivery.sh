@@ -17,15 +17,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-1}
 sections=${2:-floor paced unpaced half idle many replay}
-bin=${BIN:-target/release}
-work=$(mktemp -d /tmp/pushd-bench.XXXXXX)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
+. loadtest/bench-common.sh
 ulimit -n 20000
 
 # A fresh Redis and two fresh nodes (fresh, so RSS growth is the connections' own).

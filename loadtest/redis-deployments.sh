@@ -7,15 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-1}
-bin=target/release
-work=$(mktemp -d /tmp/pushd-bench.XXXXXX)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
+. loadtest/bench-common.sh
 
 # Starts redis-server on port $1 with extra args; records its pid.
 redis() {

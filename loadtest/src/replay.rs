@@ -6,12 +6,13 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use serde::{Deserialize, Serialize};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::cli::ReplayArgs;
 use crate::report::{Text, Verdict, json};
+use crate::subscriber::next_json;
 
 /// How long one replay may take before the run gives up on it.
 const REPLAY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -100,13 +101,13 @@ async fn replay_once(
 ) -> anyhow::Result<f64> {
     let (mut ws, _) =
         tokio_tungstenite::connect_async(format!("{ws_url}?user=replay-{round}")).await.context("connecting")?;
-    next_frame(&mut ws).await?;
+    next_json::<Frame, _>(&mut ws).await?;
     let cmd = serde_json::json!({ "id": 1, "op": "subscribe", "channel": channel, "since": { "epoch": epoch, "offset": since } });
     let started = Instant::now();
     ws.send(Message::text(cmd.to_string())).await.context("sending subscribe")?;
     let mut next = since + 1;
     while next <= top {
-        let frame = next_frame(&mut ws).await?;
+        let frame = next_json::<Frame, _>(&mut ws).await?;
         match (frame.kind.as_str(), frame.offset) {
             ("message", Some(offset)) if offset == next => next += 1,
             ("message", offset) => bail!("expected offset {next}, got {offset:?}"),
@@ -115,20 +116,6 @@ async fn replay_once(
         }
     }
     Ok(started.elapsed().as_secs_f64() * 1e3)
-}
-
-type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-async fn next_frame(ws: &mut Ws) -> anyhow::Result<Frame> {
-    loop {
-        match ws.next().await {
-            Some(Ok(Message::Text(text))) => return serde_json::from_str(&text).context("malformed frame"),
-            Some(Ok(Message::Close(frame))) => bail!("server closed the socket: {frame:?}"),
-            Some(Ok(_)) => continue,
-            Some(Err(e)) => return Err(e).context("reading from the socket"),
-            None => bail!("server closed the connection"),
-        }
-    }
 }
 
 impl Verdict for ReplayReport {

@@ -445,6 +445,15 @@ async fn join_now(
 
 /// The next text frame, parsed as a reply-shaped frame.
 async fn next_reply(ws: &mut Ws) -> anyhow::Result<Reply> {
+    next_json(ws).await
+}
+
+/// The next text frame, parsed as `T`; a close or an error is an error.
+pub async fn next_json<T, S>(ws: &mut WebSocketStream<S>) -> anyhow::Result<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     loop {
         match ws.next().await {
             Some(Ok(Message::Text(text))) => return serde_json::from_str(&text).context("malformed frame"),
