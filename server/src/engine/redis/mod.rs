@@ -311,36 +311,50 @@ impl RedisEngine {
         }
     }
 
-    /// Writes one presence entry and pushes out its lapse time and both keys' expiry; `join`
-    /// and every refresh use it, so entries survive as long as their node and come back after
-    /// Redis lost them.
-    async fn write_presence(&self, channel: &ChannelName, client: &ClientInfo) -> Result<(), EngineError> {
-        let json = serde_json::to_string(client).expect("client info serialises");
+    /// Writes presence entries and pushes out their lapse times and both keys' expiry, in one
+    /// round trip; `join` writes one, every refresh writes them all, so entries survive as long
+    /// as their node and come back after Redis lost them. On a cluster the entries must share a
+    /// slot (`refresh_presence_once` groups them).
+    async fn write_presence(&self, entries: &[(ChannelName, ClientInfo)]) -> Result<(), EngineError> {
         let lapse = (now_ms() + self.settings.presence_ttl.as_millis() as u64) as f64;
-        let (hash, zset) = (&self.keys.presence(channel), &self.keys.presence_expiry(channel));
-        let json = &json;
         let keep = secs(self.settings.presence_ttl) * 2;
         self.call(Operation::Presence, |c| async move {
-            let _: () = c.hset(hash, (&*client.conn, json.as_str())).await?;
-            let _: () = c.zadd(zset, None, None, false, false, (lapse, &*client.conn)).await?;
-            let _: () = c.expire(hash, keep, None).await?;
-            c.expire(zset, keep, None).await
+            let pipeline = c.pipeline();
+            for (channel, client) in entries {
+                let json = serde_json::to_string(client).expect("client info serialises");
+                let (hash, zset) = (self.keys.presence(channel), self.keys.presence_expiry(channel));
+                let _: () = pipeline.hset(&hash, (&*client.conn, json)).await?;
+                let _: () = pipeline.zadd(&zset, None, None, false, false, (lapse, &*client.conn)).await?;
+                let _: () = pipeline.expire(&hash, keep, None).await?;
+                let _: () = pipeline.expire(&zset, keep, None).await?;
+            }
+            pipeline.all::<Vec<Value>>().await.map(drop)
         })
         .await
     }
 
-    /// Refreshes every presence entry this node holds.
+    /// Refreshes every presence entry this node holds, `PRESENCE_BATCH` entries of one slot per
+    /// round trip.
     async fn refresh_presence_once(&self) {
-        let entries: Vec<(ChannelName, ClientInfo)> =
-            lock(&self.present).iter().map(|((c, _), info)| (c.clone(), info.clone())).collect();
-        for (channel, info) in entries {
-            if let Err(e) = self.write_presence(&channel, &info).await {
-                tracing::debug!(%channel, error = %e, "presence refresh failed");
+        let mut entries: Vec<(u16, ChannelName, ClientInfo)> = lock(&self.present)
+            .iter()
+            .map(|((c, _), info)| {
+                (fred::util::redis_keyslot(self.keys.presence(c).as_bytes()), c.clone(), info.clone())
+            })
+            .collect();
+        entries.sort_unstable_by_key(|(slot, ..)| *slot);
+        for batch in entries.chunk_by(|a, b| a.0 == b.0).flat_map(|same_slot| same_slot.chunks(PRESENCE_BATCH)) {
+            let batch: Vec<(ChannelName, ClientInfo)> = batch.iter().map(|(_, c, i)| (c.clone(), i.clone())).collect();
+            if let Err(e) = self.write_presence(&batch).await {
+                tracing::debug!(error = %e, "presence refresh failed");
                 return;
             }
         }
     }
 }
+
+/// Presence entries refreshed per round trip.
+const PRESENCE_BATCH: usize = 128;
 
 async fn refresh_presence(engine: Weak<RedisEngine>) {
     let every = match engine.upgrade() {
@@ -403,7 +417,7 @@ impl DataPlane for RedisEngine {
     }
 
     async fn join(&self, channel: &ChannelName, client: &ClientInfo, announce: bool) -> Result<(), EngineError> {
-        self.write_presence(channel, client).await?;
+        self.write_presence(&[(channel.clone(), client.clone())]).await?;
         lock(&self.present).insert((channel.clone(), client.conn.clone()), client.clone());
         if announce {
             self.announce(PresenceChange::Join, channel, client).await;
@@ -415,8 +429,10 @@ impl DataPlane for RedisEngine {
         lock(&self.present).remove(&(channel.clone(), client.conn.clone()));
         let removed: Result<i64, _> = self
             .call(Operation::Presence, |c| async move {
-                let removed = c.hdel(self.keys.presence(channel), &*client.conn).await?;
-                let _: () = c.zrem(self.keys.presence_expiry(channel), &*client.conn).await?;
+                let pipeline = c.pipeline();
+                let _: () = pipeline.hdel(self.keys.presence(channel), &*client.conn).await?;
+                let _: () = pipeline.zrem(self.keys.presence_expiry(channel), &*client.conn).await?;
+                let (removed, _): (i64, i64) = pipeline.all().await?;
                 Ok(removed)
             })
             .await;
