@@ -280,3 +280,116 @@ impl Deliver for Hub {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::value::RawValue;
+
+    use super::*;
+    use crate::engine::NewMessage;
+
+    /// An outlet that keeps what it was given.
+    #[derive(Default)]
+    struct Socket(Mutex<Vec<Offset>>);
+
+    impl Outlet for Socket {
+        fn queue(&self, delivery: &Delivery) -> usize {
+            let mut got = lock(&self.0);
+            got.push(delivery.publication.offset);
+            got.len()
+        }
+
+        fn flush(&self) -> std::io::Result<bool> {
+            Ok(true)
+        }
+    }
+
+    fn channel() -> ChannelName {
+        ChannelName::parse("room").unwrap()
+    }
+
+    fn message(epoch: &Epoch, offset: Offset) -> Arc<Publication> {
+        let msg = NewMessage { event: None, data: RawValue::from_string("1".into()).unwrap(), idempotency_key: None };
+        Arc::new(Publication::new(channel(), epoch.clone(), offset, msg, 0))
+    }
+
+    /// A hub with one WebSocket-like session subscribed to `room`: its socket and its queue.
+    fn subscribed() -> (Hub, SessionHandle, Arc<Socket>, Arc<Queue>) {
+        let identity = crate::metrics::Identity { node_id: "n", engine: "memory", max_connections: 10 };
+        let hub = Hub::new(Metrics::new(&identity), 16);
+        let socket = Arc::new(Socket::default());
+        let info = SessionInfo::new("u".into(), Transport::Ws, None);
+        let (handle, queue) = SessionHandle::new("n.1".into(), info, 16, Some(socket.clone()));
+        hub.add_subscriber(&channel(), &handle);
+        (hub, handle, socket, queue)
+    }
+
+    /// The offsets of the messages waiting in `queue` (and whether a reset came first).
+    fn queued(queue: &Queue) -> Vec<String> {
+        let mut items = Vec::new();
+        let n = queue.len();
+        let mut buf = Vec::new();
+        if n > 0 {
+            futures_util::FutureExt::now_or_never(queue.recv_many(&mut buf, n)).unwrap();
+        }
+        for out in buf {
+            items.push(match out {
+                Out::Message(d) => d.publication.offset.to_string(),
+                Out::Reset(r) => format!("reset {}", r.1.offset),
+                Out::Event(_) => "event".into(),
+            });
+        }
+        items
+    }
+
+    #[tokio::test]
+    async fn the_next_message_of_a_caught_up_channel_goes_express_and_anything_else_through_the_queue() {
+        let (hub, handle, socket, queue) = subscribed();
+        let e = Epoch::new("e");
+        assert!(hub.go_express(&channel(), &handle.conn, (e.clone(), 5), || queue.is_empty()));
+        hub.deliver(message(&e, 6));
+        hub.deliver(message(&e, 6));
+        hub.deliver(message(&e, 7));
+        assert_eq!(*lock(&socket.0), [6, 7], "the next offsets, once each");
+        assert!(queued(&queue).is_empty());
+        // A gap: the session must decide (it closes with 4010); the channel leaves the lane.
+        hub.deliver(message(&e, 9));
+        hub.deliver(message(&e, 10));
+        hub.deliver(message(&e, 8));
+        assert_eq!(queued(&queue), ["9", "10", "8"], "nothing overtakes what went through the queue");
+        // A new epoch goes through the queue too.
+        assert!(hub.go_express(&channel(), &handle.conn, (e.clone(), 10), || queue.is_empty()));
+        hub.deliver(message(&Epoch::new("f"), 1));
+        assert_eq!(queued(&queue), ["1"]);
+        assert_eq!(*lock(&socket.0), [6, 7]);
+    }
+
+    #[tokio::test]
+    async fn a_channel_goes_express_only_with_nothing_waiting_in_its_queue() {
+        let (hub, handle, socket, queue) = subscribed();
+        let e = Epoch::new("e");
+        hub.deliver(message(&e, 1));
+        // Message 1 waits in the queue: letting 2 go express would put it on the socket first.
+        assert!(!hub.go_express(&channel(), &handle.conn, (e.clone(), 0), || queue.is_empty()));
+        assert_eq!(queued(&queue), ["1"]);
+        assert!(hub.go_express(&channel(), &handle.conn, (e.clone(), 1), || queue.is_empty()));
+        hub.deliver(message(&e, 2));
+        assert_eq!(*lock(&socket.0), [2]);
+    }
+
+    #[tokio::test]
+    async fn a_reset_takes_the_channel_off_the_lane_and_what_follows_comes_after_it() {
+        let (hub, handle, socket, queue) = subscribed();
+        let (e, f) = (Epoch::new("e"), Epoch::new("f"));
+        assert!(hub.go_express(&channel(), &handle.conn, (e.clone(), 3), || queue.is_empty()));
+        hub.reset(&channel(), &Position { epoch: f.clone(), offset: 0 });
+        hub.deliver(message(&e, 4));
+        hub.deliver(message(&f, 1));
+        assert_eq!(queued(&queue), ["reset 0", "4", "1"], "nothing overtakes the reset");
+        assert!(lock(&socket.0).is_empty());
+        // Unsubscribed: nothing reaches the socket or the queue.
+        hub.remove_subscriber(&channel(), &handle.conn);
+        hub.deliver(message(&f, 2));
+        assert!(lock(&socket.0).is_empty() && queued(&queue).is_empty());
+    }
+}
