@@ -41,21 +41,28 @@ fn assert_acked_once(published: &Published) {
     }
 }
 
+/// Runs `step` on the busy channels in turn, one each time the publisher passes a `KILL_AT`
+/// mark; returns what each step returned (the slot's old and new primary).
+async fn at_each_mark<F>(mut progress: watch::Receiver<u64>, step: impl Fn(&'static str) -> F) -> Vec<(usize, usize)>
+where
+    F: Future<Output = (usize, usize)>,
+{
+    let mut moved = Vec::new();
+    for (at, channel) in KILL_AT.iter().zip(CHANNELS.iter().cycle()) {
+        progress.wait_for(|n| *n >= *at).await.expect("the publisher stopped early");
+        moved.push(step(channel).await);
+    }
+    moved
+}
+
 #[tokio::test]
 async fn a_planned_failover_of_the_primaries_of_busy_channels_loses_nothing() {
     let backend = Backend::cluster().await;
     let cluster = cluster_of(&backend);
     let nodes = nodes_on(2, &backend, |c| c).await;
     let readers = Readers::start(&nodes).await;
-    let (tx, mut rx) = watch::channel(0);
-    let failovers = async {
-        let mut moved = Vec::new();
-        for (at, channel) in KILL_AT.iter().zip(CHANNELS.iter().cycle()) {
-            rx.wait_for(|n| *n >= *at).await.expect("the publisher stopped early");
-            moved.push(cluster.failover(&key_of(channel)).await);
-        }
-        moved
-    };
+    let (tx, rx) = watch::channel(0);
+    let failovers = at_each_mark(rx, |channel| async move { cluster.failover(&key_of(channel)).await });
     // A publish to a slot in mid hand-over may be refused (503/504): a careful backend retries
     // it with the same idempotency key.
     let (published, moved) =
@@ -76,17 +83,10 @@ async fn busy_channels_slots_moved_to_another_primary_under_load_lose_nothing() 
     let cluster = cluster_of(&backend);
     let nodes = nodes_on(2, &backend, |c| c).await;
     let readers = Readers::start(&nodes).await;
-    let (tx, mut rx) = watch::channel(0);
-    let moves = async {
-        let mut moved = Vec::new();
-        for (at, channel) in KILL_AT.iter().zip(CHANNELS.iter().cycle()) {
-            rx.wait_for(|n| *n >= *at).await.expect("the publisher stopped early");
-            // Batches of 10 keys, as `redis-cli --cluster reshard` moves them: the channel's
-            // stream, meta and idempotency keys are split between the primaries for a while.
-            moved.push(cluster.move_slot_of(&key_of(channel), 10).await);
-        }
-        moved
-    };
+    let (tx, rx) = watch::channel(0);
+    // Batches of 10 keys, as `redis-cli --cluster reshard` moves them: the channel's stream,
+    // meta and idempotency keys are split between the primaries for a while.
+    let moves = at_each_mark(rx, |channel| async move { cluster.move_slot_of(&key_of(channel), 10).await });
     // No retries: a publish to a slot in motion waits for the move instead of failing.
     let (published, moved) =
         guard("publishing through slot moves", async { tokio::join!(publish_all(&nodes, tx, false), moves) }).await;

@@ -168,18 +168,13 @@ impl Wire {
     fn write_out(&self, out: &mut Outbound) -> io::Result<bool> {
         while let Some(first) = out.queue.front() {
             // The usual case when paced: one whole encoded frame, one plain write.
-            if out.queue.len() == 1 && first.header_len == 0 {
-                match self.stream.try_write(&first.body[out.sent..]) {
-                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                    Ok(n) => out.consume(n),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
-                    Err(e) => return Err(e),
-                }
-                continue;
-            }
-            let mut slices = [IoSlice::new(&[]); MAX_SLICES];
-            let n = out.slices(&mut slices);
-            let written = self.stream.try_write_vectored(&slices[..n]);
+            let written = if out.queue.len() == 1 && first.header_len == 0 {
+                self.stream.try_write(&first.body[out.sent..])
+            } else {
+                let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+                let n = out.slices(&mut slices);
+                self.stream.try_write_vectored(&slices[..n])
+            };
             match written {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => out.consume(n),
