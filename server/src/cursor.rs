@@ -20,8 +20,10 @@ pub enum Cursor {
     Fresh,
     /// The current form: a digest of the epochs and one offset per channel.
     Digest { digest: u64, offsets: Vec<Offset> },
-    /// The older form: every channel's epoch and offset.
-    Positions(Vec<Position>),
+    /// The older form: every channel's epoch and offset, or nothing (an empty part) for a
+    /// channel the client has no position in yet, which starts live. Clients that keep their
+    /// own positions, and add channels to a stream, write this form.
+    Positions(Vec<Option<Position>>),
     /// A cursor that fits no stream of this many channels: the client expected a replay that
     /// cannot be given, so every channel answers `recovered: false`.
     Unusable,
@@ -54,13 +56,16 @@ fn parse_positions(text: &str) -> Option<Cursor> {
     let list = text
         .split(',')
         .map(|part| {
+            if part.is_empty() {
+                return Some(None);
+            }
             let (epoch, offset) = part.rsplit_once(':')?;
             if epoch.is_empty() {
                 return None;
             }
-            Some(Position { epoch: Epoch::new(epoch), offset: offset.parse().ok()? })
+            Some(Some(Position { epoch: Epoch::new(epoch), offset: offset.parse().ok()? }))
         })
-        .collect::<Option<Vec<Position>>>()?;
+        .collect::<Option<Vec<Option<Position>>>>()?;
     Some(Cursor::Positions(list))
 }
 
@@ -115,7 +120,15 @@ mod tests {
     #[test]
     fn the_older_form_is_still_read() {
         let c = Cursor::parse(Some("ab:4,cd:0"), 2);
-        assert_eq!(c, Cursor::Positions(vec![pos("ab", 4), pos("cd", 0)]));
+        assert_eq!(c, Cursor::Positions(vec![Some(pos("ab", 4)), Some(pos("cd", 0))]));
+    }
+
+    #[test]
+    fn an_empty_part_of_the_older_form_is_a_channel_without_a_position() {
+        let c = Cursor::parse(Some("ab:4,,cd:0"), 3);
+        assert_eq!(c, Cursor::Positions(vec![Some(pos("ab", 4)), None, Some(pos("cd", 0))]));
+        assert_eq!(Cursor::parse(Some(","), 2), Cursor::Positions(vec![None, None]));
+        assert_eq!(Cursor::parse(Some("ab:4,"), 3), Cursor::Unusable, "one part per channel still");
     }
 
     #[test]

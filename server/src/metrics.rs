@@ -24,7 +24,7 @@ use prometheus::{
 /// The two client transports, as label values.
 pub const TRANSPORTS: [&str; 2] = ["ws", "sse"];
 /// Client command ops, plus `invalid` for frames that do not parse into one.
-pub const OPS: [&str; 6] = ["subscribe", "unsubscribe", "publish", "presence", "ping", "invalid"];
+pub const OPS: [&str; 7] = ["subscribe", "unsubscribe", "publish", "presence", "history", "ping", "invalid"];
 /// Publish routes: the server API, a client's socket, the admin API.
 pub const PUBLISH_ROUTES: [&str; 3] = ["api", "ws", "admin"];
 /// Why a publish failed: too large for `--max-payload`, the engine did not store it, or the

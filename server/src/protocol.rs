@@ -2,6 +2,7 @@
 //! close-code table. Shared by the WebSocket and SSE transports; docs/PROTOCOL.md explains it.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use hyper_tungstenite::tungstenite::Utf8Bytes;
 use serde::{Deserialize, Serialize};
@@ -21,11 +22,30 @@ pub struct Command {
 /// What a client asks for.
 #[derive(Debug)]
 pub enum Op {
-    Subscribe { channel: String, since: Option<Position> },
-    Unsubscribe { channel: String },
-    Publish { channel: String, event: Option<String>, data: Box<RawValue>, idempotency_key: Option<String> },
+    Subscribe {
+        channel: String,
+        since: Option<Position>,
+    },
+    Unsubscribe {
+        channel: String,
+    },
+    Publish {
+        channel: String,
+        event: Option<String>,
+        data: Box<RawValue>,
+        idempotency_key: Option<String>,
+    },
     Ping,
-    Presence { channel: String },
+    Presence {
+        channel: String,
+    },
+    /// Stored messages of a channel the client may subscribe to: the newest `limit`, or those
+    /// after offset `since`.
+    History {
+        channel: String,
+        limit: Option<u64>,
+        since: Option<Offset>,
+    },
 }
 
 impl Op {
@@ -37,6 +57,7 @@ impl Op {
             Op::Publish { .. } => "publish",
             Op::Ping => "ping",
             Op::Presence { .. } => "presence",
+            Op::History { .. } => "history",
         }
     }
 }
@@ -47,7 +68,9 @@ struct Envelope {
     id: Option<Value>,
     op: Option<String>,
     channel: Option<String>,
-    since: Option<Position>,
+    /// A position for `subscribe`, an offset for `history`: read per op.
+    since: Option<Value>,
+    limit: Option<u64>,
     event: Option<String>,
     data: Option<Box<RawValue>>,
     idempotency_key: Option<String>,
@@ -81,7 +104,7 @@ impl Command {
         }
         let channel = || env.channel.clone().ok_or_else(|| bad(CommandError::missing("channel")));
         let op = match env.op.as_deref() {
-            Some("subscribe") => Op::Subscribe { channel: channel()?, since: env.since },
+            Some("subscribe") => Op::Subscribe { channel: channel()?, since: position(env.since).map_err(bad)? },
             Some("unsubscribe") => Op::Unsubscribe { channel: channel()? },
             Some("publish") => Op::Publish {
                 channel: channel()?,
@@ -91,14 +114,36 @@ impl Command {
             },
             Some("ping") => Op::Ping,
             Some("presence") => Op::Presence { channel: channel()? },
+            Some("history") => {
+                Op::History { channel: channel()?, limit: env.limit, since: offset(env.since).map_err(bad)? }
+            }
             Some(other) => {
-                let msg = format!("unknown op {other:?}: use subscribe, unsubscribe, publish, ping or presence");
+                let msg =
+                    format!("unknown op {other:?}: use subscribe, unsubscribe, publish, ping, presence or history");
                 return Err(bad(CommandError::new(ErrorCode::UnknownOp, msg)));
             }
             None => return Err(bad(CommandError::missing("op"))),
         };
         Ok(Command { id, op })
     }
+}
+
+/// `subscribe`'s `since`: the last position the client handled.
+fn position(since: Option<Value>) -> Result<Option<Position>, CommandError> {
+    since.map(Position::deserialize).transpose().map_err(|e| {
+        CommandError::new(ErrorCode::BadRequest, format!("since must be {{\"epoch\":…,\"offset\":…}}: {e}"))
+    })
+}
+
+/// `history`'s `since`: an offset.
+fn offset(since: Option<Value>) -> Result<Option<Offset>, CommandError> {
+    since
+        .map(|v| {
+            v.as_u64().ok_or_else(|| {
+                CommandError::new(ErrorCode::BadRequest, "since must be an offset (a non-negative integer)")
+            })
+        })
+        .transpose()
 }
 
 fn valid_id(v: &Value) -> bool {
@@ -319,8 +364,35 @@ pub struct Reply {
     pub replayed: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub clients: Option<Vec<ClientInfo>>,
+    /// `history`: the channel's last offset and the stored messages asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub top: Option<Offset>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub publications: Option<Vec<HistoryItem>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<CommandError>,
+}
+
+/// A stored message as history answers list it (the server API and the `history` op alike).
+#[derive(Debug)]
+pub struct HistoryItem(pub Arc<Publication>);
+
+/// The wire shape: `data` goes out byte for byte as stored.
+#[derive(Serialize)]
+struct HistoryEntry<'a> {
+    offset: Offset,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    event: Option<&'a str>,
+    data: &'a RawValue,
+    time_ms: u64,
+}
+
+impl Serialize for HistoryItem {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let p = &self.0;
+        HistoryEntry { offset: p.offset, event: p.event.as_deref(), data: &p.data, time_ms: p.time_us / 1000 }
+            .serialize(s)
+    }
 }
 
 impl Reply {
@@ -373,6 +445,10 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(matches!(Command::parse(r#"{"op":"ping"}"#).unwrap().op, Op::Ping));
+        let c = Command::parse(r#"{"op":"history","channel":"a","limit":5,"since":3}"#).unwrap();
+        assert!(matches!(c.op, Op::History { limit: Some(5), since: Some(3), .. }));
+        let c = Command::parse(r#"{"op":"history","channel":"a"}"#).unwrap();
+        assert!(matches!(c.op, Op::History { limit: None, since: None, .. }));
     }
 
     #[test]

@@ -25,7 +25,7 @@ use crate::engine::{
 };
 use crate::hub::{ConnId, Delivery, Express, Out, Outlet, Queue, SessionHandle, SessionInfo, Transport};
 use crate::node::Node;
-use crate::protocol::{Close, CloseCode, CommandError, ErrorCode, Reply, Reset, to_frame};
+use crate::protocol::{Close, CloseCode, CommandError, ErrorCode, HistoryItem, Reply, Reset, to_frame};
 use crate::rate::RateLimiter;
 
 /// Where a subscriber is in one channel.
@@ -311,6 +311,26 @@ impl Session {
         self.identity.can_subscribe(&channel).map_err(|e| e.command_error())?;
         let clients = self.node.presence(&channel).await?;
         Ok(Reply { channel: Some(channel), clients: Some(clients), ..Reply::ok(None) })
+    }
+
+    /// Stored messages of `channel` (the client must be allowed to subscribe to it), so a page
+    /// can show the recent past and subscribe from its end without a gap.
+    pub async fn history(
+        &self,
+        channel: &str,
+        limit: Option<u64>,
+        since: Option<Offset>,
+    ) -> Result<Reply, CommandError> {
+        let channel = parse_channel(channel)?;
+        self.identity.can_subscribe(&channel).map_err(|e| e.command_error())?;
+        let page = self.node.engine().history(&channel, HistoryQuery::new(limit, since)).await.map_err(unavailable)?;
+        Ok(Reply {
+            channel: Some(channel),
+            epoch: Some(page.epoch),
+            top: Some(page.top),
+            publications: Some(page.publications.into_iter().map(HistoryItem).collect()),
+            ..Reply::ok(None)
+        })
     }
 
     /// Filters one queued item into the frames to send: drops what is not subscribed or already

@@ -148,7 +148,7 @@ async fn resolve(node: &Node, channels: &[ChannelName], cursor: Cursor) -> Resul
     let n = channels.len();
     Ok(match cursor {
         Cursor::Fresh => vec![None; n],
-        Cursor::Positions(list) => list.into_iter().map(Some).collect(),
+        Cursor::Positions(list) => list,
         Cursor::Unusable => vec![Some(cursor::unusable()); n],
         Cursor::Digest { digest, offsets } => {
             let reads = channels.iter().map(|c| node.engine().history(c, HistoryQuery::Latest { limit: 0 }));

@@ -53,6 +53,7 @@ macro_rules! every_engine {
 
 every_engine!(
     publishes_get_contiguous_offsets_in_one_epoch_and_history_returns_them,
+    the_history_command_answers_as_the_api_does_where_the_client_may_subscribe,
     data_comes_back_byte_for_byte_from_history_and_live_delivery,
     an_empty_event_name_is_no_event_live_in_history_and_in_replay,
     a_gap_within_history_is_replayed_and_a_trimmed_one_is_not_recovered,
@@ -365,6 +366,44 @@ async fn a_retried_publish_with_the_same_idempotency_key_is_stored_once(config: 
     assert_eq!(offsets(&got), vec![1, 2, 3]);
     assert_eq!(got[0]["data"], json!({ "n": 1 }));
     assert_nothing_more(&mut alice).await;
+    node.stop().await;
+}
+
+/// A browser shows a channel's recent past over its own socket (`op: history`), then subscribes
+/// from the page's top: the same messages the server API returns, under the token's `subs`.
+async fn the_history_command_answers_as_the_api_does_where_the_client_may_subscribe(config: Config) {
+    let node = TestNode::start(config).await;
+    for n in 1..=5 {
+        publish(&node, "room:1", json!({ "n": n }), json!({ "event": "chat" })).await;
+    }
+    let api = history(&node, "channel=room:1&limit=3").await;
+    let claims = json!({ "sub": "alice", "exp": now_s() + 3600, "subs": ["room:*"] });
+    let mut alice = node.ws(&token_with(claims)).await;
+    let page = alice.command(json!({ "op": "history", "channel": "room:1", "limit": 3 })).await;
+    assert_eq!(page["ok"], true, "{page}");
+    for field in ["channel", "epoch", "top", "publications"] {
+        assert_eq!(page[field], api[field], "{field}: {page} vs {api}");
+    }
+    assert_eq!(history_offsets(&page), vec![3, 4, 5]);
+    let after = alice.command(json!({ "op": "history", "channel": "room:1", "since": 4 })).await;
+    assert_eq!(history_offsets(&after), vec![5]);
+    let newest = alice.command(json!({ "op": "history", "channel": "room:1" })).await;
+    assert_eq!(history_offsets(&newest), vec![1, 2, 3, 4, 5]);
+
+    // Subscribing from the page's top misses nothing published in between.
+    publish(&node, "room:1", json!({ "n": 6 }), json!({})).await;
+    let since = (page["epoch"].as_str().unwrap(), page["top"].as_u64().unwrap());
+    let reply = alice.subscribe("room:1", Some(since)).await;
+    assert_eq!((&reply["recovered"], &reply["replayed"]), (&json!(true), &json!(1)), "{reply}");
+    assert_eq!(alice.next().await["offset"], 6);
+
+    // Where subscribe is refused, so is history; a bad `since` is a bad request.
+    let refused = alice.command(json!({ "op": "history", "channel": "news" })).await;
+    assert_eq!(refused["error"]["code"], "forbidden", "{refused}");
+    let bad = alice.command(json!({ "op": "history", "channel": "room:1", "since": "x" })).await;
+    assert_eq!(bad["error"]["code"], "bad_request", "{bad}");
+    let bad = alice.command(json!({ "op": "subscribe", "channel": "room:2", "since": 3 })).await;
+    assert_eq!(bad["error"]["code"], "bad_request", "a subscribe's since is a position: {bad}");
     node.stop().await;
 }
 

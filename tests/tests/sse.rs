@@ -212,6 +212,41 @@ async fn a_cursor_from_another_epoch_is_not_recovered_and_live_follows_without_g
 }
 
 #[tokio::test]
+async fn a_channel_added_to_a_stream_with_an_empty_part_starts_live_while_the_others_resume() {
+    // A client that keeps its own positions and adds a channel to its stream has no position
+    // for the new one: an empty part of the older cursor form says so.
+    let node = TestNode::start(secure_config()).await;
+    let mut first = node.sse(&sse_path(&["a"], &token("alice")), None).await;
+    let pos = positions(&first.next_event().await.expect("welcome"));
+    drop(first);
+    publish_interleaved(&node, &["a", "b"], 1, 2).await;
+
+    let since = format!("{}:{},", pos[0].0, pos[0].1);
+    let mut sse =
+        node.sse(&format!("{}&since={}", sse_path(&["a", "b"], &token("alice")), encode_cursor(&since)), None).await;
+    let welcome = sse.next_event().await.expect("welcome");
+    let replies = welcome.data["channels"].as_array().unwrap();
+    assert_eq!(
+        (replies[0]["recovered"].as_bool(), replies[0]["replayed"].as_u64()),
+        (Some(true), Some(2)),
+        "{welcome:?}"
+    );
+    assert_eq!(
+        (replies[1]["offset"].as_u64(), replies[1].get("recovered")),
+        (Some(2), None),
+        "b starts live: {welcome:?}"
+    );
+    let mut pos = positions(&welcome);
+    pos[0].1 = 0;
+    let replayed = read_messages(&mut sse, 2, &["a", "b"], &mut pos).await;
+    assert_eq!((replayed["a"].clone(), replayed.get("b")), (vec![1, 2], None));
+    publish_interleaved(&node, &["a", "b"], 3, 3).await;
+    let live = read_messages(&mut sse, 2, &["a", "b"], &mut pos).await;
+    assert_eq!((live["a"].clone(), live["b"].clone()), (vec![3], vec![3]));
+    node.stop().await;
+}
+
+#[tokio::test]
 async fn a_cursor_that_does_not_fit_the_channels_is_reported_not_recovered() {
     // A cursor which does not fit the channels starts live "with `recovered: false` where a
     // position was expected" (cursor.rs): never a silent gap.

@@ -15,10 +15,7 @@ use crate::channel::ChannelName;
 use crate::engine::{Epoch, HistoryQuery, NewMessage, Offset, check_idempotency_key};
 use crate::http::{self, Body, HttpError};
 use crate::node::Node;
-use crate::protocol::{Close, CloseCode, CommandError, ErrorCode};
-
-/// Most results one history request returns.
-const MAX_HISTORY_LIMIT: usize = 1000;
+use crate::protocol::{Close, CloseCode, CommandError, ErrorCode, HistoryItem};
 
 type ApiResult = Result<Response<Body>, HttpError>;
 
@@ -204,22 +201,13 @@ async fn broadcast(node: &Node, req: Request<Incoming>) -> ApiResult {
     Ok(http::json(status, &serde_json::json!({ "results": results })))
 }
 
-#[derive(Serialize)]
-struct HistoryEntry<'a> {
-    offset: Offset,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    event: Option<&'a str>,
-    data: &'a RawValue,
-    time_ms: u64,
-}
-
 /// Serialised as a struct, not a `json!` tree, so `data` goes out byte for byte as stored.
 #[derive(Serialize)]
-struct HistoryBody<'a> {
+struct HistoryBody {
     channel: ChannelName,
     epoch: Epoch,
     top: Offset,
-    publications: Vec<HistoryEntry<'a>>,
+    publications: Vec<HistoryItem>,
 }
 
 pub(super) async fn history(node: &Node, req: &Request<Incoming>) -> ApiResult {
@@ -232,20 +220,12 @@ pub(super) async fn history(node: &Node, req: &Request<Incoming>) -> ApiResult {
             })
             .transpose()
     };
-    let limit = number("limit")?.map_or(100, |l| l as usize).clamp(1, MAX_HISTORY_LIMIT);
-    let query = match number("since")? {
-        Some(after) => HistoryQuery::After { after, limit },
-        None => HistoryQuery::Latest { limit },
-    };
+    let query = HistoryQuery::new(number("limit")?, number("since")?);
     let page = node.engine().history(&channel, query).await.map_err(|e| {
         HttpError::new(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, format!("{e}: retry shortly"))
     })?;
-    let entries: Vec<HistoryEntry> = page
-        .publications
-        .iter()
-        .map(|p| HistoryEntry { offset: p.offset, event: p.event.as_deref(), data: &p.data, time_ms: p.time_us / 1000 })
-        .collect();
-    let body = HistoryBody { channel, epoch: page.epoch, top: page.top, publications: entries };
+    let publications = page.publications.into_iter().map(HistoryItem).collect();
+    let body = HistoryBody { channel, epoch: page.epoch, top: page.top, publications };
     Ok(http::json(StatusCode::OK, &body))
 }
 

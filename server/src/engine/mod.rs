@@ -192,6 +192,23 @@ pub enum HistoryQuery {
     Latest { limit: usize },
 }
 
+impl HistoryQuery {
+    /// Most messages one history read returns.
+    pub const MAX_LIMIT: usize = 1000;
+    /// Messages a read without a limit returns.
+    pub const DEFAULT_LIMIT: usize = 100;
+
+    /// A read as clients ask for it: `limit` defaults to 100 and is held to 1..=1000; with
+    /// `since`, the messages after that offset, else the newest.
+    pub fn new(limit: Option<u64>, since: Option<Offset>) -> Self {
+        let limit = limit.map_or(Self::DEFAULT_LIMIT, |l| l.min(Self::MAX_LIMIT as u64) as usize).max(1);
+        match since {
+            Some(after) => HistoryQuery::After { after, limit },
+            None => HistoryQuery::Latest { limit },
+        }
+    }
+}
+
 /// A join or leave of a channel subscriber, fanned out where join/leave events are on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

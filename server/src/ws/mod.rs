@@ -320,6 +320,7 @@ impl WsConn {
                 self.session.publish(&channel, event, data, idempotency_key).await
             }
             Op::Presence { channel } => self.session.presence(&channel).await,
+            Op::History { channel, limit, since } => self.session.history(&channel, limit, since).await,
             Op::Ping => Ok(Reply::ok(None)),
         };
         self.count_command(op, result.as_ref().map(|_| ()));
