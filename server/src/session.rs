@@ -240,7 +240,11 @@ impl Session {
         joining: &mut Joining,
     ) -> Result<(Position, Option<Vec<Arc<Publication>>>), CommandError> {
         let engine = &self.node.engine();
-        joining.engine_subscribe().await.map_err(unavailable)?;
+        let live = joining.engine_subscribe().await.map_err(unavailable)?;
+        if let (None, Some(position)) = (since, live) {
+            // Already live on this node: start where its delivery is, no store round trip.
+            return Ok((position, None));
+        }
         let max = self.node.config().max_replay;
         let query = match since {
             Some(p) => HistoryQuery::After { after: p.offset, limit: max },
@@ -434,7 +438,7 @@ struct Joining {
     conn: ConnId,
     /// The engine's subscribe, run as its own task so that dropping the caller cannot cut it
     /// in half; `None` before it started and after its outcome was taken.
-    subscribing: Option<JoinHandle<Result<(), EngineError>>>,
+    subscribing: Option<JoinHandle<Result<Option<Position>, EngineError>>>,
     /// The engine counted a reference for this subscription.
     counted: bool,
     done: bool,
@@ -453,7 +457,7 @@ impl Joining {
     }
 
     /// Runs the engine's subscribe to completion, whatever happens to the caller.
-    async fn engine_subscribe(&mut self) -> Result<(), EngineError> {
+    async fn engine_subscribe(&mut self) -> Result<Option<Position>, EngineError> {
         let (node, channel) = (self.node.clone(), self.channel.clone());
         let task = self.subscribing.insert(tokio::spawn(async move { node.engine().subscribe(&channel).await }));
         let outcome = task.await.unwrap_or_else(|e| Err(EngineError::Unavailable(format!("subscribe failed: {e}"))));
@@ -478,7 +482,7 @@ impl Drop for Joining {
         match (self.subscribing.take(), self.counted) {
             (Some(task), _) => {
                 tokio::spawn(async move {
-                    if let Ok(Ok(())) = task.await {
+                    if let Ok(Ok(_)) = task.await {
                         node.engine().unsubscribe(&channel).await;
                     }
                 });

@@ -280,8 +280,11 @@ pub trait DataPlane: Send + Sync + 'static {
     async fn publish(&self, channel: &ChannelName, msg: NewMessage) -> Result<Arc<Publication>, EngineError>;
 
     /// Makes sure this node receives `channel`'s live messages from now on; counted, so every
-    /// `subscribe` is matched by one `unsubscribe`. Returns once live delivery is in place.
-    async fn subscribe(&self, channel: &ChannelName) -> Result<(), EngineError>;
+    /// `subscribe` is matched by one `unsubscribe`. Returns once live delivery is in place, with
+    /// the position this node's delivery has reached when the engine knows it without asking
+    /// the store: every message after it reaches a subscriber already in the hub, so a session
+    /// subscribing without a position may start there instead of reading the store's top.
+    async fn subscribe(&self, channel: &ChannelName) -> Result<Option<Position>, EngineError>;
 
     /// Drops one reference taken by `subscribe`.
     async fn unsubscribe(&self, channel: &ChannelName);

@@ -23,7 +23,7 @@ use async_trait::async_trait;
 
 use super::{
     ClientInfo, ClusterPlane, DataPlane, Deliver, Engine, EngineError, Epoch, HistoryBounds, HistoryPage, HistoryQuery,
-    NewMessage, NodeInfo, Offset, PresenceChange, Publication, Survey, SurveyHandler, now_ms, now_us,
+    NewMessage, NodeInfo, Offset, Position, PresenceChange, Publication, Survey, SurveyHandler, now_ms, now_us,
 };
 use crate::channel::ChannelName;
 use crate::locks::lock;
@@ -310,9 +310,11 @@ impl DataPlane for MemoryEngine {
         Ok(publication)
     }
 
-    async fn subscribe(&self, channel: &ChannelName) -> Result<(), EngineError> {
+    /// The position is left to `history`: a read here is a lock, and it also counts as the
+    /// channel's use.
+    async fn subscribe(&self, channel: &ChannelName) -> Result<Option<Position>, EngineError> {
         lock(&self.log(channel)).subscribers += 1;
-        Ok(())
+        Ok(None)
     }
 
     async fn unsubscribe(&self, channel: &ChannelName) {

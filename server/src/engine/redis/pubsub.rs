@@ -273,7 +273,7 @@ pub(super) fn presence_message(change: PresenceChange, client: &ClientInfo) -> S
 /// Channels that need a SUBSCRIBE queue up in their lane's `wanted`; whoever gets the lane's
 /// change lock subscribes everything queued in one command, so a connection storm over many
 /// channels costs a few round trips instead of one per channel.
-pub(super) async fn subscribe(engine: &RedisEngine, channel: &ChannelName) -> Result<(), EngineError> {
+pub(super) async fn subscribe(engine: &RedisEngine, channel: &ChannelName) -> Result<Option<Position>, EngineError> {
     let live = &engine.live;
     {
         let mut shard = live.shard(channel);
@@ -283,15 +283,15 @@ pub(super) async fn subscribe(engine: &RedisEngine, channel: &ChannelName) -> Re
         });
         entry.refs += 1;
         if entry.subscribed {
-            return Ok(());
+            return Ok(entry.position.clone());
         }
     }
     let ix = live.lane_of(channel);
     let lane = &live.lanes[ix];
     lock(&lane.wanted).insert(channel.clone());
     let _change = lane.changes.lock().await;
-    if live.shard(channel).get(channel).is_some_and(|l| l.subscribed) {
-        return Ok(()); // an earlier batch took this channel along
+    if let Some(live) = live.shard(channel).get(channel).filter(|l| l.subscribed) {
+        return Ok(live.position.clone()); // an earlier batch took this channel along
     }
     let mut batch: Vec<ChannelName> = lock(&lane.wanted).drain().collect();
     if !batch.contains(channel) {
@@ -317,7 +317,7 @@ pub(super) async fn subscribe(engine: &RedisEngine, channel: &ChannelName) -> Re
             entry.subscribed_at(page.position());
         }
     }
-    Ok(())
+    Ok(live.shard(channel).get(channel).and_then(|l| l.position.clone()))
 }
 
 /// One SUBSCRIBE for the whole batch on lane `ix` (one SSUBSCRIBE per hash slot on a cluster,
