@@ -25,11 +25,18 @@ pub async fn drain(node: &Node) {
     node.stop_accepting();
     let window = node.config().drain_window;
     let deadline = tokio::time::Instant::now() + window.max(Duration::from_millis(500));
-    let sessions = node.hub().sessions();
+    let mut sessions = node.hub().sessions().into_iter();
     tracing::info!(sessions = sessions.len(), window_s = window.as_secs_f64(), "draining");
     let per_tick = batch_size(sessions.len(), window.mul_f64(0.6), DRAIN_TICK);
     let close = Close::new(CloseCode::Restart, "server restarting: reconnect");
-    for (i, chunk) in sessions.chunks(per_tick).enumerate() {
+    for i in 0.. {
+        // Each handle is dropped once its session is told to close: a handle holds the socket,
+        // and a browser sees the close only when the TCP connection ends, so a list kept to the
+        // end would hold every closed socket open until the last close of the window.
+        let chunk: Vec<_> = sessions.by_ref().take(per_tick).collect();
+        if chunk.is_empty() {
+            break;
+        }
         if i > 0 {
             tokio::time::sleep(DRAIN_TICK).await;
         }
