@@ -35,14 +35,18 @@ need promtool prometheus
 need python3 python3
 # The TLS suites make their certificates with openssl.
 need openssl openssl
+# The JavaScript client's unit tests run under Node's own test runner; the browser suite drives
+# Debian's Chromium (Playwright's own browser download is never used).
+need node nodejs
+need chromium chromium
 
 # PyPI tools live in a venv of their own under target/ (the tests look there first).
 venv=target/tools/venv
-if [ ! -x "$venv/bin/check-jsonschema" ]; then
-  echo "check-jsonschema not found: installing it into $venv" >&2
+if [ ! -x "$venv/bin/check-jsonschema" ] || ! "$venv/bin/python" -c 'import playwright, pytest' 2>/dev/null; then
+  echo "check-jsonschema, playwright or pytest not found: installing them into $venv" >&2
   python3 -c 'import ensurepip, venv' 2>/dev/null || need_package python3-venv
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install -q --disable-pip-version-check check-jsonschema
+  [ -x "$venv/bin/pip" ] || python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check check-jsonschema playwright pytest
 fi
 
 if ! cargo nextest --version >/dev/null 2>&1; then
@@ -53,4 +57,11 @@ fi
 # The drain, signal, pushctl and deployment tests run the real pushd, pushctl and pushload.
 cargo build -p pushd --bin pushd -p pushctl --bin pushctl -p pushload --bin pushload
 
-cargo nextest run --workspace --no-fail-fast "$@"
+status=0
+cargo nextest run --workspace --no-fail-fast "$@" || status=$?
+
+# The browser client: its pure logic under Node, then the whole of it in Chromium against real
+# nodes, Redis and HAProxy (tests/browser/README.md).
+node --test clients/js/test/ || status=$?
+"$venv/bin/python" -m pytest tests/browser -q || status=$?
+exit $status

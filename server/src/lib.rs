@@ -18,6 +18,7 @@
 
 pub mod admission;
 pub mod api;
+pub mod assets;
 pub mod auth;
 pub mod channel;
 pub mod client_addr;

@@ -14,7 +14,7 @@ use crate::client_addr;
 use crate::http::{Body, allowed_origin, empty, error, json, text};
 use crate::node::Node;
 use crate::protocol::ErrorCode;
-use crate::{api, sse, ws};
+use crate::{api, assets, sse, ws};
 
 /// Which routes a listener serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,12 +62,15 @@ pub async fn route(
         ) => preflight(&node, &req),
         (_, p) if p.starts_with("/api/") => api::server::handle(node, req).await,
         (_, p) if p.starts_with("/admin/") => api::admin::handle(node, req).await,
+        (&Method::GET, "/client.js") => assets::CLIENT.respond(req.headers()),
+        (&Method::GET, "/demo") if node.config().dev_mode() => assets::DEMO.respond(req.headers()),
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
         (&Method::GET, "/readyz") => readyz(&node),
         (&Method::GET, "/metrics") => metrics(&node),
-        (&Method::GET, "/") => {
-            text(StatusCode::OK, "pushd: connect to /ws (WebSocket) or /sse; publish with POST /api/publish\n")
-        }
+        (&Method::GET, "/") => text(
+            StatusCode::OK,
+            "pushd: connect to /ws (WebSocket) or /sse, with the client at /client.js; publish with POST /api/publish\n",
+        ),
         _ => error(StatusCode::NOT_FOUND, ErrorCode::NotFound, format!("no route for {} {path}", req.method())),
     };
     Ok(response)

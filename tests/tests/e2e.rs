@@ -2,6 +2,7 @@
 //! step on small machines).
 
 mod bad_input;
+mod browser_assets;
 mod chaos;
 mod cluster;
 mod dashboards;

@@ -1,0 +1,298 @@
+import test from "node:test";
+import assert from "node:assert/strict";
+import { Pushd } from "../pushd.js";
+import { setup, settle, connected } from "./fakes.mjs";
+
+const reply = (channel, epoch, offset) => ({ type: "reply", id: null, ok: true, channel, epoch, offset });
+const last = (t, name) => t.named(name).at(-1);
+
+// ---- fallback --------------------------------------------------------------------------------
+
+test("auto: a WebSocket that fails before open falls back to SSE at once, at the same URL", async () => {
+  let n = 0;
+  const t = setup({ url: ["http://a.test", "http://b.test"], random: () => 0.9, getToken: async () => `T${++n}` });
+  t.client.subscribe("a", () => {});
+  t.client.connect();
+  await settle(1);
+  const ws = t.ws();
+  assert.equal(ws.url.host, "b.test");
+  ws.serverClose(1006); // refused upgrade: never opened
+  await settle();
+  assert.equal(t.clock.timers.size, 1, "no backoff timer, only the connect timeout");
+  assert.equal(t.fetch.requests.length, 1);
+  const req = t.fetch.requests[0];
+  assert.equal(req.url.host, "b.test");
+  assert.equal(req.url.searchParams.get("token"), "T1", "the token just fetched");
+  assert.equal(t.named("disconnected").length, 0);
+  req.stream().welcome([reply("a", "E", 0)]);
+  await settle();
+  assert.equal(t.client.state, "connected");
+  assert.equal(t.client.transport, "sse");
+  assert.deepEqual(last(t, "fallback"), { name: "fallback", from: "websocket", to: "sse" });
+  assert.deepEqual(last(t, "connected"), { name: "connected", transport: "sse", node: "n1", conn: "n1.2", user: "alice" });
+});
+
+test("auto: after a fallback, reconnects use SSE for 5 minutes, then WebSocket first again", async () => {
+  const t = setup({ random: () => 0, pingInterval: 3600 }); // random 0: every retry at once
+  t.client.subscribe("a", () => {});
+  t.client.connect();
+  await settle(1);
+  t.ws().serverClose(1006);
+  await settle();
+  const req = t.fetch.requests[0].stream();
+  req.welcome([reply("a", "E", 0)]); // the fallback, at t = 0
+  await settle();
+  t.clock.advance(60000);
+  req.end(); // dropped a minute later
+  await settle();
+  assert.equal(t.sockets.length, 1, "no WebSocket tried");
+  assert.equal(t.fetch.requests.length, 2);
+  const req2 = t.fetch.requests[1].stream();
+  req2.welcome([reply("a", "E", 0)]);
+  await settle();
+  assert.equal(t.named("fallback").length, 1, "announced once");
+  t.clock.advance(239999);
+  req2.end(); // just before the 5 minutes are over
+  await settle();
+  assert.equal(t.sockets.length, 1);
+  const req3 = t.fetch.requests[2].stream();
+  req3.welcome([reply("a", "E", 0)]);
+  await settle();
+  t.clock.advance(1);
+  req3.end(); // 5 minutes after the fallback
+  await settle();
+  assert.equal(t.sockets.length, 2, "WebSocket first again");
+  assert.equal(t.fetch.requests.length, 3);
+});
+
+test("auto: WebSocket and SSE both failing count as one failure", async () => {
+  const t = setup({ random: () => 1, backoff: { base: 100, max: 10000 } });
+  t.client.subscribe("a", () => {});
+  t.client.connect();
+  await settle(1);
+  t.ws().serverClose(1006);
+  await settle();
+  t.fetch.requests[0].networkError();
+  await settle();
+  assert.equal(t.named("disconnected").length, 1);
+  assert.equal(last(t, "disconnected").delay, 100);
+  t.clock.advance(100);
+  await settle();
+  assert.equal(t.sockets.length, 2, "WebSocket is tried first again");
+  t.ws().serverClose(1006);
+  await settle();
+  t.fetch.requests[1].fail(503, "unavailable", "node full");
+  await settle();
+  assert.equal(last(t, "disconnected").delay, 200, "the second failure");
+});
+
+test("auto: a WebSocket that opened and then closed does not fall back", async () => {
+  const t = setup({ random: () => 0.5 });
+  t.client.subscribe("a", () => {});
+  t.client.connect();
+  await settle(1);
+  t.ws().open();
+  t.ws().serverClose(1006);
+  await settle();
+  assert.equal(t.fetch.requests.length, 0);
+  assert.equal(t.client.state, "disconnected");
+});
+
+test("auto: a WebSocket that never opens within connectTimeout falls back to SSE", async () => {
+  const t = setup({ connectTimeout: 3000 });
+  t.client.subscribe("a", () => {});
+  t.client.connect();
+  await settle(1);
+  t.clock.advance(3000);
+  await settle();
+  assert.equal(t.ws().closedByClient, 1000);
+  assert.equal(t.fetch.requests.length, 1);
+});
+
+test("transport websocket never uses SSE", async () => {
+  const t = setup({ transport: "websocket", random: () => 0.5 });
+  t.client.subscribe("a", () => {});
+  t.client.connect();
+  await settle(1);
+  t.ws().serverClose(1006);
+  await settle();
+  assert.equal(t.fetch.requests.length, 0);
+  assert.equal(last(t, "disconnected").delay, 250);
+});
+
+// ---- WebSocket heartbeat -----------------------------------------------------------------------
+
+test("WebSocket heartbeat: quiet for ping_interval sends a ping; silence for the grace after it reconnects", async () => {
+  const t = setup({ transport: "websocket", heartbeatGrace: 10000 });
+  const ws = await connected(t, { ping_interval: 20 });
+  t.clock.advance(19999);
+  assert.equal(ws.ops("ping").length, 0);
+  t.clock.advance(1);
+  assert.deepEqual(ws.sent, [{ op: "ping" }]);
+  t.clock.advance(9999);
+  assert.equal(t.client.state, "connected");
+  t.clock.advance(1);
+  assert.equal(t.client.state, "disconnected");
+  assert.equal(last(t, "disconnected").reason, "heartbeat timeout");
+  assert.equal(ws.closedByClient, 1000);
+});
+
+test("WebSocket heartbeat: a reply to the ping keeps the connection; traffic means no ping at all", async () => {
+  const t = setup({ transport: "websocket" });
+  const ws = await connected(t, { ping_interval: 25 });
+  t.clock.advance(25000);
+  assert.equal(ws.ops("ping").length, 1);
+  t.clock.advance(3000);
+  ws.frame({ type: "reply", ok: true });
+  t.clock.advance(20000);
+  assert.equal(t.client.state, "connected");
+  assert.equal(ws.ops("ping").length, 1, "25 s after the last frame, not yet");
+  // Frames every 10 s: the client never needs to ping.
+  for (let i = 0; i < 10; i++) {
+    t.clock.advance(2000);
+    ws.frame({ type: "join", channel: "x", user: "u", conn: "c" });
+    t.clock.advance(8000);
+  }
+  assert.equal(ws.ops("ping").length, 1);
+  assert.equal(t.client.state, "connected");
+});
+
+test("WebSocket heartbeat notices a dead connection well within the server's 60 s idle timeout", async () => {
+  const t = setup({ transport: "websocket" }); // defaults: ping_interval from the welcome (25), grace 10 s
+  await connected(t);
+  t.clock.advance(35000);
+  assert.equal(t.client.state, "disconnected");
+});
+
+// ---- browser signals ----------------------------------------------------------------------------
+
+test("offline abandons an attempt and stops retrying; online reconnects at once", async () => {
+  const t = setup({ transport: "websocket", random: () => 0.5 });
+  t.client.connect();
+  await settle(1);
+  const first = t.ws();
+  t.win.navigator.onLine = false;
+  t.win.fire("offline");
+  assert.equal(first.closedByClient, 1000);
+  assert.equal(t.client.state, "disconnected");
+  assert.equal(last(t, "disconnected").delay, null);
+  t.clock.advance(600000);
+  await settle(1);
+  assert.equal(t.sockets.length, 1, "no attempt while offline");
+  t.win.navigator.onLine = true;
+  t.win.fire("online");
+  await settle(1);
+  assert.equal(t.sockets.length, 2);
+  assert.equal(t.client.state, "connecting");
+});
+
+test("offline while waiting on a backoff timer cancels it; a drop while offline waits for online", async () => {
+  const t = setup({ transport: "websocket", random: () => 0.5 });
+  const ws = await connected(t);
+  t.win.fire("offline");
+  assert.equal(t.client.state, "connected", "an open connection is left to its heartbeat");
+  ws.serverClose(1006);
+  assert.equal(last(t, "disconnected").delay, null);
+  assert.equal(t.clock.timers.size, 0);
+  t.win.fire("online");
+  await settle(1);
+  assert.equal(t.sockets.length, 2);
+});
+
+test("an offline event seen before close() does not block a later connect()", async () => {
+  const t = setup({ transport: "websocket" });
+  await connected(t);
+  t.win.fire("offline");
+  t.client.close();
+  t.client.connect(); // the online event came while the client was stopped and not listening
+  await settle(1);
+  assert.equal(t.sockets.length, 2);
+  assert.equal(t.client.state, "connecting");
+});
+
+test("the page becoming visible while waiting on a backoff timer tries at once", async () => {
+  const t = setup({ transport: "websocket", random: () => 1, backoff: { base: 20000, max: 20000 } });
+  await connected(t);
+  t.ws().serverClose(1006);
+  assert.equal(last(t, "disconnected").delay, 20000);
+  t.win.setVisibility("hidden");
+  await settle(1);
+  assert.equal(t.sockets.length, 1);
+  t.win.setVisibility("visible");
+  await settle(1);
+  assert.equal(t.sockets.length, 2);
+  assert.equal(t.clock.timers.size, 1, "the backoff timer is gone; only the connect timeout");
+});
+
+test("close() removes the window listeners", async () => {
+  const t = setup({ transport: "websocket" });
+  await connected(t);
+  t.client.close();
+  t.win.fire("online");
+  t.win.setVisibility("visible");
+  await settle(1);
+  assert.equal(t.sockets.length, 1);
+  assert.equal(t.client.state, "stopped");
+});
+
+test("no window at all (window: null) works", async () => {
+  const t = setup({ transport: "websocket", window: null });
+  await connected(t);
+  assert.equal(t.client.state, "connected");
+});
+
+// ---- URLs and tokens ----------------------------------------------------------------------------
+
+test("node URLs: http -> ws, https -> wss, ws(s) accepted, a path prefix kept, /ws and /sse derived", async () => {
+  const cases = [
+    ["http://127.0.0.1:8080", "ws://127.0.0.1:8080/ws", "http://127.0.0.1:8080/sse"],
+    ["https://push.example.com/", "wss://push.example.com/ws", "https://push.example.com/sse"],
+    ["wss://push.example.com/prefix", "wss://push.example.com/prefix/ws", "https://push.example.com/prefix/sse"],
+    ["ws://h:1/ws", "ws://h:1/ws", "http://h:1/sse"],
+  ];
+  for (const [url, wsUrl, sseUrl] of cases) {
+    const a = setup({ url, transport: "websocket" });
+    a.client.connect();
+    await settle(1);
+    assert.equal(a.ws().url.href, wsUrl, url);
+    const b = setup({ url, transport: "sse" });
+    b.client.subscribe("c", () => {});
+    b.client.connect();
+    await settle();
+    const got = b.fetch.requests[0].url;
+    assert.equal(got.origin + got.pathname, sseUrl, url);
+  }
+});
+
+test("getToken is called before every attempt; user= is passed", async () => {
+  let calls = 0;
+  const t = setup({ transport: "websocket", user: "bob", getToken: async () => `T${++calls}` });
+  await connected(t);
+  assert.equal(t.ws().url.searchParams.get("token"), "T1");
+  assert.equal(t.ws().url.searchParams.get("user"), "bob");
+  t.ws().serverClose(1006);
+  t.clock.advance(1000);
+  await settle(1);
+  assert.equal(calls, 2);
+  assert.equal(t.ws().url.searchParams.get("token"), "T2");
+});
+
+test("a getToken that throws is a failed attempt with backoff (and no SSE fallback)", async () => {
+  const t = setup({ random: () => 0.5, getToken: async () => { throw new Error("backend down"); } });
+  t.client.connect();
+  await settle(1);
+  assert.equal(t.sockets.length, 0);
+  assert.equal(t.fetch.requests.length, 0);
+  assert.equal(last(t, "disconnected").reason, "getToken failed: backend down");
+  assert.equal(last(t, "disconnected").delay, 250);
+});
+
+test("the constructor does not connect; the url defaults to the module's origin", () => {
+  const t = setup({ transport: "websocket" });
+  assert.equal(t.client.state, "idle");
+  assert.equal(t.sockets.length, 0);
+  assert.equal(t.client.transport, null);
+  // Loaded from a file: URL in Node, the default origin is "null"; in a browser it is the node's origin.
+  assert.throws(() => new Pushd({ WebSocket: t.WebSocket }), TypeError);
+  assert.throws(() => new Pushd({ url: "http://x", transport: "carrier-pigeon" }), /transport/);
+});
