@@ -3,8 +3,8 @@
 Two users open the page (two browser contexts), join a new room, talk, and see each other's
 messages and presence. Then one turns the bot on (it publishes every second through the server
 API) and presses "drop connection": the page reconnects, says it replayed the messages it
-missed, and its list for the room is exactly the channel's history. A screenshot of the
-conversation is saved to target/browser/demo.png.
+missed, and its list for the room is exactly the channel's history. Screenshots of the
+conversation and of the replay are saved to target/browser/demo.png and demo-replay.png.
 """
 
 import re
@@ -106,6 +106,7 @@ def test_two_users_chat_in_the_demo_and_a_dropped_connection_replays_exactly_wha
     alice.click("#drop")
     until(alice, "() => /replayed \\d+ missed message/.test(document.querySelector('#notice').textContent)",
           "the notice to say the reconnect replayed the missed messages")
+    alice.screenshot(path=str(ARTIFACTS / "demo-replay.png"))
     notice = alice.text_content("#notice")
     replayed = int(re.search(r"replayed (\d+) missed message", notice).group(1))
     assert replayed >= 1, notice
