@@ -176,6 +176,9 @@ struct SseWelcome<'a> {
     conn: &'a str,
     node: &'a str,
     user: &'a str,
+    /// Seconds between the `: ping` comments, so a client that reads the stream itself knows
+    /// how long a silent stream may be alive.
+    ping_interval: u64,
     channels: &'a [Reply],
 }
 
@@ -221,6 +224,7 @@ impl SseStream {
             conn: session.conn(),
             node: &node,
             user: &session.identity.user,
+            ping_interval: session.node().config().ping_interval.as_secs(),
             channels: &replies,
         });
         self.event(&welcome);

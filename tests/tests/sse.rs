@@ -288,6 +288,7 @@ async fn idle_streams_carry_comment_heartbeats() {
     assert_eq!(sse.next_block().await.as_deref(), Some("retry: 1000"));
     let welcome = sse.next_block().await.expect("welcome");
     assert!(welcome.contains("event: welcome"), "{welcome}");
+    assert!(welcome.contains(r#""ping_interval":1,"#), "the welcome says how often: {welcome}");
     // Nothing is published: the next bytes are a heartbeat comment.
     assert_eq!(sse.next_block().await.as_deref(), Some(": ping"));
     node.publish("a", json!({ "n": 1 })).await;
