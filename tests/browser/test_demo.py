@@ -9,7 +9,9 @@ conversation and of the replay are saved to target/browser/demo.png and demo-rep
 
 import re
 
-from conftest import ARTIFACTS, TIMEOUT, assert_matches_history, history, unique, wait_until
+import requests
+
+from conftest import ARTIFACTS, HERE, TIMEOUT, Haproxy, assert_matches_history, history, unique, wait_until
 
 MS = TIMEOUT * 1000
 
@@ -135,3 +137,32 @@ def test_two_users_chat_in_the_demo_and_a_dropped_connection_replays_exactly_wha
     assert stored[2][1]["user"] == "alice"
     assert sum(1 for _, d in stored if d["user"] == "bot") >= 2 + replayed
     assert not alice.is_visible("#stopped")
+
+
+def test_the_demo_falls_back_to_sse_behind_a_proxy_that_refuses_websockets_and_still_chats(
+    procs, start_node, new_page
+):
+    # The page and its node are reached only through a proxy that answers /ws with 403: the
+    # client falls back to SSE, the room's history comes from the server API, and what is said
+    # (published through the API, SSE carrying no commands) comes back over the stream.
+    node = start_node("demo-sse")
+    lb = Haproxy(procs, HERE / "haproxy" / "no-websocket.cfg", {"PUSHD_1": node.addr})
+    room = unique("r")
+    channel = f"room:{room}"
+    said = requests.post(node.url + "/api/publish", timeout=10,
+                         json={"channel": channel, "event": "chat", "data": {"user": "bob", "text": "before alice came"}})
+    assert said.status_code == 200, said.text
+
+    page = new_page()
+    page.goto(lb.url + "/demo")
+    page.fill("#user", "alice")
+    page.click("#connect")
+    connected(page, "the page to connect through the proxy")
+    until(page, "() => document.querySelector('#transport').textContent === 'sse'", "the transport to be SSE")
+    join(page, room)
+    shows(page, channel, "before alice came")  # the history, read through the server API
+    say(page, "hello over sse")
+    shows(page, channel, "hello over sse")
+    _, stored = history(node.url, channel)
+    assert room_list(page, room) == stored
+    assert [d["text"] for _, d in stored] == ["before alice came", "hello over sse"]
