@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
+use futures_util::FutureExt;
 use hyper_tungstenite::tungstenite::Utf8Bytes;
 use prometheus::IntCounter;
 use serde_json::value::RawValue;
@@ -456,10 +457,17 @@ impl Joining {
         }
     }
 
-    /// Runs the engine's subscribe to completion, whatever happens to the caller.
+    /// Runs the engine's subscribe to completion, whatever happens to the caller. A channel
+    /// already live on the node completes at the first poll (a reference counted under a lock):
+    /// no task for that; one that has to wait for Redis goes on as a task of its own.
     async fn engine_subscribe(&mut self) -> Result<Option<Position>, EngineError> {
         let (node, channel) = (self.node.clone(), self.channel.clone());
-        let task = self.subscribing.insert(tokio::spawn(async move { node.engine().subscribe(&channel).await }));
+        let mut subscribe = Box::pin(async move { node.engine().subscribe(&channel).await });
+        if let Some(outcome) = (&mut subscribe).now_or_never() {
+            self.counted = outcome.is_ok();
+            return outcome;
+        }
+        let task = self.subscribing.insert(tokio::spawn(subscribe));
         let outcome = task.await.unwrap_or_else(|e| Err(EngineError::Unavailable(format!("subscribe failed: {e}"))));
         self.subscribing = None;
         self.counted = outcome.is_ok();
