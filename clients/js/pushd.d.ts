@@ -19,7 +19,8 @@ export declare class PushdError extends Error {
    * Client codes: "closed" (close() or a stop), "disconnected" (the connection dropped before the
    * reply), "outcome_unknown" (a publish whose connection dropped: retry with the same
    * idempotencyKey), "unavailable" (no connection within connectTimeout), "not_supported" (a
-   * command over SSE), "already_subscribed" (subscribe() twice on one client).
+   * command over SSE), "already_subscribed" (subscribe() twice on one client), "bad_request" (a
+   * call whose payload cannot be serialised as JSON).
    */
   code: string;
 }
@@ -31,7 +32,10 @@ export interface PushdOptions {
    * starts at a random one and moves to the next after a failed attempt or a drop.
    */
   url?: string | string[];
-  /** Default "auto": WebSocket first, SSE if the WebSocket cannot open. */
+  /**
+   * Default "auto": WebSocket first, SSE after two WebSocket attempts in a row failed before
+   * opening (then SSE for 5 minutes). Calls need the WebSocket: over SSE they reject "not_supported".
+   */
   transport?: "auto" | Transport;
   /** Called before every connection attempt; its token is sent as ?token=. */
   getToken?: () => string | Promise<string>;
@@ -39,15 +43,21 @@ export interface PushdOptions {
   user?: string;
   /** Full-jitter backoff: before attempt n, random() * min(max, base * 2^(n-1)) ms. Default {base: 500, max: 30000}. */
   backoff?: { base?: number; max?: number };
-  /** ms an attempt may take to reach the welcome; also how long calls wait for a connection. Default 10000. */
+  /**
+   * ms getToken() may take, then ms the socket or request may take to reach the welcome (each
+   * its own limit; going over ends the attempt as a failure); also how long calls wait for a
+   * connection. Default 10000.
+   */
   connectTimeout?: number;
+  /** ms a connection must stay up after its welcome before the backoff starts over from its first step. Default 10000. */
+  stableAfter?: number;
   /** ms: the reconnect after a 1012 (node draining) waits random() * drainJitter. Default 2000. */
   drainJitter?: number;
   /** ms added to the backoff after a 4008 (rate limited). Default 10000. */
   rateLimitedDelay?: number;
   /** ms to wait for any frame after a heartbeat ping (WebSocket) or past pingInterval (SSE). Default 10000. */
   heartbeatGrace?: number;
-  /** seconds between the server's SSE ": ping" comments (the WebSocket welcome says its own). Default 25. */
+  /** seconds between the node's heartbeats, used only when its welcome does not say (`ping_interval`). Default 25. */
   pingInterval?: number;
   /** Positions to resume from, e.g. restored from sessionStorage; each is used by the first subscribe of its channel. */
   positions?: Record<string, Position>;
@@ -96,7 +106,10 @@ export interface SubscribedInfo {
 
 export interface SubscribeOptions<T = unknown> {
   onMessage?(msg: Message<T>): void;
-  /** Reload this channel's state from your backend; live delivery continues after {epoch, offset}. */
+  /**
+   * Reload this channel's state from your backend; live delivery continues after {epoch, offset}.
+   * The client-level "reset" event fires too.
+   */
   onReset?(info: ResetInfo): void;
   onJoin?(p: PresenceEvent): void;
   onLeave?(p: PresenceEvent): void;
@@ -149,18 +162,28 @@ export interface StateEvent {
   node: string | null;
   code: number | null;
   reason: string | null;
-  /** connecting: the number of this attempt since the last welcome (1 = first); otherwise consecutive failures so far. */
+  /**
+   * connecting: the number of this attempt since a connection last stayed up for stableAfter
+   * (1 = first); otherwise consecutive failures so far.
+   */
   attempt: number;
-  /** disconnected: ms until the next attempt (null: waiting for the network or a channel). */
+  /** disconnected: ms until the next attempt (null: waiting for the network or a channel). Sent again when `online` shortens the wait. */
   delay: number | null;
 }
 
 export interface PushdEvents {
   state: StateEvent;
-  connected: { transport: Transport; node: string; conn: string; user: string };
+  /** node, conn and user as the welcome gave them (null if it left one out). */
+  connected: { transport: Transport; node: string | null; conn: string | null; user: string | null };
   disconnected: { code: number | null; reason: string | null; willReconnect: boolean; delay: number | null };
   stopped: { code: number; reason: string };
   fallback: { from: "websocket"; to: "sse" };
+  /**
+   * Every reset, of every channel, after the subscription's own onReset: messages may be
+   * missing, reload the channel. With neither an onReset nor a "reset" listener, the client
+   * warns on the console.
+   */
+  reset: ResetInfo;
 }
 
 export declare class Pushd {
@@ -188,9 +211,12 @@ export declare class Pushd {
   positions(): Record<string, Position>;
 
   /** Throws PushdError "already_subscribed" if this client already subscribes the channel. */
-  subscribe<T = unknown>(channel: string, handlers: SubscribeOptions<T> | ((msg: Message<T>) => void)): Subscription;
+  subscribe<T = unknown>(channel: string, handlers?: SubscribeOptions<T> | ((msg: Message<T>) => void)): Subscription;
 
-  /** WebSocket only; the token needs a `pubs` glob for the channel. */
+  /**
+   * WebSocket only; the token needs a `pubs` glob for the channel. Rejects "bad_request" at once
+   * if `data` cannot be serialised as JSON (a BigInt, a cycle).
+   */
   publish(channel: string, data: unknown, options?: { event?: string; idempotencyKey?: string }): Promise<PublishResult>;
   /** WebSocket only. */
   presence(channel: string): Promise<PresenceEntry[]>;

@@ -15,10 +15,21 @@
 
 /** Close codes after which reconnecting cannot help (protocol errors, banned, kicked). */
 const STOP_CODES = new Set([1002, 1003, 1007, 1009, 4003, 4009]);
-/** Jitter before the prompt reconnect that follows a slow-consumer close or a gap. */
+/** Jitter before the prompt reconnect that follows a slow-consumer close or a gap (doubling while it repeats). */
 const PROMPT_JITTER = 500;
 /** After a fallback to SSE, reconnects keep using SSE this long before trying WebSocket again. */
 const SSE_STICKY_MS = 5 * 60 * 1000;
+/** "auto" falls back to SSE after this many WebSocket attempts in a row failed before opening. */
+const FALLBACK_AFTER = 2;
+/**
+ * The resubscribe after a welcome is paced to stay inside the node's command rate limit, a
+ * token bucket of `--rate-burst` (default 100) refilled at `--rate-limit` per second (default
+ * 50); going over it closes the connection with 4008, and the next welcome would do the same.
+ * The first 64 go at once (leaving a third of the default burst for the app's calls and
+ * heartbeat pings), the rest at 25 per second (half the default refill rate).
+ */
+const RESUBSCRIBE_BURST = 64;
+const RESUBSCRIBE_RATE = 25;
 /** The channel name syntax, to name the culprit when an SSE request is refused as bad_channel. */
 const CHANNEL_NAME = /^[A-Za-z0-9_.:@/=-]{1,128}$/;
 
@@ -44,10 +55,11 @@ export class Pushd {
     this._user = o.user ?? null;
     this._backoff = { base: o.backoff?.base ?? 500, max: o.backoff?.max ?? 30000 };
     this._connectTimeout = o.connectTimeout ?? 10000;
+    this._stableAfter = o.stableAfter ?? 10000;
     this._drainJitter = o.drainJitter ?? 2000;
     this._rateLimitedDelay = o.rateLimitedDelay ?? 10000;
     this._grace = o.heartbeatGrace ?? 10000;
-    this._ssePingMs = (o.pingInterval ?? 25) * 1000;
+    this._pingMs = (o.pingInterval ?? 25) * 1000; // when a welcome does not say its ping_interval
     this._initial = new Map(Object.entries(o.positions ?? {}));
     // Test seams. Globals are wrapped, not stored: browsers refuse `this`-less host methods.
     this._WebSocket = o.WebSocket ?? globalThis.WebSocket;
@@ -63,12 +75,14 @@ export class Pushd {
     this._calls = new Map(); // command id -> reply handler, on the current connection
     this._waiting = new Set(); // calls made while not connected
     this._nextId = 1;
-    this._conn = null; // the current attempt or connection; anything from an older one is ignored
+    this._conn = null; // the current Attempt; anything from an older one is ignored
     this._state = "idle";
     this._transport = null;
     this._failures = 0; // consecutive failed attempts: the backoff exponent
+    this._wsUnopened = 0; // consecutive WebSocket attempts that failed before opening
     this._urlIndex = Math.floor((this._urls.length > 1 ? this._random() : 0) * this._urls.length);
     this._retryTimer = null;
+    this._wait = null; // what the client waits on while disconnected: {code, reason, at, rateLimited}
     this._tokenRetried = false; // a token was fetched again after 4001/4011 and not yet welcomed
     this._sseUntil = -Infinity; // until then, "auto" goes straight to SSE
     this._offline = false;
@@ -120,6 +134,7 @@ export class Pushd {
     if (this._state === "connecting" || this._state === "connected") return;
     if (this._state === "idle" || this._state === "stopped") {
       this._failures = 0;
+      this._wsUnopened = 0;
       this._tokenRetried = false;
     }
     this._open();
@@ -149,17 +164,22 @@ export class Pushd {
     return out;
   }
 
-  /** Starts one connection attempt on the chosen transport, after fetching a fresh token. */
+  /**
+   * Starts one connection attempt on the chosen transport, after fetching a fresh token.
+   * getToken() gets connectTimeout to answer; the socket or request then gets connectTimeout
+   * of its own to reach the welcome.
+   */
   async _open() {
     this._teardown("disconnected");
     this._clearRetry();
+    this._wait = null;
     this._parked = false;
     this._listen();
     if (this._isOffline()) return this._retry(1006, "the browser is offline", 0);
-    const kind = this._pickTransport();
-    const conn = this._newConn(kind, this._urls[this._urlIndex]);
+    const conn = this._begin(this._pickTransport(), this._urls[this._urlIndex]);
     this._setState("connecting");
     if (this._conn !== conn) return;
+    this._arm(conn, "getToken timed out");
     try {
       // Awaited even without getToken, so subscribe() calls made in the same tick are included.
       conn.token = this._getToken ? await this._getToken() : await undefined;
@@ -167,20 +187,29 @@ export class Pushd {
       if (this._conn === conn) this._ended(conn, 1006, `getToken failed: ${e?.message ?? e}`, false);
       return;
     }
-    if (this._conn !== conn) return;
-    conn.ready = true;
-    if (kind === "websocket") this._openWebSocket(conn);
-    else this._openSse(conn);
+    if (this._conn === conn) this._start(conn);
   }
 
-  /** A new attempt object; it becomes the only one whose events count. */
-  _newConn(kind, base) {
-    const conn = { kind, base, token: undefined, ready: false, opened: false, welcomed: false, rx: 0 };
-    conn.lastRx = this._now();
-    conn.connectTimer = this._setTimeout(() => this._ended(conn, 1006, "connect timeout"), this._connectTimeout);
+  /** A new attempt; it becomes the only one whose events count. */
+  _begin(kind, base) {
+    const conn = new Attempt(kind, base, this._now());
     this._conn = conn;
     this._transport = kind;
     return conn;
+  }
+
+  /** The token is there: open the socket or request, with connectTimeout to reach the welcome. */
+  _start(conn) {
+    conn.ready = true;
+    this._arm(conn, "connect timeout");
+    if (conn.kind === "websocket") this._openWebSocket(conn);
+    else this._openSse(conn);
+  }
+
+  /** (Re)starts the timer that ends the attempt as a failure unless it is welcomed first. */
+  _arm(conn, reason) {
+    this._clearTimeout(conn.connectTimer);
+    conn.connectTimer = this._setTimeout(() => this._ended(conn, 1006, reason), this._connectTimeout);
   }
 
   /** "auto" tries WebSocket first, except shortly after a fallback proved it blocked. */
@@ -199,8 +228,9 @@ export class Pushd {
     const conn = this._conn;
     if (!conn) return;
     this._conn = null;
-    this._clearTimeout(conn.connectTimer);
-    this._clearTimeout(conn.beatTimer);
+    for (const timer of [conn.connectTimer, conn.beatTimer, conn.paceTimer, conn.stableTimer]) this._clearTimeout(timer);
+    conn.pace = [];
+    for (const sub of this._subs.values()) this._clearSubRetry(sub);
     if (conn.ws) {
       conn.ws.onopen = conn.ws.onmessage = conn.ws.onclose = conn.ws.onerror = null;
       try {
@@ -217,18 +247,13 @@ export class Pushd {
 
   /**
    * The attempt or connection ended (close code, SSE close event, failure or local decision).
-   * A WebSocket that never opened in "auto" mode falls back to SSE at once; otherwise the
-   * close-code policy decides between a reconnect (when) and a stop.
+   * In "auto" mode, the second WebSocket in a row that fails before opening falls back to SSE
+   * at once; otherwise the close-code policy decides between a reconnect (when) and a stop.
    */
   _ended(conn, code, reason, mayFallBack = true) {
     if (conn !== this._conn) return;
-    if (mayFallBack && conn.kind === "websocket" && !conn.opened && conn.ready && this._mode === "auto") {
-      this._teardown("disconnected");
-      const sse = this._newConn("sse", conn.base);
-      sse.token = conn.token;
-      sse.ready = true;
-      sse.fallback = true;
-      return this._openSse(sse);
+    if (mayFallBack && this._failedBeforeOpen(conn) && ++this._wsUnopened >= FALLBACK_AFTER) {
+      return this._fallBack(conn);
     }
     this._teardown("disconnected");
     const delay = this._policy(code);
@@ -236,37 +261,66 @@ export class Pushd {
     else this._retry(code, reason, delay);
   }
 
+  /** A WebSocket of "auto" mode that had its token but never opened (refused, blocked, down). */
+  _failedBeforeOpen(conn) {
+    return this._mode === "auto" && conn.kind === "websocket" && conn.ready && !conn.opened;
+  }
+
+  /** Replaces a WebSocket that would not open with SSE at the same URL, with the same token. */
+  _fallBack(ws) {
+    this._teardown("disconnected");
+    const sse = this._begin("sse", ws.base);
+    sse.token = ws.token;
+    sse.fallback = true;
+    this._start(sse);
+  }
+
   /** What a close code means: ms until the next attempt, or null to stop. See the README's table. */
   _policy(code) {
     if (STOP_CODES.has(code)) return null;
-    if (code === 4001 || code === 4011) {
-      // Once per welcome: a fresh token right away. A fresh token refused again: 4001 stops, 4011 backs off.
-      if (!this._tokenRetried && (code === 4011 || this._getToken)) {
-        this._tokenRetried = true;
-        return 0;
-      }
-      return code === 4001 ? null : this._failure(0);
-    }
+    if (code === 4001 || code === 4011) return this._tokenPolicy(code);
     if (code === 1012) return this._random() * this._drainJitter;
-    if (code === 4010) return this._random() * PROMPT_JITTER;
+    if (code === 4010) return this._failure(0, PROMPT_JITTER);
     if (code === 4008) return this._failure(this._rateLimitedDelay);
     return this._failure(0);
   }
 
-  /** Counts a failure; full jitter: random() * min(max, base * 2^(n-1)). */
-  _failure(extra) {
+  /**
+   * 4001 (token refused) and 4011 (token expired). The first one since the last welcome gets
+   * an immediate retry with a fresh token. Without getToken a 4001 cannot get better: stop.
+   * After that retry, a 4001 again stops, and a 4011 again backs off.
+   */
+  _tokenPolicy(code) {
+    const freshTokenMayHelp = code === 4011 || this._getToken !== null;
+    if (freshTokenMayHelp && !this._tokenRetried) {
+      this._tokenRetried = true;
+      return 0;
+    }
+    if (code === 4001) return null;
+    return this._failure(0);
+  }
+
+  /** Counts a failure; full jitter: random() * min(max, base * 2^(n-1)), plus `extra`. */
+  _failure(extra, base = this._backoff.base) {
     this._failures += 1;
-    const { base, max } = this._backoff;
-    return extra + this._random() * Math.min(max, base * 2 ** (this._failures - 1));
+    return extra + this._random() * Math.min(this._backoff.max, base * 2 ** (this._failures - 1));
   }
 
   /** Goes "disconnected" and schedules the next attempt on the next URL (none while offline). */
   _retry(code, reason, delay) {
     this._urlIndex = (this._urlIndex + 1) % this._urls.length;
+    const at = delay === null ? null : this._now() + delay;
+    this._wait = { code, reason, at, rateLimited: code === 4008 };
     if (this._isOffline()) delay = null;
     this._setState("disconnected", { code, reason, delay });
     this._emit("disconnected", { code, reason, willReconnect: true, delay });
     if (this._state !== "disconnected" || delay === null) return;
+    this._schedule(delay);
+  }
+
+  /** Opens the next attempt after `delay` ms (0: now), replacing any pending one. */
+  _schedule(delay) {
+    this._clearRetry();
     if (delay === 0) return void this._open();
     this._retryTimer = this._setTimeout(() => {
       this._retryTimer = null;
@@ -284,6 +338,7 @@ export class Pushd {
     const was = this._state;
     this._teardown(lost);
     this._clearRetry();
+    this._wait = null;
     this._parked = false;
     this._unlisten?.();
     this._unlisten = null;
@@ -297,8 +352,9 @@ export class Pushd {
   // ---- browser signals ----------------------------------------------------------------------
 
   /**
-   * Follows the browser's online/offline and visibility events: no retries while offline,
-   * an immediate attempt when the network comes back or the page is looked at again.
+   * Follows the browser's online/offline and visibility events: no retries while offline; when
+   * the network comes back or the page is looked at again, the pending wait is cut short,
+   * except a rate-limit back-off (4008, SSE 429), which the node asked for.
    */
   _listen() {
     const win = this._window;
@@ -307,7 +363,7 @@ export class Pushd {
     const doc = win.document?.addEventListener ? win.document : win;
     const online = () => {
       this._offline = false;
-      if (this._state === "disconnected" && !this._parked) this._open();
+      this._cameOnline();
     };
     const offline = () => {
       this._offline = true;
@@ -315,7 +371,9 @@ export class Pushd {
     };
     const visibility = () => {
       const visible = (win.document ?? win).visibilityState !== "hidden";
-      if (visible && this._state === "disconnected" && this._retryTimer !== null) this._open();
+      if (visible && this._state === "disconnected" && this._retryTimer !== null && !this._wait?.rateLimited) {
+        this._schedule(0);
+      }
     };
     win.addEventListener("online", online);
     win.addEventListener("offline", offline);
@@ -343,6 +401,19 @@ export class Pushd {
     }
   }
 
+  /**
+   * The network is back: try again soon, after random() * backoff.base (clients that went
+   * offline together do not all come back in the same millisecond), or at the end of a
+   * rate-limit back-off.
+   */
+  _cameOnline() {
+    if (this._state !== "disconnected" || this._parked) return;
+    const wait = this._wait;
+    const delay = wait?.rateLimited && wait.at !== null ? Math.max(0, wait.at - this._now()) : this._random() * this._backoff.base;
+    this._setState("disconnected", { code: wait?.code ?? null, reason: wait?.reason ?? null, delay });
+    if (this._state === "disconnected") this._schedule(delay);
+  }
+
   // ---- WebSocket ----------------------------------------------------------------------------
 
   _openWebSocket(conn) {
@@ -355,6 +426,7 @@ export class Pushd {
     conn.ws = ws;
     ws.onopen = () => {
       conn.opened = true;
+      this._wsUnopened = 0;
     };
     ws.onmessage = (e) => this._receive(conn, e.data);
     ws.onclose = (e) => this._ended(conn, e.code, e.reason);
@@ -384,9 +456,19 @@ export class Pushd {
 
   /** Sends one command with a fresh id; `handler` gets the reply, or `lost` if the connection ends first. */
   _command(conn, cmd, handler) {
+    this._send(conn, JSON.stringify(cmd), handler);
+  }
+
+  /** Sends a command serialised without its id (`{"op":...}`); the id goes in front. */
+  _send(conn, json, handler) {
     const id = this._nextId++;
     this._calls.set(id, handler);
-    conn.ws.send(JSON.stringify({ id, ...cmd }));
+    try {
+      conn.ws.send(`{"id":${id},${json.slice(1)}`);
+    } catch (e) {
+      this._calls.delete(id);
+      throw e;
+    }
   }
 
   // ---- server frames (both transports) -------------------------------------------------------
@@ -410,35 +492,68 @@ export class Pushd {
   }
 
   /**
-   * The connection is accepted: reset the backoff, resubscribe every channel from its position
-   * (WebSocket) or take the subscribe replies the SSE welcome carries, send waiting calls.
+   * The node accepted the connection. The steps come in this order on purpose:
+   * 1. the bookkeeping (timers, node, conn, userId), so that everything after it, app
+   *    callbacks included, sees this connection's values;
+   * 2. the resubscribe (WebSocket), before any app callback: a subscribe() made from a "state"
+   *    or "connected" listener then joins the end of its queue, instead of going out twice or
+   *    ahead of the channels subscribed before it;
+   * 3. the events; a listener may close or replace the connection, so each later step checks;
+   * 4. the subscribe replies the SSE welcome carries, so onSubscribed and onReset come after
+   *    "connected", as on WebSocket, where the replies arrive later;
+   * 5. the calls made while not connected, last: the subscribes that restore delivery take
+   *    the first places in the node's command budget.
    */
   _welcome(conn, f) {
     if (conn.welcomed) return;
+    this._accept(conn, f);
+    if (conn.kind === "websocket") this._resubscribeAll(conn);
+    this._beat(conn);
+    if (!this._announce(conn)) return;
+    if (conn.kind === "sse") this._sseReplies(conn, f.channels ?? []);
+    this._flushWaiting(conn);
+  }
+
+  /**
+   * Records the welcome. The backoff is reset only once the connection has stayed up for
+   * stableAfter (a node that accepts and then closes at once must not be retried at the first
+   * backoff step forever); the fresh-token retry is allowed again at once, the token worked.
+   */
+  _accept(conn, f) {
     conn.welcomed = true;
     this._clearTimeout(conn.connectTimer);
-    this._failures = 0;
     this._tokenRetried = false;
+    conn.stableTimer = this._setTimeout(() => {
+      this._failures = 0;
+    }, this._stableAfter);
+    conn.pingMs = f.ping_interval > 0 ? f.ping_interval * 1000 : this._pingMs;
     this.node = f.node ?? null;
     this.conn = f.conn ?? null;
     this.userId = f.user ?? null;
-    if (conn.kind === "websocket") {
-      conn.pingMs = f.ping_interval > 0 ? f.ping_interval * 1000 : this._ssePingMs;
-      for (const sub of this._subs.values()) this._sendSubscribe(conn, sub);
-    }
-    this._beat(conn);
     if (conn.fallback) this._sseUntil = this._now() + SSE_STICKY_MS;
+  }
+
+  /** "connected" (and "fallback"); false if a listener ended or replaced the connection. */
+  _announce(conn) {
     this._setState("connected");
-    if (conn.fallback && this._conn === conn) this._emit("fallback", { from: "websocket", to: "sse" });
+    if (this._conn === conn && conn.fallback) this._emit("fallback", { from: "websocket", to: "sse" });
     if (this._conn === conn) this._emit("connected", { transport: conn.kind, node: this.node, conn: this.conn, user: this.userId });
-    for (const reply of conn.kind === "sse" ? (f.channels ?? []) : []) {
+    return this._conn === conn;
+  }
+
+  _sseReplies(conn, replies) {
+    for (const reply of replies) {
       if (this._conn !== conn) return;
       this._subscribed(conn, conn.sent.get(reply.channel), reply);
     }
+  }
+
+  /** Sends the calls made while not connected; one that cannot be sent rejects, the others go on. */
+  _flushWaiting(conn) {
     for (const call of [...this._waiting]) {
       if (this._conn !== conn) return;
       this._unwait(call);
-      this._sendCall(conn, call);
+      this._trySendCall(conn, call);
     }
   }
 
@@ -473,7 +588,21 @@ export class Pushd {
     const sub = this._subs.get(f.channel);
     if (!sub || sub._live !== conn) return;
     sub._pos = { epoch: f.epoch, offset: f.offset };
-    safeCall(sub._handlers.onReset, { channel: f.channel, epoch: f.epoch, offset: f.offset, reason: "reset" });
+    this._tellReset(sub, { channel: f.channel, epoch: f.epoch, offset: f.offset, reason: "reset" });
+  }
+
+  /**
+   * A reset reaches the subscription's onReset and the client's "reset" listeners. With
+   * neither, the console says so: messages may be missing and nobody reloads the channel.
+   */
+  _tellReset(sub, info) {
+    const handler = sub._handlers.onReset;
+    const listened = (this._listeners.get("reset")?.size ?? 0) > 0;
+    safeCall(handler, { ...info });
+    this._emit("reset", { ...info });
+    if (!handler && !listened) {
+      console.warn(`pushd: channel ${info.channel} was reset (${info.reason}): messages may be missing; the app must reload it (pass onReset, or listen to "reset")`);
+    }
   }
 
   _presenceEvent(conn, f) {
@@ -500,20 +629,49 @@ export class Pushd {
     const sub = new Subscription(this, channel, handlers, since && { epoch: since.epoch, offset: since.offset });
     this._subs.set(channel, sub);
     const conn = this._conn;
-    if (conn?.welcomed && conn.kind === "websocket") this._sendSubscribe(conn, sub);
+    if (conn?.welcomed && conn.kind === "websocket") this._subscribeNow(conn, sub);
     else if (conn?.kind === "sse" || this._parked) this._sseChanged();
     return sub;
+  }
+
+  /** A subscribe while connected: at once, or at the end of a resubscribe still being paced. */
+  _subscribeNow(conn, sub) {
+    if (conn.pace.length) conn.pace.push(sub);
+    else this._sendSubscribe(conn, sub);
   }
 
   /** Forgets the channel at once (so it may be subscribed again), then tells the node. */
   _unsubscribe(sub) {
     if (this._subs.get(sub.channel) !== sub) return;
-    this._subs.delete(sub.channel);
+    this._forget(sub);
     const conn = this._conn;
     if (conn?.kind === "sse") return this._sseChanged();
     if (conn && sub._sentOn === conn) {
       this._command(conn, { op: "unsubscribe", channel: sub.channel }, { reply() {}, lost() {} });
     }
+  }
+
+  _forget(sub) {
+    if (this._subs.get(sub.channel) === sub) this._subs.delete(sub.channel);
+    this._clearSubRetry(sub);
+  }
+
+  /** Resubscribes every channel after a welcome, in subscribe order: a burst, then paced. */
+  _resubscribeAll(conn) {
+    conn.pace = [...this._subs.values()];
+    this._pace(conn, RESUBSCRIBE_BURST);
+  }
+
+  /** Sends up to `n` queued subscribes; the rest wait a second for the next RESUBSCRIBE_RATE. */
+  _pace(conn, n) {
+    conn.paceTimer = null;
+    for (let sent = 0; sent < n && conn.pace.length; ) {
+      const sub = conn.pace.shift();
+      if (this._subs.get(sub.channel) !== sub) continue; // unsubscribed while it waited
+      this._sendSubscribe(conn, sub);
+      sent += 1;
+    }
+    if (conn.pace.length) conn.paceTimer = this._setTimeout(() => this._pace(conn, RESUBSCRIBE_RATE), 1000);
   }
 
   /** Sends a (re)subscribe, with `since` = the stored position when there is one. */
@@ -540,7 +698,7 @@ export class Pushd {
     const info = { channel: sub.channel, epoch: r.epoch, offset: r.offset, recovered: r.recovered, replayed: r.replayed };
     safeCall(sub._handlers.onSubscribed, info);
     if (r.recovered === false && sent.since) {
-      safeCall(sub._handlers.onReset, { channel: sub.channel, epoch: r.epoch, offset: r.offset, reason: "not_recovered" });
+      this._tellReset(sub, { channel: sub.channel, epoch: r.epoch, offset: r.offset, reason: "not_recovered" });
     }
   }
 
@@ -548,10 +706,12 @@ export class Pushd {
   _refused(conn, sub, error) {
     const code = error?.code ?? "error";
     if (code === "unavailable" && conn.kind === "websocket") {
-      sub._retries = (sub._retries ?? 0) + 1;
+      sub._retries += 1;
       const { base, max } = this._backoff;
       const delay = this._random() * Math.min(max, base * 2 ** (sub._retries - 1));
-      this._setTimeout(() => {
+      this._clearSubRetry(sub);
+      sub._retryTimer = this._setTimeout(() => {
+        sub._retryTimer = null;
         if (this._conn === conn && this._subs.get(sub.channel) === sub) this._sendSubscribe(conn, sub);
       }, delay);
       return;
@@ -559,9 +719,14 @@ export class Pushd {
     this._drop(sub, new PushdError(code, error?.message));
   }
 
+  _clearSubRetry(sub) {
+    if (sub._retryTimer !== null) this._clearTimeout(sub._retryTimer);
+    sub._retryTimer = null;
+  }
+
   /** A refused subscription is forgotten; the app hears why (or the console does, without onError). */
   _drop(sub, err) {
-    if (this._subs.get(sub.channel) === sub) this._subs.delete(sub.channel);
+    this._forget(sub);
     if (sub._handlers.onError) safeCall(sub._handlers.onError, err);
     else report(err);
   }
@@ -596,14 +761,23 @@ export class Pushd {
     return this._call({ op: "ping" }, (r, sentAt) => this._now() - sentAt);
   }
 
-  /** Sends a command now if connected over WebSocket, or when the next connection is up. */
+  /**
+   * Sends a command now if connected over WebSocket, or when the next connection is up. It is
+   * serialised here, so a value JSON cannot carry (a BigInt, a cycle) rejects at once.
+   */
   _call(cmd, shape) {
     return new Promise((resolve, reject) => {
-      const call = { cmd, shape, resolve, reject, timer: null };
       if (this._state === "stopped") return reject(new PushdError("closed", "the client is stopped"));
       if (this._mode === "sse") return reject(notSupported(cmd.op));
+      let json;
+      try {
+        json = JSON.stringify(cmd);
+      } catch (e) {
+        return reject(new PushdError("bad_request", `${cmd.op}: cannot be sent as JSON: ${e?.message ?? e}`));
+      }
+      const call = { op: cmd.op, json, shape, resolve, reject, timer: null };
       const conn = this._conn;
-      if (conn?.welcomed) return this._sendCall(conn, call);
+      if (conn?.welcomed) return this._trySendCall(conn, call);
       call.timer = this._setTimeout(() => {
         this._unwait(call, new PushdError("unavailable", `no connection within ${this._connectTimeout} ms`));
       }, this._connectTimeout);
@@ -617,11 +791,20 @@ export class Pushd {
     if (err) call.reject(err);
   }
 
+  /** Sends a call; if the socket refuses it, the call rejects and nothing is thrown. */
+  _trySendCall(conn, call) {
+    try {
+      this._sendCall(conn, call);
+    } catch (e) {
+      call.reject(new PushdError("disconnected", `${call.op} could not be sent: ${e?.message ?? e}`));
+    }
+  }
+
   _sendCall(conn, call) {
-    if (conn.kind !== "websocket") return call.reject(notSupported(call.cmd.op));
+    if (conn.kind !== "websocket") return call.reject(notSupported(call.op));
     const sentAt = this._now();
-    const publish = call.cmd.op === "publish";
-    this._command(conn, call.cmd, {
+    const publish = call.op === "publish";
+    this._send(conn, call.json, {
       reply: (r) => {
         if (r.ok) call.resolve(call.shape(r, sentAt));
         else call.reject(new PushdError(r.error?.code ?? "error", r.error?.message));
@@ -641,8 +824,9 @@ export class Pushd {
   /**
    * Notices a dead connection (browsers hide WebSocket pings from scripts). WebSocket: quiet for
    * ping_interval -> send {"op":"ping"}; still nothing heartbeatGrace later -> dead. SSE: the
-   * server writes ": ping" every pingInterval; nothing for pingInterval + heartbeatGrace -> dead.
-   * The timer is re-armed from the last arrival, not reset per frame.
+   * server writes ": ping" every ping_interval (from the welcome; the pingInterval option for
+   * nodes that do not say); nothing for that + heartbeatGrace -> dead. The timer is re-armed
+   * from the last arrival, not reset per frame.
    */
   _beat(conn) {
     if (conn !== this._conn) return;
@@ -651,7 +835,7 @@ export class Pushd {
       conn.beatTimer = this._setTimeout(() => this._beat(conn), ms);
     };
     if (conn.kind === "sse") {
-      const limit = this._ssePingMs + this._grace;
+      const limit = conn.pingMs + this._grace;
       return quiet >= limit ? this._ended(conn, 1006, "heartbeat timeout", false) : again(limit - quiet);
     }
     if (conn.probe) {
@@ -728,8 +912,9 @@ export class Pushd {
   }
 
   /**
-   * An HTTP refusal, mapped onto the close-code policy. A refused channel (403 forbidden, 400
-   * bad_channel or too_many_channels) gets its onError and is dropped; the rest restart at once.
+   * An HTTP refusal, mapped onto the close-code policy. Refused channels (403 forbidden naming
+   * one, 400 bad_channel, 400 too_many_channels) get their onError and are dropped, and the
+   * rest restart at once; any other refusal is a failure with backoff.
    */
   async _sseRefused(conn, res) {
     let error = null;
@@ -743,12 +928,14 @@ export class Pushd {
     const message = error?.message ?? `HTTP ${res.status}`;
     if (res.status === 401) return this._ended(conn, code === "token_expired" ? 4011 : 4001, message, false);
     if (res.status === 429) return this._ended(conn, 4008, message, false);
+    // HTTP has no status of its own for a ban: the node answers 403 with a message that starts
+    // with "banned" (a WebSocket is closed with 4003), so that prefix is what tells it apart.
     if (res.status === 403 && message.startsWith("banned")) return this._ended(conn, 4003, message, false);
-    const culprit = ["forbidden", "bad_channel", "too_many_channels"].includes(code) && refusedChannel(conn, code, message);
-    if (!culprit) return this._ended(conn, 1006, message, false);
-    const sub = conn.sent.get(culprit).sub;
+    const refused = refusedChannels(conn.channels, code, message);
+    if (!refused.length) return this._ended(conn, 1006, message, false);
+    const subs = refused.map((channel) => conn.sent.get(channel).sub);
     this._teardown("disconnected");
-    this._drop(sub, new PushdError(code, message));
+    for (const sub of subs) this._drop(sub, new PushdError(code, message));
     if (this._state === "connecting") this._open();
   }
 
@@ -783,6 +970,37 @@ export class Pushd {
   }
 }
 
+/**
+ * One connection attempt and, once welcomed, the connection it became. Its stages, in order:
+ * `ready` (the token is there and the socket or request has been started), `opened` (the
+ * WebSocket opened, or the SSE response came with status 200: the transport works, but the
+ * node has not accepted yet), `welcomed` (the node's welcome arrived: accepted, commands go).
+ */
+class Attempt {
+  constructor(kind, base, now) {
+    this.kind = kind; // "websocket" or "sse"
+    this.base = base; // the node's base URL
+    this.token = undefined; // from getToken(); undefined without it
+    this.ready = false; // the token is there, the socket or request started
+    this.opened = false; // the transport is up, not yet accepted
+    this.welcomed = false; // the node accepted: the connection is live
+    this.fallback = false; // an SSE attempt standing in for WebSockets that would not open
+    this.ws = null; // WebSocket: the socket
+    this.abort = null; // SSE: aborts the request and its stream
+    this.channels = null; // SSE: the requested channels, in request order
+    this.sent = null; // SSE: channel -> {sub, since} as requested
+    this.rx = 0; // frames (WebSocket) or chunks (SSE) received
+    this.lastRx = now; // when the last one arrived
+    this.pingMs = 0; // the node's heartbeat period, from the welcome
+    this.probe = null; // WebSocket: the heartbeat ping waiting for any frame, {rx, at}
+    this.pace = []; // WebSocket: subscriptions still to (re)subscribe, in subscribe order
+    this.connectTimer = null; // ends the attempt: first getToken's limit, then the welcome's
+    this.beatTimer = null; // the next heartbeat check
+    this.paceTimer = null; // the next batch of `pace`
+    this.stableTimer = null; // resets the backoff once the connection has stayed up stableAfter
+  }
+}
+
 /** One channel subscription, as returned by subscribe(). */
 class Subscription {
   constructor(client, channel, handlers, since) {
@@ -790,7 +1008,9 @@ class Subscription {
     this._handlers = handlers;
     this._pos = since; // {epoch, offset} of the last message handled, or null
     this._live = null; // the connection on which the subscribe was confirmed
-    this._sentOn = null;
+    this._sentOn = null; // the connection the last subscribe went out on
+    this._retries = 0; // "unavailable" replies in a row
+    this._retryTimer = null; // the subscribe retry after an "unavailable" reply
     this.channel = channel;
   }
 
@@ -835,15 +1055,29 @@ function sseCursor(positions) {
   return positions.map((p) => (p ? `${p.epoch}:${p.offset}` : "")).join(",");
 }
 
-/** Which requested channel an SSE refusal names (the newest one for too_many_channels). */
-function refusedChannel(conn, code, message) {
-  const channels = conn.channels;
-  if (code === "too_many_channels") return channels[channels.length - 1];
-  const exact = channels.find((c) => message.endsWith(` ${c}`) || message.includes(JSON.stringify(c)));
-  if (exact) return exact;
-  const named = channels.filter((c) => message.includes(c)).sort((a, b) => b.length - a.length);
-  if (named.length) return named[0];
-  return code === "bad_channel" ? channels.find((c) => !CHANNEL_NAME.test(c)) : undefined;
+/**
+ * Which requested channels an SSE refusal is about, to be dropped; none means the refusal is
+ * not about a channel (an Origin refusal, say) and counts as an ordinary failure.
+ * - too_many_channels ("at most N channels per connection"): every channel after the first N,
+ *   the newest ones; without a readable N, the newest one.
+ * - forbidden: the channel the message ends with ("not allowed to subscribe to channel user:bob").
+ * - bad_channel: the channel the message starts with, quoted; else the one that breaks the syntax.
+ */
+function refusedChannels(channels, code, message) {
+  if (code === "too_many_channels") {
+    const limit = Number(/at most (\d+) channels/.exec(message)?.[1] ?? NaN);
+    const keep = limit < channels.length ? limit : channels.length - 1;
+    return channels.slice(keep);
+  }
+  if (code === "forbidden") {
+    const named = /(?:^|\s)channel (\S+)$/.exec(message)?.[1];
+    return channels.includes(named) ? [named] : [];
+  }
+  if (code === "bad_channel") {
+    const bad = channels.find((c) => message.startsWith(`${JSON.stringify(c)}:`)) ?? channels.find((c) => !CHANNEL_NAME.test(c));
+    return bad === undefined ? [] : [bad];
+  }
+  return [];
 }
 
 function sameSubs(sent, subs) {

@@ -38,14 +38,49 @@ test("default backoff is base 500, max 30000", async () => {
   assert.deepEqual(delays, [500, 1000, 2000, 4000, 8000, 16000, 30000, 30000]);
 });
 
-test("the failure count resets after a welcome", async () => {
-  const t = setup({ transport: "websocket", random: () => 1, backoff: { base: 100, max: 100000 } });
+test("the failure count resets once a connection has stayed up for stableAfter", async () => {
+  const t = setup({ transport: "websocket", random: () => 1, backoff: { base: 100, max: 100000 }, stableAfter: 10000 });
   await failInARow(t, 3); // 100, 200, 400; the fourth attempt is now open
   await settle(1);
   t.ws().welcome();
   assert.equal(t.client.state, "connected");
+  t.clock.advance(10000);
   t.ws().serverClose(1006);
   assert.equal(t.named("disconnected").at(-1).delay, 100, "back to the first step");
+});
+
+test("a connection welcomed and then closed at once does not reset the backoff (1011, 4010, 4008)", async () => {
+  const t = setup({ transport: "websocket", random: () => 1, backoff: { base: 100, max: 100000 }, stableAfter: 10000 });
+  const delays = [];
+  for (const code of [1011, 1011, 4010, 1011, 4010, 4008]) {
+    if (delays.length === 0) t.client.connect();
+    await settle(1);
+    t.ws().welcome();
+    t.clock.advance(9999); // up, but not for stableAfter
+    t.ws().serverClose(code);
+    delays.push(t.named("disconnected").at(-1).delay);
+    t.clock.advance(delays.at(-1));
+  }
+  // 4010 grows from its own 500 ms step; 4008 adds rateLimitedDelay (10000) to the backoff.
+  assert.deepEqual(delays, [100, 200, 2000, 800, 8000, 10000 + 3200]);
+});
+
+test("the backoff is not reset by a connection torn down before stableAfter", async () => {
+  const t = setup({ transport: "websocket", random: () => 1, backoff: { base: 100, max: 100000 }, stableAfter: 10000 });
+  await connected(t);
+  t.ws().serverClose(1006); // the first failure: 100
+  t.clock.advance(100);
+  await settle(1);
+  t.ws().welcome();
+  t.clock.advance(5000);
+  t.ws().serverClose(1006);
+  assert.equal(t.named("disconnected").at(-1).delay, 200);
+  t.clock.advance(200);
+  await settle(1);
+  t.ws().welcome();
+  t.clock.advance(5000); // the torn-down connection's stableAfter would have passed by now
+  t.ws().serverClose(1006);
+  assert.equal(t.named("disconnected").at(-1).delay, 400);
 });
 
 test("an attempt that reaches no welcome within connectTimeout is abandoned and counts as a failure", async () => {
@@ -80,8 +115,16 @@ test("state events carry the attempt number and the delay", async () => {
     ["disconnected", 1, 100],
     ["connecting", 2, null],
   ]);
-  await connected(t); // the same attempt; connect() is a no-op while connecting
-  assert.equal(t.client.state, "connected");
+  t.client.connect(); // a no-op while connecting: no new attempt, no event
+  await settle(1);
+  assert.equal(t.sockets.length, 2);
+  assert.equal(t.named("state").length, 3);
+  t.ws().welcome();
+  t.client.connect(); // a no-op while connected too
+  await settle(1);
+  assert.equal(t.sockets.length, 2);
+  assert.deepEqual(t.named("state").map((e) => [e.state, e.attempt, e.delay]).at(-1), ["connected", 1, null]);
+  assert.equal(t.named("state").length, 4);
 });
 
 test("only one connection at a time: events of an older socket are ignored", async () => {

@@ -79,8 +79,22 @@ test("calls in flight reject on disconnect: disconnected, except publish: outcom
   await rejectsWith(pres, "disconnected");
   await rejectsWith(hist, "disconnected");
   await rejectsWith(rtt, "disconnected");
-  // A reply arriving late from the dead socket changes nothing.
+  // A reply arriving late from the dead socket changes nothing, not even a call of the next
+  // connection that happens to wait for a reply.
+  t.clock.advance(250);
+  await settle(1);
+  const ws2 = t.ws();
+  ws2.welcome();
+  const pres2 = t.client.presence("room:2");
+  let settled = false;
+  pres2.then(() => (settled = true), () => (settled = true));
   ws.frame({ type: "reply", id: ws.ops("presence")[0].id, ok: true, clients: [] });
+  ws.frame({ type: "reply", id: ws2.ops("presence")[0].id, ok: true, clients: [{ user: "late", conn: "x", node: "x" }] });
+  await settle(2);
+  assert.equal(settled, false, "nothing from the old socket reaches the new call");
+  assert.equal(t.client.state, "connected");
+  ws2.replyTo("presence", { channel: "room:2", clients: [{ user: "bob", conn: "n1.9", node: "n1" }] });
+  assert.deepEqual(await pres2, [{ user: "bob", conn: "n1.9", node: "n1" }]);
 });
 
 test("calls made while not connected wait for the next connection", async () => {
@@ -135,7 +149,10 @@ test("a call waiting when the connection comes up over SSE (fallback) rejects no
   const outcome = pub.catch((e) => e); // handled now: it rejects while the test waits
   t.client.connect();
   await settle(1);
-  t.ws().serverClose(1006); // refused before open: SSE at once
+  t.ws().serverClose(1006); // refused before open: a failure with backoff (250 ms)
+  t.clock.advance(250);
+  await settle(1);
+  t.ws().serverClose(1006); // the second in a row: SSE at once
   await settle();
   const req = t.fetch.requests[0].stream();
   req.welcome([{ type: "reply", id: null, ok: true, channel: "a", epoch: "E", offset: 0 }]);
@@ -161,4 +178,51 @@ test("the heartbeat ping has no id and its reply resolves nothing", async () => 
   ws.frame({ type: "reply", id: ws.ops("ping")[0].id, ok: true });
   await settle(2);
   assert.equal(done, true);
+});
+
+test("a call that JSON cannot carry rejects bad_request at once, connected or not, and blocks nothing", async () => {
+  const t = setup({ transport: "websocket" });
+  const cyclic = {};
+  cyclic.self = cyclic;
+  const waitingBad = t.client.publish("room:1", { n: 1n });
+  const waitingOk = t.client.ping();
+  let early = null;
+  waitingBad.catch((e) => (early = e));
+  await settle(1);
+  assert.ok(early instanceof PushdError, "rejected at once, before any connection");
+  assert.equal(early.code, "bad_request");
+  const ws = await connected(t);
+  assert.deepEqual(ws.sent.map((c) => c.op), ["ping"], "the waiting call behind it went out");
+  await rejectsWith(t.client.history("room:1", { since: 1n }), "bad_request");
+  await rejectsWith(t.client.publish("room:1", cyclic), "bad_request");
+  const e = await t.client.publish("room:1", { n: 1n }).catch((err) => err);
+  assert.match(e.message, /^publish: cannot be sent as JSON/);
+  assert.deepEqual(ws.sent.map((c) => c.op), ["ping"], "nothing else was sent");
+  ws.replyTo("ping");
+  assert.equal(typeof (await waitingOk), "number");
+  assert.equal(t.client.state, "connected");
+});
+
+test("a waiting call the socket refuses to send rejects; the welcome and the other calls go on", async () => {
+  const t = setup({ transport: "websocket" });
+  t.client.subscribe("room:1", () => {});
+  const first = t.client.ping();
+  const refused = t.client.presence("room:1");
+  const last = t.client.history("room:1");
+  t.client.connect();
+  await settle(1);
+  const ws = t.ws();
+  const send = ws.send.bind(ws);
+  ws.send = (text) => {
+    if (JSON.parse(text).op === "presence") throw new Error("socket refused the frame");
+    send(text);
+  };
+  ws.welcome(); // must not throw
+  assert.equal(t.client.state, "connected");
+  assert.deepEqual(ws.sent.map((c) => c.op), ["subscribe", "ping", "history"]);
+  await rejectsWith(refused, "disconnected");
+  ws.replyTo("ping");
+  ws.replyTo("history", { channel: "room:1", epoch: "E", top: 0, publications: [] });
+  assert.equal(typeof (await first), "number");
+  assert.deepEqual((await last).publications, []);
 });

@@ -265,3 +265,164 @@ test("a throwing onMessage does not break bookkeeping: no redelivery, later mess
   assert.deepEqual(seen, [1, 2]);
   assert.equal(console.error.mock.callCount(), 1);
 });
+
+// ---- paced resubscribe ----------------------------------------------------------------------------
+
+/** Whether frames sent at these times (ms) stay within a token bucket of `burst`, refilled at `rate`/s. */
+function withinBucket(times, burst, rate) {
+  let tokens = burst;
+  let last = 0;
+  for (const at of times) {
+    tokens = Math.min(burst, tokens + ((at - last) * rate) / 1000);
+    last = at;
+    if (tokens < 1) return false;
+    tokens -= 1;
+  }
+  return true;
+}
+
+test("the resubscribe after a welcome sends 64 at once, then 25 per second, in subscribe order", async () => {
+  const t = setup({ transport: "websocket" });
+  const times = [];
+  const send = t.WebSocket.prototype.send;
+  t.WebSocket.prototype.send = function (text) {
+    times.push(t.clock.now());
+    send.call(this, text);
+  };
+  const channels = Array.from({ length: 128 }, (_, i) => `ch:${i}`);
+  for (const ch of channels) t.client.subscribe(ch, () => {});
+  const ws = await connected(t, { ping_interval: 3600 });
+  const sent = () => ws.ops("subscribe").map((c) => c.channel);
+  assert.deepEqual(sent(), channels.slice(0, 64));
+  t.clock.advance(999);
+  assert.equal(sent().length, 64);
+  t.clock.advance(1);
+  assert.deepEqual(sent(), channels.slice(0, 89));
+  const late = t.client.subscribe("late", () => {}); // joins the end of the queue
+  assert.equal(sent().length, 89);
+  t.clock.advance(2000);
+  assert.deepEqual(sent(), [...channels, "late"], "the rest, then the new one, in order");
+  assert.equal(t.clock.timers.size, 2, "no pacing timer left: the heartbeat and stableAfter");
+  // With the server's defaults (--rate-burst 100, --rate-limit 50) the bucket never runs dry,
+  // even with 35 more commands sent at once.
+  assert.ok(withinBucket([...times, ...Array(35).fill(0)].sort((x, y) => x - y), 100, 50));
+  assert.equal(withinBucket(Array(129).fill(0), 100, 50), false, "all at once would be closed with 4008");
+  // Once the queue is empty, a subscribe goes out at once again.
+  late.unsubscribe();
+  t.client.subscribe("later", () => {});
+  assert.equal(sent().at(-1), "later");
+});
+
+test("a channel unsubscribed while it waits in the resubscribe queue is not sent, and the queue dies with the connection", async () => {
+  const t = setup({ transport: "websocket", random: () => 0.5 });
+  const subs = Array.from({ length: 70 }, (_, i) => t.client.subscribe(`ch:${i}`, () => {}));
+  const ws = await connected(t);
+  assert.equal(ws.ops("subscribe").length, 64);
+  subs[65].unsubscribe();
+  assert.equal(ws.ops("unsubscribe").length, 0, "never subscribed on this connection");
+  t.clock.advance(1000);
+  assert.deepEqual(ws.ops("subscribe").slice(64).map((c) => c.channel), ["ch:64", "ch:66", "ch:67", "ch:68", "ch:69"]);
+  // Torn down mid-queue: its timer goes with it, and the next welcome starts a new queue.
+  const ws2 = await (async () => {
+    ws.serverClose(1006);
+    t.clock.advance(250);
+    await settle(1);
+    return t.ws();
+  })();
+  ws2.welcome();
+  assert.equal(ws2.ops("subscribe").length, 64);
+  ws2.serverClose(1006);
+  assert.equal(t.clock.timers.size, 1, "only the reconnect timer: no pacing timer left");
+  t.clock.advance(1000);
+  assert.equal(ws2.ops("subscribe").length, 64, "nothing more on the dead socket");
+});
+
+// ---- resets reach the app -------------------------------------------------------------------------
+
+test("every reset is also a client event \"reset\", after the subscription's onReset", async () => {
+  const t = setup({ transport: "websocket" });
+  const order = [];
+  t.client.on("reset", (info) => order.push(["event", info]));
+  t.client.subscribe("a", { since: { epoch: "OLD", offset: 2 }, onReset: (info) => order.push(["onReset", info]) });
+  t.client.subscribe("b", () => {}); // the shorthand: no onReset
+  const ws = await connected(t);
+  ws.replyTo("subscribe", { channel: "a", epoch: "NEW", offset: 5, recovered: false, replayed: 0 }, "a");
+  ws.replyTo("subscribe", { channel: "b", epoch: "EB", offset: 0 }, "b");
+  ws.frame({ type: "reset", channel: "b", epoch: "EB2", offset: 0 });
+  const a = { channel: "a", epoch: "NEW", offset: 5, reason: "not_recovered" };
+  const b = { channel: "b", epoch: "EB2", offset: 0, reason: "reset" };
+  assert.deepEqual(order, [["onReset", a], ["event", a], ["event", b]]);
+});
+
+test("a reset nobody handles is a console warning naming the channel, once per reset", async (ctx) => {
+  const warn = ctx.mock.method(console, "warn", () => {});
+  const t = setup({ transport: "websocket" });
+  t.client.subscribe("room:9", () => {});
+  const ws = await connected(t);
+  ws.replyTo("subscribe", { channel: "room:9", epoch: "E", offset: 3 });
+  ws.frame({ type: "reset", channel: "room:9", epoch: "E2", offset: 0 });
+  assert.equal(warn.mock.callCount(), 1);
+  assert.match(warn.mock.calls[0].arguments[0], /room:9.*reload/);
+  ws.frame({ type: "reset", channel: "room:9", epoch: "E3", offset: 0 });
+  assert.equal(warn.mock.callCount(), 2);
+  // With a handler or a listener, no warning.
+  t.client.subscribe("with-handler", { onReset: () => {} });
+  ws.replyTo("subscribe", { channel: "with-handler", epoch: "H", offset: 0 }, "with-handler");
+  ws.frame({ type: "reset", channel: "with-handler", epoch: "H2", offset: 0 });
+  const off = t.client.on("reset", () => {});
+  ws.frame({ type: "reset", channel: "room:9", epoch: "E4", offset: 0 });
+  assert.equal(warn.mock.callCount(), 2);
+  off();
+});
+
+// ---- the subscribe retry after "unavailable" --------------------------------------------------------
+
+test("the subscribe retry timer is cleared by unsubscribe and by the end of the connection", async () => {
+  const t = setup({ transport: "websocket", random: () => 1, backoff: { base: 100, max: 1000 } });
+  const r = recorder(t, "room:1");
+  const ws = await connected(t, { ping_interval: 3600 });
+  const refuse = () => {
+    const cmd = ws.ops("subscribe").at(-1);
+    ws.frame({ type: "reply", id: cmd.id, ok: false, error: { code: "unavailable", message: "store down" } });
+  };
+  const base = t.clock.timers.size; // heartbeat, stableAfter
+  refuse();
+  assert.equal(t.clock.timers.size, base + 1);
+  r.sub.unsubscribe();
+  assert.equal(t.clock.timers.size, base, "unsubscribe clears it");
+  const r2 = recorder(t, "room:2");
+  refuse();
+  assert.equal(t.clock.timers.size, base + 1);
+  ws.serverClose(1006);
+  assert.equal(t.clock.timers.size, 1, "only the reconnect timer: the teardown cleared it");
+  assert.equal(r2.seen.errors.length, 0);
+});
+
+// ---- a channel subscribed again --------------------------------------------------------------------
+
+test("subscribe, unsubscribe, subscribe again: frames of the old subscription still arriving are not delivered", async () => {
+  const t = setup({ transport: "websocket" });
+  const old = recorder(t, "room:1");
+  const ws = await connected(t);
+  ws.replyTo("subscribe", { channel: "room:1", epoch: "E", offset: 5 });
+  ws.frame(msg("room:1", 6));
+  old.sub.unsubscribe();
+  const again = recorder(t, "room:1");
+  assert.deepEqual(ws.sent.slice(-2).map((c) => [c.op, c.since]), [["unsubscribe", undefined], ["subscribe", undefined]]);
+  // The node runs the commands in order: frames of the old subscription until its unsubscribe
+  // reply, then the new subscribe's reply and its frames.
+  ws.frame(msg("room:1", 7));
+  ws.frame(msg("room:1", 8));
+  ws.frame({ type: "reset", channel: "room:1", epoch: "E2", offset: 0 });
+  ws.frame({ type: "join", channel: "room:1", user: "bob", conn: "n1.2" });
+  ws.replyTo("unsubscribe", { channel: "room:1" });
+  ws.frame(msg("room:1", 9));
+  ws.replyTo("subscribe", { channel: "room:1", epoch: "E", offset: 9 });
+  ws.frame(msg("room:1", 9));
+  ws.frame(msg("room:1", 10));
+  assert.deepEqual(old.offsets(), [6]);
+  assert.deepEqual(again.offsets(), [10]);
+  assert.deepEqual([again.seen.resets, again.seen.joins], [[], []]);
+  assert.deepEqual(again.sub.position, { epoch: "E", offset: 10 });
+  assert.equal(t.client.state, "connected", "no gap was seen");
+});

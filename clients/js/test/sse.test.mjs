@@ -1,6 +1,5 @@
 import test from "node:test";
 import assert from "node:assert/strict";
-import { PushdError } from "../pushd.js";
 import { setup, settle } from "./fakes.mjs";
 
 const reply = (channel, epoch, offset, extra = {}) => ({ type: "reply", id: null, ok: true, channel, epoch, offset, ...extra });
@@ -341,8 +340,130 @@ test("close() aborts the stream", async () => {
   const req = await openStream(t);
   req.welcome([reply("a", "E", 0)]);
   await settle();
+  assert.equal(req.init.signal.aborted, false);
   t.client.close();
+  assert.equal(req.init.signal.aborted, true, "the request's signal is aborted");
   assert.equal(req.aborted, true);
   assert.equal(t.client.state, "stopped");
-  assert.ok(new PushdError("x") instanceof Error);
+  t.clock.advance(600000);
+  await settle();
+  assert.equal(t.fetch.requests.length, 1, "no new request");
+  assert.equal(t.clock.timers.size, 0, "no heartbeat or retry left");
+});
+
+test("HTTP 403 that names no channel (a refused Origin) drops nothing: a failure with backoff", async () => {
+  const t = setup({ transport: "sse", random: () => 0.5 });
+  const { log } = record(t, ["a", "allowed", "origins"]);
+  t.client.connect();
+  await settle();
+  const message = 'origin "https://app.test" is not allowed: add it to --allowed-origins (PUSHD_ALLOWED_ORIGINS)';
+  t.fetch.requests[0].fail(403, "forbidden", message);
+  await settle();
+  assert.deepEqual(log, []);
+  assert.deepEqual(last(t, "disconnected"), { name: "disconnected", code: 1006, reason: message, willReconnect: true, delay: 250 });
+  assert.equal(t.fetch.requests.length, 1, "no restart at once");
+  t.clock.advance(250);
+  await settle();
+  assert.deepEqual(t.fetch.requests[1].url.searchParams.getAll("channel"), ["a", "allowed", "origins"]);
+});
+
+test("HTTP 403 naming a channel only inside the message drops nothing; only a trailing `channel <name>` counts", async () => {
+  const t = setup({ transport: "sse", random: () => 0.5 });
+  const { log } = record(t, ["room:1", "news"]);
+  t.client.connect();
+  await settle();
+  t.fetch.requests[0].fail(403, "forbidden", "not allowed to subscribe to channel news:eu");
+  await settle();
+  assert.deepEqual(log, []);
+  assert.equal(last(t, "disconnected").delay, 250);
+  t.clock.advance(250);
+  await settle();
+  t.fetch.requests[1].fail(403, "forbidden", "not allowed to subscribe to channel news");
+  await settle();
+  assert.deepEqual(log, [["error", "news", "forbidden"]]);
+  assert.deepEqual(t.fetch.requests[2].url.searchParams.getAll("channel"), ["room:1"]);
+});
+
+test("HTTP 400 too_many_channels drops every channel over the limit in one restart", async () => {
+  const t = setup({ transport: "sse" });
+  const { log } = record(t, ["a", "b", "c", "d", "e"]);
+  t.client.connect();
+  await settle();
+  t.fetch.requests[0].fail(400, "too_many_channels", "at most 2 channels per connection");
+  await settle();
+  assert.deepEqual(log, [["error", "c", "too_many_channels"], ["error", "d", "too_many_channels"], ["error", "e", "too_many_channels"]]);
+  assert.equal(t.fetch.requests.length, 2, "one restart");
+  assert.deepEqual(t.fetch.requests[1].url.searchParams.getAll("channel"), ["a", "b"]);
+  assert.equal(t.named("disconnected").length, 0, "not a failure");
+});
+
+test("HTTP 400 too_many_channels without a readable limit drops the newest channel", async () => {
+  const t = setup({ transport: "sse" });
+  const { log } = record(t, ["a", "b", "c"]);
+  t.client.connect();
+  await settle();
+  t.fetch.requests[0].fail(400, "too_many_channels", "too many channels");
+  await settle();
+  assert.deepEqual(log, [["error", "c", "too_many_channels"]]);
+  assert.deepEqual(t.fetch.requests[1].url.searchParams.getAll("channel"), ["a", "b"]);
+});
+
+test("SSE heartbeat: the welcome's ping_interval wins over the pingInterval option", async () => {
+  const t = setup({ transport: "sse", pingInterval: 25, heartbeatGrace: 10000 });
+  record(t, ["a"]);
+  const req = await openStream(t);
+  req.welcome([reply("a", "E", 0)], { ping_interval: 5 });
+  await settle();
+  t.clock.advance(14999);
+  assert.equal(t.client.state, "connected");
+  t.clock.advance(1);
+  assert.equal(t.client.state, "disconnected", "5 s + the grace, not 25 s + the grace");
+  assert.equal(last(t, "disconnected").reason, "heartbeat timeout");
+});
+
+test("an SSE restart started from onMessage: the rest of the chunk is delivered once, and the resume misses nothing", async () => {
+  const t = setup({ transport: "sse" });
+  const log = [];
+  t.client.subscribe("a", {
+    onMessage: (m) => {
+      log.push(["a", m.offset]);
+      if (m.offset === 1) t.client.subscribe("b", (mb) => log.push(["b", mb.offset]));
+    },
+  });
+  const req = await openStream(t);
+  req.push(
+    [
+      `event: welcome
+data: ${JSON.stringify({ type: "welcome", conn: "n1.2", node: "n1", user: "u", channels: [reply("a", "E", 0)] })}
+
+`,
+      `event: message
+data: ${JSON.stringify(message("a", 1, "one"))}
+
+`,
+      `event: message
+data: ${JSON.stringify(message("a", 2, "two"))}
+
+`,
+      `event: message
+data: ${JSON.stringify(message("a", 3, "three"))}
+
+`,
+    ].join(""),
+  );
+  req.event(message("a", 4, "four, in flight")); // already sent by the node when the restart begins
+  await settle();
+  assert.deepEqual(log, [["a", 1], ["a", 2], ["a", 3]]);
+  assert.equal(req.aborted, true);
+  assert.equal(t.fetch.requests.length, 2, "one restart");
+  const url = t.fetch.requests[1].url;
+  assert.deepEqual(url.searchParams.getAll("channel"), ["a", "b"]);
+  assert.equal(url.searchParams.get("since"), "E:3,", "from the last message delivered");
+  const req2 = t.fetch.requests[1].stream();
+  req2.welcome([reply("a", "E", 4, { recovered: true, replayed: 1 }), reply("b", "EB", 0)]);
+  req2.event(message("a", 3, "three again"));
+  req2.event(message("a", 4, "four"));
+  req2.event(message("b", 1, "b one"));
+  await settle();
+  assert.deepEqual(log, [["a", 1], ["a", 2], ["a", 3], ["a", 4], ["b", 1]]);
 });
