@@ -61,7 +61,7 @@ def test_a_client_on_a_killed_node_reconnects_elsewhere_and_ends_with_exactly_th
     # The history is exactly the acknowledged publishes: a publish retried across the kill
     # (same idempotency key) was stored once.
     assert stored == [(o, d) for o, d, _ in acked]
-    assert len(received) > received_before + 30
+    assert len(received) >= received_before + 30
 
     drops = [e["info"] for e in page.events(c, "disconnected")]
     assert drops and all(d["willReconnect"] for d in drops), drops
