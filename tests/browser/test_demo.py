@@ -138,6 +138,17 @@ def test_two_users_chat_in_the_demo_and_a_dropped_connection_replays_exactly_wha
     assert sum(1 for _, d in stored if d["user"] == "bot") >= 2 + replayed
     assert not alice.is_visible("#stopped")
 
+    # An operator kicks and bans bob: his page stops for good and says why; alice's goes on.
+    kicked = requests.post(node.url + "/admin/kick", timeout=10,
+                           json={"user": "bob", "ban_s": 60, "reason": "flooding the room"})
+    assert kicked.status_code == 200, kicked.text
+    until(bob, "() => document.querySelector('#state').dataset.state === 'stopped'", "bob's page to stop")
+    assert bob.is_visible("#stopped")
+    why = bob.text_content("#stopped")
+    assert "flooding the room" in why and "4009" in why, why
+    say(alice, "bob is gone")
+    shows(alice, channel, "bob is gone")
+
 
 def test_the_demo_falls_back_to_sse_behind_a_proxy_that_refuses_websockets_and_still_chats(
     procs, start_node, new_page
