@@ -14,7 +14,6 @@
 //! Every round trip goes through `call` (or `timed`), which times it and counts its failure
 //! under an operation label (`pushd_redis_*` metrics).
 
-mod batch;
 mod keys;
 mod pubsub;
 mod scatter;
@@ -47,7 +46,6 @@ use super::{
 use crate::channel::ChannelName;
 use crate::locks::lock;
 use crate::metrics::RedisMetrics;
-use batch::Batch;
 
 /// How long the node waits for Redis at start before giving up.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -120,9 +118,6 @@ pub struct RedisEngine {
     scatter: scatter::Scatter,
     /// This node's presence entries, refreshed every third of `presence_ttl`.
     present: Mutex<HashMap<(ChannelName, Arc<str>), ClientInfo>>,
-    /// Presence joins and ban checks of concurrent connects share round trips.
-    joins: Batch<(ChannelName, ClientInfo), Result<(), String>>,
-    ban_checks: Batch<String, Result<Option<u64>, String>>,
     metrics: RedisMetrics,
 }
 
@@ -167,8 +162,6 @@ impl RedisEngine {
             live: LiveChannels::new(subscribers),
             scatter: scatter::Scatter::default(),
             present: Mutex::new(HashMap::new()),
-            joins: Batch::default(),
-            ban_checks: Batch::default(),
             metrics,
         });
         for script in [&engine.publish_script, &engine.history_script, &engine.presence_script] {
@@ -344,70 +337,20 @@ impl RedisEngine {
     /// Refreshes every presence entry this node holds, `PRESENCE_BATCH` entries of one slot per
     /// round trip.
     async fn refresh_presence_once(&self) {
-        let entries: Vec<(ChannelName, ClientInfo)> =
-            lock(&self.present).iter().map(|((c, _), info)| (c.clone(), info.clone())).collect();
-        for batch in self.presence_batches(entries) {
+        let mut entries: Vec<(u16, ChannelName, ClientInfo)> = lock(&self.present)
+            .iter()
+            .map(|((c, _), info)| {
+                (fred::util::redis_keyslot(self.keys.presence(c).as_bytes()), c.clone(), info.clone())
+            })
+            .collect();
+        entries.sort_unstable_by_key(|(slot, ..)| *slot);
+        for batch in entries.chunk_by(|a, b| a.0 == b.0).flat_map(|same_slot| same_slot.chunks(PRESENCE_BATCH)) {
+            let batch: Vec<(ChannelName, ClientInfo)> = batch.iter().map(|(_, c, i)| (c.clone(), i.clone())).collect();
             if let Err(e) = self.write_presence(&batch).await {
                 tracing::debug!(error = %e, "presence refresh failed");
                 return;
             }
         }
-    }
-
-    /// Writes joins, `PRESENCE_BATCH` of one slot per round trip; one outcome per join.
-    async fn write_joins(&self, joins: Vec<(ChannelName, ClientInfo)>) -> Vec<Result<(), String>> {
-        let mut outcomes: HashMap<(ChannelName, Arc<str>), Result<(), String>> = HashMap::new();
-        for batch in self.presence_batches(joins.clone()) {
-            let outcome = self.write_presence(&batch).await.map_err(|e| e.to_string());
-            outcomes.extend(batch.into_iter().map(|(channel, client)| ((channel, client.conn), outcome.clone())));
-        }
-        joins.into_iter().map(|(channel, client)| outcomes.remove(&(channel, client.conn)).unwrap_or(Ok(()))).collect()
-    }
-
-    /// Reads the ban of each user: one `MGET` (on a cluster one per hash slot, as a cluster's
-    /// `MGET` names keys of one slot, the slots concurrently).
-    async fn read_bans(&self, users: Vec<String>) -> Vec<Result<Option<u64>, String>> {
-        let mut slots: HashMap<u16, Vec<usize>> = HashMap::new();
-        let keys: Vec<String> = users.iter().map(|u| self.keys.ban(u)).collect();
-        for (i, key) in keys.iter().enumerate() {
-            slots.entry(self.slot_of(key)).or_default().push(i);
-        }
-        let reads = slots.into_values().map(|ix| {
-            let names: Vec<&str> = ix.iter().map(|&i| keys[i].as_str()).collect();
-            async move {
-                let read: Result<Vec<Option<u64>>, EngineError> =
-                    self.call(Operation::Control, |c| c.mget(names.clone())).await;
-                (ix, read.map_err(|e| e.to_string()))
-            }
-        });
-        let mut answers: Vec<Result<Option<u64>, String>> = vec![Ok(None); users.len()];
-        for (ix, read) in futures_util::future::join_all(reads).await {
-            for (n, i) in ix.into_iter().enumerate() {
-                answers[i] = read.as_ref().map(|until| until.get(n).copied().flatten()).map_err(Clone::clone);
-            }
-        }
-        answers
-    }
-
-    /// The hash slot of `key` on a cluster, where one command or pipeline must keep to a slot;
-    /// elsewhere every key is in slot 0, so batches are never split.
-    fn slot_of(&self, key: &str) -> u16 {
-        match self.deployment {
-            Deployment::Cluster => fred::util::redis_keyslot(key.as_bytes()),
-            _ => 0,
-        }
-    }
-
-    /// `entries` in batches `write_presence` takes: one slot each, `PRESENCE_BATCH` at most.
-    fn presence_batches(&self, entries: Vec<(ChannelName, ClientInfo)>) -> Vec<Vec<(ChannelName, ClientInfo)>> {
-        let mut entries: Vec<(u16, ChannelName, ClientInfo)> =
-            entries.into_iter().map(|(c, info)| (self.slot_of(&self.keys.presence(&c)), c, info)).collect();
-        entries.sort_unstable_by_key(|(slot, ..)| *slot);
-        entries
-            .chunk_by(|a, b| a.0 == b.0)
-            .flat_map(|same_slot| same_slot.chunks(PRESENCE_BATCH))
-            .map(|batch| batch.iter().map(|(_, c, i)| (c.clone(), i.clone())).collect())
-            .collect()
     }
 }
 
@@ -475,12 +418,7 @@ impl DataPlane for RedisEngine {
     }
 
     async fn join(&self, channel: &ChannelName, client: &ClientInfo, announce: bool) -> Result<(), EngineError> {
-        let entry = (channel.clone(), client.clone());
-        match self.joins.ask(entry.clone(), |joins| self.write_joins(joins)).await {
-            Some(outcome) => outcome.map_err(EngineError::Unavailable)?,
-            // The caller that took this join was cancelled before it wrote it: write it here.
-            None => self.write_presence(&[entry]).await?,
-        }
+        self.write_presence(&[(channel.clone(), client.clone())]).await?;
         lock(&self.present).insert((channel.clone(), client.conn.clone()), client.clone());
         if announce {
             self.announce(PresenceChange::Join, channel, client).await;
@@ -576,10 +514,7 @@ impl ClusterPlane for RedisEngine {
     }
 
     async fn banned_until(&self, user: &str) -> Result<Option<u64>, EngineError> {
-        let until = match self.ban_checks.ask(user.to_owned(), |users| self.read_bans(users)).await {
-            Some(until) => until.map_err(EngineError::Unavailable)?,
-            None => self.call(Operation::Control, |c| c.get(self.keys.ban(user))).await?,
-        };
+        let until: Option<u64> = self.call(Operation::Control, |c| c.get(self.keys.ban(user))).await?;
         Ok(until.filter(|u| *u > now_ms()))
     }
 
