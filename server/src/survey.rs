@@ -4,7 +4,6 @@
 //! node's hub only: it never changes a session except to close the ones a kick names.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 
 use pushd_wire::{ConnectionInfo, NodeStats, Subscriber};
 use serde::{Deserialize, Serialize};
@@ -127,7 +126,7 @@ impl Node {
                         .map_or(0, |d| d.as_millis() as u64),
                     channels,
                     queue: h.queue_depth() as u64,
-                    messages_out: h.info.messages_out.load(Ordering::Relaxed),
+                    messages_out: h.messages_out(),
                 }
             })
             .filter(|c| channel.is_none_or(|ch| c.channels.iter().any(|x| x == ch)))

@@ -64,3 +64,35 @@ async fn the_probe_answers_for_a_running_node_and_fails_without_one() {
     let (ok, out) = run(&bin, &["--listen", &listen, "--admin-listen", &admin, "probe"], &[]).await;
     assert!(!ok && out.contains("cannot ask"), "no node, no health: {out}");
 }
+
+#[tokio::test]
+async fn each_connections_messages_out_counts_live_and_replayed_messages_once() {
+    // Live messages go out over the socket's express lane, replayed ones through the session's
+    // own task: the count operators see (`/admin/connections`) adds both, each message once.
+    let node = TestNode::start(pushd::Config::dev()).await; // dev mode: the admin API needs no key
+    let mut live = node.ws(&token("live")).await;
+    let reply = live.subscribe("room:1", None).await;
+    let epoch = reply["epoch"].as_str().unwrap().to_owned();
+    for n in 1..=3 {
+        node.publish("room:1", serde_json::json!({ "n": n })).await;
+    }
+    assert_eq!(live.messages(3).await.len(), 3);
+    let mut late = node.ws(&token("late")).await;
+    assert_eq!(late.subscribe("room:1", Some((&epoch, 0))).await["replayed"], 3);
+    assert_eq!(late.messages(3).await.len(), 3);
+    node.publish("room:1", serde_json::json!({ "n": 4 })).await;
+    for c in [&mut live, &mut late] {
+        assert_eq!(c.next().await["offset"], 4);
+    }
+    let (status, body) = node.api_get("/admin/connections").await;
+    assert_eq!(status, 200, "{body}");
+    let counts: Vec<(String, u64)> = body["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["user"].as_str().unwrap().to_owned(), c["messages_out"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(counts.len(), 2, "{body}");
+    assert!(counts.iter().all(|(_, n)| *n == 4), "every connection sent 4 messages: {counts:?}");
+    node.stop().await;
+}

@@ -76,6 +76,9 @@ pub trait Outlet: Send + Sync + 'static {
     /// Writes what waits; `Ok(false)` when the socket could not take it all (the session's
     /// task then waits until it can).
     fn flush(&self) -> std::io::Result<bool>;
+    /// Messages queued so far, counted under the outlet's own lock: the fan-out touches no
+    /// counter of the session per delivery.
+    fn messages(&self) -> u64;
 }
 
 /// A session's express lane: the fan-out queues the next message of a caught-up channel
@@ -154,6 +157,12 @@ impl SessionHandle {
     /// Messages waiting in the send queue.
     pub fn queue_depth(&self) -> usize {
         self.queue.len()
+    }
+
+    /// Messages sent: by the session's task, and queued on its socket by the express lane.
+    pub fn messages_out(&self) -> u64 {
+        let express = self.express.as_ref().map_or(0, |e| e.outlet.messages());
+        self.info.messages_out.load(std::sync::atomic::Ordering::Relaxed) + express
     }
 }
 

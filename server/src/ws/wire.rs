@@ -40,6 +40,8 @@ struct Outbound {
     queue: VecDeque<Chunk>,
     /// Bytes of the first chunk already written.
     sent: usize,
+    /// Messages the express lane queued (the session's own frames count in its `SessionInfo`).
+    messages: u64,
 }
 
 /// A frame header (possibly empty) and the bytes after it.
@@ -203,11 +205,16 @@ impl Outlet for Wire {
         let frame = delivery.encoded.get_or_init(|| encode_text(&delivery.frame));
         let mut out = lock(&self.out);
         out.queue.push_back(Chunk::raw(frame.clone()));
+        out.messages += 1;
         out.queue.len()
     }
 
     fn flush(&self) -> io::Result<bool> {
         self.write_out(&mut lock(&self.out))
+    }
+
+    fn messages(&self) -> u64 {
+        lock(&self.out).messages
     }
 }
 
@@ -263,7 +270,7 @@ mod tests {
 
     fn queue(bodies: &[&'static str]) -> Outbound {
         let queue = bodies.iter().map(|b| Chunk::text(Utf8Bytes::from_static(b))).collect();
-        Outbound { queue, sent: 0 }
+        Outbound { queue, sent: 0, messages: 0 }
     }
 
     fn flat(out: &Outbound) -> Vec<u8> {
