@@ -24,7 +24,7 @@ use crate::channel::ChannelName;
 use crate::engine::{
     ClientInfo, EngineError, Epoch, HistoryQuery, NewMessage, Offset, Position, Publication, check_idempotency_key,
 };
-use crate::hub::{ConnId, Delivery, Express, Out, Outlet, Queue, SessionHandle, SessionInfo, Transport};
+use crate::hub::{ConnId, Delivery, Out, Outlet, Queue, SessionHandle, SessionInfo, Transport};
 use crate::node::Node;
 use crate::protocol::{Close, CloseCode, CommandError, ErrorCode, HistoryItem, Reply, Reset, to_frame};
 use crate::rate::RateLimiter;
@@ -400,11 +400,6 @@ impl Session {
             all &= hub.go_express(channel, conn, (sub.epoch.clone(), sub.last), || rx.is_empty());
         }
         self.express_stale = !all;
-    }
-
-    /// The express lane's wake-up: the fan-out found the socket full.
-    pub fn express(&self) -> Option<&Arc<Express>> {
-        self.handle.express.as_ref()
     }
 
     /// The subscriber's position in `channel`, if subscribed.

@@ -23,14 +23,14 @@ pub struct Flusher {
 
 #[derive(Default)]
 struct Dirty {
-    lanes: Vec<Arc<Express>>,
+    lanes: Vec<Express>,
     /// When the oldest message waiting in them was stored (µs since the Unix epoch).
     oldest_us: Option<u64>,
 }
 
 impl Flusher {
     /// Hands over `lanes` that got frames of a message stored at `time_us`.
-    pub fn add(&self, lanes: Vec<Arc<Express>>, time_us: u64) {
+    pub fn add(&self, lanes: Vec<Express>, time_us: u64) {
         if lanes.is_empty() {
             return;
         }
@@ -63,10 +63,9 @@ impl Flusher {
                 dirty.oldest_us.take()
             };
             for express in round.drain(..) {
-                // Cleared before writing: frames queued from now on put the lane back in.
-                express.dirty.store(false, Ordering::Release);
-                if !matches!(express.outlet.flush(), Ok(true)) {
-                    express.blocked.notify_one();
+                // Flushing takes it off the list: frames queued from now on put it back in.
+                if !matches!(express.flush(), Ok(true)) {
+                    express.blocked().notify_one();
                 }
             }
             if let Some(t) = oldest {

@@ -4,7 +4,7 @@
 //! to the hub, so the hub never needs to know what a session is.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::SystemTime;
 
@@ -71,33 +71,34 @@ pub enum Out {
 /// A socket the fan-out may hand message frames to itself (a WebSocket's): queued in order
 /// behind whatever the session wrote, and written by the hub's flusher.
 pub trait Outlet: Send + Sync + 'static {
-    /// Queues one message; returns how many frames wait unwritten.
-    fn queue(&self, delivery: &Delivery) -> usize;
-    /// Writes what waits; `Ok(false)` when the socket could not take it all (the session's
+    /// Queues one message. The outlet keeps, under the same lock as its queue, whether it is
+    /// in the flusher's list already (the fan-out and the flusher touch thousands of sockets a
+    /// round: every other word of a socket they touch is one more cache miss per delivery).
+    fn queue(&self, delivery: &Delivery) -> Queued;
+    /// Writes what waits, and takes the outlet off the flusher's list: frames queued from
+    /// now on put it back. `Ok(false)` when the socket could not take it all (the session's
     /// task then waits until it can).
     fn flush(&self) -> std::io::Result<bool>;
     /// Messages queued so far, counted under the outlet's own lock: the fan-out touches no
     /// counter of the session per delivery.
     fn messages(&self) -> u64;
-}
-
-/// A session's express lane: the fan-out queues the next message of a caught-up channel
-/// straight onto the session's socket, without a trip through its queue and task. Which
-/// channels ride it, and at what offset, is kept in the hub's subscriber entries (no lookup per
-/// delivery); this is the per-session part.
-pub struct Express {
-    pub outlet: Arc<dyn Outlet>,
-    /// In the flusher's list already.
-    pub dirty: AtomicBool,
     /// Wakes the session's task: the socket is full and must be waited for.
-    pub blocked: Notify,
+    fn blocked(&self) -> &Notify;
 }
 
-impl Express {
-    pub fn new(outlet: Arc<dyn Outlet>) -> Self {
-        Self { outlet, dirty: AtomicBool::new(false), blocked: Notify::new() }
-    }
+/// What `Outlet::queue` did.
+pub struct Queued {
+    /// Frames now waiting unwritten.
+    pub waiting: usize,
+    /// The outlet was not in the flusher's list: the caller hands it over.
+    pub first: bool,
 }
+
+/// A session's express lane, the per-session part: the fan-out queues the next message of a
+/// caught-up channel straight onto the session's socket (an `Outlet`), without a trip through
+/// its queue and task. Which channels ride it, and at what offset, is kept in the hub's
+/// subscriber entries (no lookup per delivery).
+pub type Express = Arc<dyn Outlet>;
 
 /// The part of a session the hub holds: enough to queue frames and to close it.
 #[derive(Clone)]
@@ -106,7 +107,7 @@ pub struct SessionHandle {
     pub info: Arc<SessionInfo>,
     queue: Arc<Queue>,
     /// `Some` for sessions whose transport is an `Outlet` (WebSocket).
-    pub express: Option<Arc<Express>>,
+    pub express: Option<Express>,
 }
 
 /// Facts about a session for operators, plus its close signal.
@@ -129,8 +130,7 @@ impl SessionHandle {
         outlet: Option<Arc<dyn Outlet>>,
     ) -> (Self, Arc<Queue>) {
         let queue = Arc::new(Queue::new(capacity));
-        let express = outlet.map(|o| Arc::new(Express::new(o)));
-        (Self { conn, info: Arc::new(info), queue: queue.clone(), express }, queue)
+        (Self { conn, info: Arc::new(info), queue: queue.clone(), express: outlet }, queue)
     }
 
     /// Queues `out` without waiting. A full queue closes the session as a slow consumer.
@@ -161,7 +161,7 @@ impl SessionHandle {
 
     /// Messages sent: by the session's task, and queued on its socket by the express lane.
     pub fn messages_out(&self) -> u64 {
-        let express = self.express.as_ref().map_or(0, |e| e.outlet.messages());
+        let express = self.express.as_ref().map_or(0, |e| e.messages());
         self.info.messages_out.load(std::sync::atomic::Ordering::Relaxed) + express
     }
 }

@@ -22,7 +22,7 @@ use crate::metrics::Metrics;
 use crate::protocol::{Close, CloseCode, presence_frame};
 use crate::shard::Sharded;
 
-pub use handle::{ConnId, Delivery, Express, Out, Outlet, SessionHandle, SessionInfo, Transport};
+pub use handle::{ConnId, Delivery, Express, Out, Outlet, Queued, SessionHandle, SessionInfo, Transport};
 pub use queue::Queue;
 
 /// One channel's local subscribers and its message rate.
@@ -102,7 +102,7 @@ impl Hub {
     /// Hands `delivery` to `sub`'s socket directly when the channel rides its express lane and
     /// this is the next message; otherwise through its queue, taking the channel off the lane
     /// (a new epoch, a gap) so that the session decides what to send.
-    fn offer(&self, sub: &Subscriber, delivery: &Arc<Delivery>, dirty: &mut Vec<Arc<Express>>) -> Offered {
+    fn offer(&self, sub: &Subscriber, delivery: &Arc<Delivery>, dirty: &mut Vec<Express>) -> Offered {
         let handle = &sub.handle;
         let p = &delivery.publication;
         let mut lane = lock(&sub.express);
@@ -110,11 +110,11 @@ impl Hub {
             if *epoch == p.epoch && p.offset <= *last + 1 {
                 if p.offset == *last + 1 {
                     *last = p.offset;
-                    let waiting = express.outlet.queue(delivery);
-                    if waiting > self.send_queue {
+                    let queued = express.queue(delivery);
+                    if queued.waiting > self.send_queue {
                         handle.close(Close::new(CloseCode::SlowConsumer, "send queue full: reconnect and replay"));
                     }
-                    if !express.dirty.swap(true, Ordering::AcqRel) {
+                    if queued.first {
                         dirty.push(express.clone());
                     }
                 }
@@ -284,18 +284,20 @@ impl Deliver for Hub {
 mod tests {
     use serde_json::value::RawValue;
 
+    use tokio::sync::Notify;
+
     use super::*;
     use crate::engine::NewMessage;
 
     /// An outlet that keeps what it was given.
     #[derive(Default)]
-    struct Socket(Mutex<Vec<Offset>>);
+    struct Socket(Mutex<Vec<Offset>>, Notify);
 
     impl Outlet for Socket {
-        fn queue(&self, delivery: &Delivery) -> usize {
+        fn queue(&self, delivery: &Delivery) -> Queued {
             let mut got = lock(&self.0);
             got.push(delivery.publication.offset);
-            got.len()
+            Queued { waiting: got.len(), first: got.len() == 1 }
         }
 
         fn flush(&self) -> std::io::Result<bool> {
@@ -304,6 +306,10 @@ mod tests {
 
         fn messages(&self) -> u64 {
             lock(&self.0).len() as u64
+        }
+
+        fn blocked(&self) -> &Notify {
+            &self.1
         }
     }
 

@@ -210,7 +210,7 @@ impl WsConn {
         let expiry = self.session.identity.expired();
         tokio::pin!(expiry);
         let mut batch = Vec::with_capacity(0);
-        let express = self.session.express().cloned().expect("a WebSocket session has an express lane");
+        let wire = self.wire.clone();
         loop {
             let wake = tokio::select! {
                 close = info.closed() => return Some(close),
@@ -218,7 +218,7 @@ impl WsConn {
                 n = self.session.recv_many(&mut batch, BATCH) => Wake::Queued(n),
                 msg = self.ws.next() => Wake::Inbound(msg),
                 _ = heartbeat.tick() => Wake::Heartbeat,
-                _ = express.blocked.notified() => Wake::Blocked,
+                _ = wire.blocked.notified() => Wake::Blocked,
             };
             let step = match wake {
                 Wake::Queued(0) => return None,

@@ -17,8 +17,9 @@ use bytes::Bytes;
 use hyper_tungstenite::tungstenite::Utf8Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
 
-use crate::hub::{Delivery, Outlet};
+use crate::hub::{Delivery, Outlet, Queued};
 use crate::locks::lock;
 use crate::tcp::Held;
 
@@ -28,8 +29,10 @@ const MAX_SLICES: usize = 32;
 
 /// One WebSocket's socket and the frames waiting to be written to it.
 pub struct Wire {
-    stream: TcpStream,
     out: Mutex<Outbound>,
+    stream: TcpStream,
+    /// Wakes the session's task when the flusher finds the socket full.
+    pub blocked: Notify,
     /// The connection's place in its listener's budget, given back when the socket closes.
     _held: Held,
 }
@@ -37,11 +40,59 @@ pub struct Wire {
 /// Frames not yet written, oldest first; the first may be partly written.
 #[derive(Default)]
 struct Outbound {
-    queue: VecDeque<Chunk>,
+    queue: Chunks,
     /// Bytes of the first chunk already written.
     sent: usize,
     /// Messages the express lane queued (the session's own frames count in its `SessionInfo`).
     messages: u64,
+    /// In the hub flusher's list: set by the fan-out's first frame, cleared by its flush.
+    flushing: bool,
+}
+
+/// Chunks in order, the first kept inline: a socket written as fast as frames come (the usual
+/// case) never allocates a buffer for its queue, and the fan-out and the flusher find the frame
+/// beside the lock instead of in another cache line.
+#[derive(Default)]
+struct Chunks {
+    first: Option<Chunk>,
+    /// Only while more than one chunk waits.
+    rest: VecDeque<Chunk>,
+}
+
+impl Chunks {
+    fn push_back(&mut self, chunk: Chunk) {
+        if self.first.is_none() {
+            self.first = Some(chunk);
+        } else {
+            self.rest.push_back(chunk);
+        }
+    }
+
+    fn extend(&mut self, chunks: impl IntoIterator<Item = Chunk>) {
+        for chunk in chunks {
+            self.push_back(chunk);
+        }
+    }
+
+    fn front(&self) -> Option<&Chunk> {
+        self.first.as_ref()
+    }
+
+    /// Drops the first chunk; a queue a burst grew gives its buffer back once drained.
+    fn pop_front(&mut self) {
+        self.first = self.rest.pop_front();
+        if self.first.is_none() && self.rest.capacity() > 16 {
+            self.rest = VecDeque::new();
+        }
+    }
+
+    fn len(&self) -> usize {
+        usize::from(self.first.is_some()) + self.rest.len()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Chunk> {
+        self.first.iter().chain(&self.rest)
+    }
 }
 
 /// A frame header (possibly empty) and the bytes after it.
@@ -104,7 +155,7 @@ impl Outbound {
     fn slices<'a>(&'a self, slices: &mut [IoSlice<'a>; MAX_SLICES]) -> usize {
         let mut n = 0;
         let mut skip = self.sent;
-        for chunk in &self.queue {
+        for chunk in self.queue.iter() {
             if n + 2 > MAX_SLICES {
                 break;
             }
@@ -142,7 +193,7 @@ impl Outbound {
 
 impl Wire {
     pub fn new(stream: TcpStream, held: Held) -> Self {
-        Self { stream, out: Mutex::new(Outbound::default()), _held: held }
+        Self { out: Mutex::new(Outbound::default()), stream, blocked: Notify::new(), _held: held }
     }
 
     /// Queues `frames` (and a ping, if `ping`) and writes what the socket takes now. True when
@@ -167,24 +218,40 @@ impl Wire {
     }
 
     /// Writes until the queue is empty (true) or the socket is full (false).
+    ///
+    /// Straight to the socket (`send`, `sendmsg`), not through tokio's `try_write`, which first
+    /// reads the socket's readiness in its I/O driver: one more cache line per socket per
+    /// round, and the flusher writes thousands of sockets a round. The kernel says when the
+    /// socket is full; tokio is then told (`clear_write_readiness`), so `writable()` waits.
     fn write_out(&self, out: &mut Outbound) -> io::Result<bool> {
+        let socket = socket2::SockRef::from(&self.stream);
         while let Some(first) = out.queue.front() {
-            // The usual case when paced: one whole encoded frame, one plain write.
+            // The usual case when paced: one whole encoded frame, one plain send.
             let written = if out.queue.len() == 1 && first.header_len == 0 {
-                self.stream.try_write(&first.body[out.sent..])
+                socket.send(&first.body[out.sent..])
             } else {
                 let mut slices = [IoSlice::new(&[]); MAX_SLICES];
                 let n = out.slices(&mut slices);
-                self.stream.try_write_vectored(&slices[..n])
+                socket.send_vectored(&slices[..n])
             };
             match written {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => out.consume(n),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.clear_write_readiness();
+                    return Ok(false);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
         }
         Ok(true)
+    }
+
+    /// Tells tokio the socket is full, so that `writable()` and `poll_write_ready` wait for
+    /// the kernel's next "writable" instead of answering from a stale readiness.
+    fn clear_write_readiness(&self) {
+        let _ = self.stream.try_io(tokio::io::Interest::WRITABLE, || Err::<(), _>(io::ErrorKind::WouldBlock.into()));
     }
 
     /// Like `flushed`, for tungstenite's `poll_flush`.
@@ -199,22 +266,29 @@ impl Wire {
 }
 
 impl Outlet for Wire {
-    fn queue(&self, delivery: &Delivery) -> usize {
+    fn queue(&self, delivery: &Delivery) -> Queued {
         // Header and payload in one buffer, made once per message for every socket: one slice
         // per frame in the `writev`.
         let frame = delivery.encoded.get_or_init(|| encode_text(&delivery.frame));
         let mut out = lock(&self.out);
         out.queue.push_back(Chunk::raw(frame.clone()));
         out.messages += 1;
-        out.queue.len()
+        let first = !std::mem::replace(&mut out.flushing, true);
+        Queued { waiting: out.queue.len(), first }
     }
 
     fn flush(&self) -> io::Result<bool> {
-        self.write_out(&mut lock(&self.out))
+        let mut out = lock(&self.out);
+        out.flushing = false;
+        self.write_out(&mut out)
     }
 
     fn messages(&self) -> u64 {
         lock(&self.out).messages
+    }
+
+    fn blocked(&self) -> &Notify {
+        &self.blocked
     }
 }
 
@@ -269,8 +343,9 @@ mod tests {
     use super::*;
 
     fn queue(bodies: &[&'static str]) -> Outbound {
-        let queue = bodies.iter().map(|b| Chunk::text(Utf8Bytes::from_static(b))).collect();
-        Outbound { queue, sent: 0, messages: 0 }
+        let mut queue = Chunks::default();
+        queue.extend(bodies.iter().map(|b| Chunk::text(Utf8Bytes::from_static(b))));
+        Outbound { queue, ..Outbound::default() }
     }
 
     fn flat(out: &Outbound) -> Vec<u8> {
@@ -301,6 +376,22 @@ mod tests {
         out.consume(2);
         assert_eq!(flat(&out), [2, b'd', b'e']);
         out.consume(3);
-        assert!(out.queue.is_empty() && out.sent == 0);
+        assert!(out.queue.len() == 0 && out.sent == 0);
+    }
+
+    #[test]
+    fn a_burst_comes_out_in_order_and_its_buffer_is_given_back_once_drained() {
+        let mut q = Chunks::default();
+        q.extend((0..40u8).map(|i| Chunk::raw(Bytes::from(vec![i]))));
+        assert_eq!(q.len(), 40);
+        let mut order = Vec::new();
+        while let Some(c) = q.front() {
+            order.push(c.body[0]);
+            q.pop_front();
+        }
+        assert_eq!(order, (0..40).collect::<Vec<u8>>());
+        assert_eq!((q.len(), q.rest.capacity()), (0, 0), "nothing held after the burst");
+        q.push_back(Chunk::raw(Bytes::from_static(b"x")));
+        assert_eq!((q.len(), q.rest.capacity()), (1, 0), "one chunk waits inline");
     }
 }
