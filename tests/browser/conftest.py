@@ -480,6 +480,11 @@ class Harness:
             what or f"client {i} to receive {channel} offset {offset}",
         )
 
+    def wait_caught_up(self, i: int, channel: str, acked: list):
+        """Waits until client `i` holds the last of the `acked` publishes (`Publisher.stop()`)."""
+        last = acked[-1][0]
+        self.wait_offset(i, channel, last, f"client {i} to catch up to the last acknowledged offset {last}")
+
     def wait_count(self, i: int, channel: str, count: int, what: str = ""):
         """Waits until client `i` handed the app at least `count` messages of `channel`."""
         self.wait(

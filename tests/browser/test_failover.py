@@ -50,8 +50,7 @@ def test_a_client_on_a_killed_node_reconnects_elsewhere_and_ends_with_exactly_th
     finally:
         acked = publisher.stop()
 
-    last = acked[-1][0]
-    page.wait_offset(c, channel, last, f"the page to catch up to the last acknowledged offset {last}")
+    page.wait_caught_up(c, channel, acked)
 
     survivor = by_id[moved["node"]]
     epoch, stored = history(survivor.url, channel)

@@ -94,8 +94,7 @@ def test_auto_falls_back_to_sse_behind_a_proxy_that_refuses_websockets_and_resum
     finally:
         acked = publisher.stop()
 
-    last = acked[-1][0]
-    page.wait_offset(c, first, last, f"the page to catch up to the last acknowledged offset {last}")
+    page.wait_caught_up(c, first, acked)
     assert page.prop(c, "transport") == "sse"
 
     _, stored_first = history(b.url, first)

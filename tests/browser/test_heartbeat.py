@@ -52,8 +52,7 @@ def test_a_frozen_node_is_noticed_by_the_heartbeat_and_the_client_resumes_on_the
     finally:
         acked = publisher.stop()
 
-    last = acked[-1][0]
-    page.wait_offset(c, channel, last, f"the page to catch up to the last acknowledged offset {last}")
+    page.wait_caught_up(c, channel, acked)
     _, stored = history(other.url, channel)
     assert_matches_history(page.received(c, channel), stored)
     resubscribe = [e["info"] for e in page.events(c, "subscribed")][-1]

@@ -42,8 +42,7 @@ def test_expiring_tokens_are_refreshed_through_get_token_and_every_message_arriv
     finally:
         acked = publisher.stop()
 
-    last = acked[-1][0]
-    page.wait_offset(c, channel, last, f"the page to catch up to the last acknowledged offset {last}")
+    page.wait_caught_up(c, channel, acked)
     _, stored = history(node.url, channel, headers=api)
     assert stored == [(o, d) for o, d, _ in acked]
     assert_matches_history(page.received(c, channel), stored)
