@@ -125,6 +125,7 @@ async fn commands_missing_a_field_get_bad_request_naming_the_field() {
         (json!({ "op": "subscribe" }), "channel"),
         (json!({ "op": "unsubscribe" }), "channel"),
         (json!({ "op": "presence" }), "channel"),
+        (json!({ "op": "history" }), "channel"),
         (json!({ "op": "publish", "data": 1 }), "channel"),
         (json!({ "op": "publish", "channel": "room:1" }), "data"),
     ];
@@ -136,6 +137,31 @@ async fn commands_missing_a_field_get_bad_request_naming_the_field() {
     }
     assert_eq!(stored(&node, "room:1").await, Vec::<u64>::new(), "a publish without data stored something");
 
+    assert_serves(&node, &mut alice).await;
+    assert_still_serves(&node).await;
+}
+
+#[tokio::test]
+async fn history_commands_with_bad_arguments_get_bad_request_and_huge_limits_are_lowered() {
+    let node = TestNode::start(secure_config()).await;
+    let mut alice = node.ws(&token("alice")).await;
+    for cmd in [
+        json!({ "op": "history", "channel": "room:1", "limit": -1 }),
+        json!({ "op": "history", "channel": "room:1", "limit": "ten" }),
+        json!({ "op": "history", "channel": "room:1", "since": -3 }),
+        json!({ "op": "history", "channel": "room:1", "since": { "epoch": "e", "offset": 1 } }),
+    ] {
+        assert_refused(&alice.command(cmd.clone()).await, "bad_request");
+    }
+    assert_refused(&alice.command(json!({ "op": "history", "channel": "bad channel" })).await, "bad_channel");
+    // A limit beyond any page is lowered, not refused, and an offset beyond the top reads nothing.
+    for n in 1..=3 {
+        node.publish("room:1", json!({ "n": n })).await;
+    }
+    let all = alice.command(json!({ "op": "history", "channel": "room:1", "limit": u64::MAX })).await;
+    assert_eq!(all["publications"].as_array().map(Vec::len), Some(3), "{all}");
+    let past = alice.command(json!({ "op": "history", "channel": "room:1", "since": u64::MAX })).await;
+    assert_eq!(past["publications"], json!([]), "{past}");
     assert_serves(&node, &mut alice).await;
     assert_still_serves(&node).await;
 }

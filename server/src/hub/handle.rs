@@ -123,12 +123,7 @@ pub struct SessionInfo {
 
 impl SessionHandle {
     /// A handle for a new session, and the receiving side of its queue of `capacity` items.
-    pub fn new(
-        conn: ConnId,
-        info: SessionInfo,
-        capacity: usize,
-        outlet: Option<Arc<dyn Outlet>>,
-    ) -> (Self, Arc<Queue>) {
+    pub fn new(conn: ConnId, info: SessionInfo, capacity: usize, outlet: Option<Express>) -> (Self, Arc<Queue>) {
         let queue = Arc::new(Queue::new(capacity));
         (Self { conn, info: Arc::new(info), queue: queue.clone(), express: outlet }, queue)
     }
