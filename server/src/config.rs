@@ -201,6 +201,12 @@ pub struct Args {
     #[arg(long, env = "PUSHD_SEND_QUEUE", default_value_t = 1024)]
     pub send_queue: usize,
 
+    /// Under load, how long the writer rests after each round of socket writes, as a multiple of
+    /// the round's duration (at most 20 ms): frames arriving meanwhile go out in the same write,
+    /// so a busy node makes fewer, larger writes. 0 writes every frame at once.
+    #[arg(long, env = "PUSHD_FLUSH_REST", default_value_t = 1.0)]
+    pub flush_rest: f64,
+
     /// Seconds between server heartbeats (WebSocket ping, SSE comment).
     #[arg(long, env = "PUSHD_PING_INTERVAL", default_value_t = 25)]
     pub ping_interval: u64,
@@ -349,6 +355,8 @@ pub struct Config {
     pub rate_burst: u32,
     /// Send queue length per connection. Default 1024.
     pub send_queue: usize,
+    /// Writer rest after a round of writes, as a multiple of the round. Default 1.
+    pub flush_rest: f64,
     /// Heartbeat interval. Default 25 s.
     pub ping_interval: Duration,
     /// Dead-peer timeout. Default 60 s.
@@ -451,6 +459,9 @@ impl TryFrom<Args> for Config {
         if a.redis_prefix.contains(['{', '}', ' ']) {
             bail!("--redis-prefix must not contain braces or spaces");
         }
+        if !(0.0..=10.0).contains(&a.flush_rest) {
+            bail!("--flush-rest must be between 0 and 10 (a multiple of the write round's duration)");
+        }
         if a.idle_timeout <= a.ping_interval {
             bail!("--idle-timeout must be longer than --ping-interval");
         }
@@ -510,6 +521,7 @@ impl TryFrom<Args> for Config {
             rate_limit: a.rate_limit,
             rate_burst: a.rate_burst,
             send_queue: a.send_queue,
+            flush_rest: a.flush_rest,
             ping_interval: Duration::from_secs(a.ping_interval),
             idle_timeout: Duration::from_secs(a.idle_timeout),
             presence: patterns(&a.presence, "--presence")?,
@@ -563,6 +575,16 @@ mod tests {
     fn dev_mode_refuses_public_bind() {
         let err = parse(&["--listen", "0.0.0.0:8080"]).unwrap_err().to_string();
         assert!(err.contains("dev mode"), "{err}");
+    }
+
+    #[test]
+    fn flush_rest_is_a_bounded_multiple() {
+        assert_eq!(parse(&[]).unwrap().flush_rest, 1.0);
+        assert_eq!(parse(&["--flush-rest", "0"]).unwrap().flush_rest, 0.0);
+        for bad in ["-1", "11", "NaN"] {
+            let err = parse(&[&format!("--flush-rest={bad}")]).map(|_| ()).unwrap_err().to_string();
+            assert!(err.contains("--flush-rest"), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -73,7 +73,7 @@ impl Node {
             engine: engine_name,
             max_connections: config.max_connections,
         });
-        let hub = Arc::new(Hub::new(metrics.clone(), config.send_queue));
+        let hub = Arc::new(Hub::new(metrics.clone(), config.send_queue, config.flush_rest));
         let deliver: Arc<dyn Deliver> = hub.clone();
         let engine: Arc<dyn Engine> = match &config.redis_url {
             Some(url) => {

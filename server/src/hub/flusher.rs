@@ -2,9 +2,17 @@
 //! only queues (no syscall on its path, no task woken per session); the flusher then writes
 //! each socket it touched once, however many messages arrived for it meanwhile. A paced message
 //! costs one write per socket; a burst costs one write per socket for the whole burst.
+//!
+//! Under load the flusher rests between rounds, for `--flush-rest` times the round it just
+//! wrote (at most `MAX_REST`): a write costs the kernel about the same for one frame as for
+//! several, so frames that gather meanwhile go out together. That keeps the node's writes at a
+//! bounded share of a core, and leaves the rest of the machine (the readers on the other end
+//! of loopback, the kernel's packet processing) the CPU it needs. Rounds shorter than
+//! `MIN_REST` (a small node, a quiet channel) never rest: their frames are written at once.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use prometheus::Histogram;
 use tokio::sync::Notify;
@@ -13,12 +21,19 @@ use super::handle::Express;
 use crate::engine::now_us;
 use crate::locks::lock;
 
+/// The longest rest between two rounds, whatever the round took.
+const MAX_REST: Duration = Duration::from_millis(20);
+/// Rests shorter than this are skipped (the timer's resolution is a millisecond).
+const MIN_REST: Duration = Duration::from_millis(1);
+
 /// Sockets with frames to write, and the flusher's wake-up.
 #[derive(Default)]
 pub struct Flusher {
     dirty: Mutex<Dirty>,
     wake: Notify,
     stopped: AtomicBool,
+    /// Rest after a round, as a multiple of the round's duration (`--flush-rest`).
+    rest: f64,
 }
 
 #[derive(Default)]
@@ -29,6 +44,11 @@ struct Dirty {
 }
 
 impl Flusher {
+    /// A flusher resting `rest` times each round's duration after it.
+    pub fn new(rest: f64) -> Self {
+        Self { rest, ..Self::default() }
+    }
+
     /// Hands over `lanes` that got frames of a message stored at `time_us`.
     pub fn add(&self, lanes: Vec<Express>, time_us: u64) {
         if lanes.is_empty() {
@@ -57,6 +77,7 @@ impl Flusher {
             if self.stopped.load(Ordering::Relaxed) {
                 return;
             }
+            let started = Instant::now();
             let oldest = {
                 let mut dirty = lock(&self.dirty);
                 std::mem::swap(&mut dirty.lanes, &mut round);
@@ -74,6 +95,10 @@ impl Flusher {
             // Give back what a burst grew.
             if round.capacity() > 4096 {
                 round = Vec::new();
+            }
+            let rest = started.elapsed().mul_f64(self.rest).min(MAX_REST);
+            if rest >= MIN_REST {
+                tokio::time::sleep(rest).await;
             }
         }
     }

@@ -84,9 +84,9 @@ enum Offered {
 
 impl Hub {
     /// A hub whose express lanes allow `send_queue` frames waiting per socket. Starts the
-    /// flusher task (on the current runtime).
-    pub fn new(metrics: Metrics, send_queue: usize) -> Self {
-        let flusher = Arc::new(Flusher::default());
+    /// flusher task (on the current runtime), resting `flush_rest` times each write round.
+    pub fn new(metrics: Metrics, send_queue: usize, flush_rest: f64) -> Self {
+        let flusher = Arc::new(Flusher::new(flush_rest));
         tokio::spawn(flusher.clone().run(metrics.delivery_latency.clone()));
         let express_delivered = metrics.delivered.with_label_values(&["ws"]);
         Self {
@@ -325,7 +325,7 @@ mod tests {
     /// A hub with one WebSocket-like session subscribed to `room`: its socket and its queue.
     fn subscribed() -> (Hub, SessionHandle, Arc<Socket>, Arc<Queue>) {
         let identity = crate::metrics::Identity { node_id: "n", engine: "memory", max_connections: 10 };
-        let hub = Hub::new(Metrics::new(&identity), 16);
+        let hub = Hub::new(Metrics::new(&identity), 16, 1.0);
         let socket = Arc::new(Socket::default());
         let info = SessionInfo::new("u".into(), Transport::Ws, None);
         let (handle, queue) = SessionHandle::new("n.1".into(), info, 16, Some(socket.clone()));
