@@ -775,3 +775,53 @@ async fn unban_lets_a_banned_user_back_in_on_every_node() {
     let again = json_of(&ctl(&nodes[0], &["--json", "unban", "u7"]).await, 0);
     assert_eq!(again, json!({ "user": "u7", "was_banned": false }));
 }
+
+/// Whether `node` refuses `user` as banned (4003) or lets them in (welcome).
+async fn refused_as_banned(node: &PushdProcess, user: &str) -> bool {
+    let mut c = WsClient::connect(node.addr, &format!("user={user}")).await;
+    match c.next_or_closed().await {
+        Ok(welcome) => {
+            assert_eq!(welcome["type"], "welcome", "{welcome}");
+            false
+        }
+        Err(closed) => {
+            assert_eq!(closed.code, 4003, "{closed:?}");
+            true
+        }
+    }
+}
+
+/// Each node keeps a copy of the bans, so that letting a user in costs no round trip to Redis,
+/// and loads it when it starts and whenever its pub/sub connection comes back (announcements
+/// sent while it was away are lost, the stored bans are not).
+#[tokio::test]
+async fn a_node_loads_the_bans_when_it_starts_and_when_its_pubsub_connection_comes_back() {
+    let (redis, nodes) = cluster3().await;
+    ok_text(ctl(&nodes[0], &["kick", "--user", "u7", "--ban", "1h"]).await);
+    let mut args: Vec<String> = redis.args();
+    args.extend(["--node-id", "p3", "--admin-key", KEY].map(String::from));
+    let late = PushdProcess::start(&args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    assert!(refused_as_banned(&late, "u7").await, "a node started after the ban refuses u7");
+
+    // A ban stored without its announcement, as if every node had missed it: the copies do
+    // not have it, and a copy that says "not banned" is taken without asking Redis ...
+    let until = ((now_s() as u64) + 3600) * 1000;
+    redis.cli_key(&["HSET", "pushd:bans", "u8", &until.to_string()]).await;
+    for node in nodes.iter().chain([&late]) {
+        assert!(!refused_as_banned(node, "u8").await, "the copy of {} has no ban of u8 yet", node.addr);
+    }
+    // ... until the pub/sub connections come back and every node loads the bans again.
+    redis.cli_all(&["CLIENT", "KILL", "TYPE", "pubsub"]).await;
+    for node in nodes.iter().chain([&late]) {
+        eventually("u8 refused once the node loaded the bans again", || async {
+            refused_as_banned(node, "u8").await.then_some(())
+        })
+        .await;
+        assert!(refused_as_banned(node, "u7").await, "u7 is still banned after the reload");
+    }
+    // An unban answered is in effect everywhere at once: a copy that says "banned" is checked.
+    ok_text(ctl(&nodes[1], &["unban", "u8"]).await);
+    for node in nodes.iter().chain([&late]) {
+        assert!(!refused_as_banned(node, "u8").await);
+    }
+}

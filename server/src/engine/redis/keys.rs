@@ -65,9 +65,10 @@ impl Keys {
         format!("{}control:{node}", self.prefix)
     }
 
-    /// A banned user, expiring with the ban.
-    pub fn ban(&self, user: &str) -> String {
-        format!("{}ban:{user}", self.prefix)
+    /// Bans: a hash of user -> until (Unix ms), and the pub/sub channel of the same name on
+    /// which every change to it is announced (`bans.rs`).
+    pub fn bans(&self) -> String {
+        format!("{}bans", self.prefix)
     }
 
     /// Sorted set of live node ids, each scored by when its entry lapses (Unix ms: its last

@@ -14,6 +14,7 @@
 //! Every round trip goes through `call` (or `timed`), which times it and counts its failure
 //! under an operation label (`pushd_redis_*` metrics).
 
+mod bans;
 mod keys;
 mod pubsub;
 mod scatter;
@@ -114,6 +115,9 @@ pub struct RedisEngine {
     history_script: Script,
     presence_script: Script,
     presence_write_script: Script,
+    bans_script: Script,
+    /// This node's copy of the bans (`bans.rs`).
+    bans: bans::Bans,
     deliver: Weak<dyn Deliver>,
     live: LiveChannels,
     scatter: scatter::Scatter,
@@ -159,6 +163,8 @@ impl RedisEngine {
             history_script: Script::from_lua(include_str!("history.lua")),
             presence_script: Script::from_lua(include_str!("presence.lua")),
             presence_write_script: Script::from_lua(include_str!("presence_write.lua")),
+            bans_script: Script::from_lua(include_str!("bans.lua")),
+            bans: bans::Bans::default(),
             pool,
             deliver,
             live: LiveChannels::new(subscribers),
@@ -166,8 +172,13 @@ impl RedisEngine {
             present: Mutex::new(HashMap::new()),
             metrics,
         });
-        let scripts =
-            [&engine.publish_script, &engine.history_script, &engine.presence_script, &engine.presence_write_script];
+        let scripts = [
+            &engine.publish_script,
+            &engine.history_script,
+            &engine.presence_script,
+            &engine.presence_write_script,
+            &engine.bans_script,
+        ];
         for script in scripts {
             script.load(engine.pool.next()).await.context("loading Lua scripts into Redis")?;
         }
@@ -339,6 +350,22 @@ impl RedisEngine {
         .await
     }
 
+    /// One call of `bans.lua` with `args` (its mode first).
+    async fn call_bans<T: FromValue>(&self, args: Vec<Value>) -> Result<T, EngineError> {
+        let (keys, args) = (&vec![self.keys.bans()], &args);
+        self.call(Operation::Control, |c| self.bans_script.evalsha_with_reload(c, keys.clone(), args.clone())).await
+    }
+
+    /// Reads every live ban into the node's copy (load `load` of `bans.rs`), dropping lapsed
+    /// ones from Redis on the way.
+    async fn load_bans(&self, load: u64) -> Result<(), EngineError> {
+        let args = vec![Value::from("load"), (now_ms() as i64).into()];
+        let flat: Vec<String> = self.call_bans(args).await?;
+        let users = flat.chunks_exact(2).filter_map(|p| Some((p[0].clone(), p[1].parse().ok()?))).collect();
+        self.bans.loaded(load, users);
+        Ok(())
+    }
+
     /// Refreshes every presence entry this node holds, `PRESENCE_BATCH` entries of one slot per
     /// round trip.
     async fn refresh_presence_once(&self) {
@@ -507,20 +534,28 @@ impl ClusterPlane for RedisEngine {
     }
 
     async fn ban(&self, user: &str, until_ms: u64) -> Result<(), EngineError> {
-        let ttl = until_ms.saturating_sub(now_ms()).max(1) as i64;
-        let expiry = Some(Expiration::PX(ttl));
-        self.call(Operation::Control, |c| c.set(self.keys.ban(user), until_ms as i64, expiry.clone(), None, false))
-            .await
+        let change = serde_json::to_string(&bans::Change { user: user.into(), until_ms: Some(until_ms) })
+            .expect("a ban serialises");
+        let args: Vec<Value> = vec!["ban".into(), user.into(), (until_ms as i64).into(), change.into()];
+        self.call_bans::<i64>(args).await.map(drop)
     }
 
     async fn unban(&self, user: &str) -> Result<bool, EngineError> {
-        let removed: i64 = self.call(Operation::Control, |c| c.del(self.keys.ban(user))).await?;
-        Ok(removed > 0)
+        let change =
+            serde_json::to_string(&bans::Change { user: user.into(), until_ms: None }).expect("an unban serialises");
+        let args: Vec<Value> = vec!["unban".into(), user.into(), (now_ms() as i64).into(), change.into()];
+        Ok(self.call_bans::<i64>(args).await? == 1)
     }
 
+    /// From the node's copy when it can tell the user is not banned (no round trip); from
+    /// Redis when it cannot, or says banned (`bans.rs`).
     async fn banned_until(&self, user: &str) -> Result<Option<u64>, EngineError> {
-        let until: Option<u64> = self.call(Operation::Control, |c| c.get(self.keys.ban(user))).await?;
-        Ok(until.filter(|u| *u > now_ms()))
+        let now = now_ms();
+        if self.live.control_connected() && self.bans.known(user, now) == Some(None) {
+            return Ok(None);
+        }
+        let until: Option<u64> = self.call(Operation::Control, |c| c.hget(self.keys.bans(), user)).await?;
+        Ok(until.filter(|u| *u > now))
     }
 
     async fn backend_stats(&self) -> Result<Option<RedisStats>, EngineError> {

@@ -79,6 +79,11 @@ impl LiveChannels {
     }
 
     /// Every pub/sub connection; the first also carries the control channels.
+    /// Whether the connection carrying the control channels (and ban announcements) is up.
+    pub(super) fn control_connected(&self) -> bool {
+        self.lanes[0].subscriber.is_connected()
+    }
+
     pub(super) fn subscribers(&self) -> impl Iterator<Item = &SubscriberClient> {
         self.lanes.iter().map(|l| &l.subscriber)
     }
@@ -445,10 +450,14 @@ fn release(channels: &mut HashMap<ChannelName, LiveChannel>, channel: &ChannelNa
     false
 }
 
-/// Subscribes the control channels (surveys, and answers to this node's) on the first lane.
+/// Subscribes the control channels (surveys, answers to this node's, ban announcements) on the
+/// first lane, then loads the node's copy of the bans (`bans.rs`: announcements from the
+/// SUBSCRIBE on wait for the load).
 pub(super) async fn subscribe_control(engine: &RedisEngine) -> Result<(), EngineError> {
-    let control = vec![engine.keys.control(), engine.keys.control_reply(&engine.settings.node_id)];
-    on_subscriber(engine, engine.live.lanes[0].subscriber.subscribe(control)).await
+    let load = engine.bans.begin_load();
+    let control = vec![engine.keys.control(), engine.keys.control_reply(&engine.settings.node_id), engine.keys.bans()];
+    on_subscriber(engine, engine.live.lanes[0].subscriber.subscribe(control)).await?;
+    engine.load_bans(load).await
 }
 
 /// Starts one task per lane that turns its pub/sub traffic into deliveries, and the resync task.
@@ -521,6 +530,9 @@ async fn dispatch(
                     return;
                 }
                 engine.metrics.pubsub_reconnects.inc();
+                if ix == 0 {
+                    engine.bans.forget();
+                }
                 tracing::info!(lane = ix, "redis subscriber reconnected: resubscribing and catching up");
                 engine.live.lanes[ix].stale.store(true, Ordering::Relaxed);
                 engine.live.resync.notify_one();
@@ -556,6 +568,9 @@ fn on_message(engine: &Arc<RedisEngine>, message: fred::types::Message) {
     }
     if *message.channel == *engine.keys.control_reply(&engine.settings.node_id) {
         return super::scatter::on_reply(engine, &text);
+    }
+    if *message.channel == *engine.keys.bans() {
+        return engine.bans.on_change(&text);
     }
     let Some(channel) = engine.keys.channel_of(&message.channel) else { return };
     let wire: Wire = match serde_json::from_str(&text) {
