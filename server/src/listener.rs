@@ -33,6 +33,7 @@ pub async fn accept_loop(listener: TcpListener, node: Arc<Node>, plane: Plane) {
     };
     let budget = Budget::new(max);
     let mut backoff = AcceptBackoff::default();
+    let inherited = nodelay_for_all(&listener);
     loop {
         let (stream, remote) = tokio::select! {
             _ = node.stopped() => return,
@@ -53,9 +54,18 @@ pub async fn accept_loop(listener: TcpListener, node: Arc<Node>, plane: Plane) {
             refuse(&node, stream);
             continue;
         };
-        let _ = stream.set_nodelay(true);
+        if !inherited {
+            let _ = stream.set_nodelay(true);
+        }
         tokio::spawn(serve_connection(Counted::new(stream, held), remote, node.clone(), plane));
     }
+}
+
+/// Sets TCP_NODELAY (frames are small and must not wait for an ACK) on the listener, which Linux
+/// copies to every socket it accepts: one setsockopt instead of one per connection. False where
+/// each accepted socket needs its own.
+fn nodelay_for_all(listener: &TcpListener) -> bool {
+    cfg!(target_os = "linux") && socket2::SockRef::from(listener).set_tcp_nodelay(true).is_ok()
 }
 
 /// Answers a connection beyond the budget with a plain 503 and closes it. The socket was just
@@ -129,6 +139,16 @@ impl AcceptBackoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn accepted_sockets_have_nodelay_from_the_listener() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let inherited = nodelay_for_all(&listener);
+        assert_eq!(inherited, cfg!(target_os = "linux"));
+        let _client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        assert_eq!(accepted.nodelay().unwrap(), inherited);
+    }
 
     #[test]
     fn accept_failures_back_off_and_are_logged_once_per_interval() {
