@@ -219,7 +219,7 @@ pub enum PresenceChange {
 
 /// The engine's failures, typed by what they mean for a write, so callers map them to wire codes
 /// (`unavailable` 503, `outcome_unknown` 504) without reading their text.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum EngineError {
     /// Nothing was sent: no connection to the store. A publish was NOT stored; retrying is safe.
     #[error("history store unavailable: {0}")]

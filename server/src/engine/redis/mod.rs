@@ -15,6 +15,7 @@
 //! under an operation label (`pushd_redis_*` metrics).
 
 mod bans;
+mod joins;
 mod keys;
 mod pubsub;
 mod scatter;
@@ -118,6 +119,8 @@ pub struct RedisEngine {
     bans_script: Script,
     /// This node's copy of the bans (`bans.rs`).
     bans: bans::Bans,
+    /// Presence joins waiting for the writer task (`joins.rs`).
+    joins: Arc<joins::Joins>,
     deliver: Weak<dyn Deliver>,
     live: LiveChannels,
     scatter: scatter::Scatter,
@@ -165,6 +168,7 @@ impl RedisEngine {
             presence_write_script: Script::from_lua(include_str!("presence_write.lua")),
             bans_script: Script::from_lua(include_str!("bans.lua")),
             bans: bans::Bans::default(),
+            joins: Arc::default(),
             pool,
             deliver,
             live: LiveChannels::new(subscribers),
@@ -186,6 +190,7 @@ impl RedisEngine {
         topology::spawn(&engine);
         pubsub::subscribe_control(&engine).await.context("subscribing to the control channel")?;
         tokio::spawn(refresh_presence(Arc::downgrade(&engine)));
+        tokio::spawn(joins::write_joins(engine.joins.clone(), Arc::downgrade(&engine)));
         Ok(engine)
     }
 
@@ -329,9 +334,10 @@ impl RedisEngine {
 
     /// Writes presence entries and pushes out their lapse times and both keys' expiry, in one
     /// script call (`presence_write.lua`: one command for the node to send, where four per
-    /// entry cost it more CPU than the rest of a subscribe); `join` writes one, every refresh
-    /// writes them all, so entries survive as long as their node and come back after Redis lost
-    /// them. On a cluster the entries must share a slot (`refresh_presence_once` groups them).
+    /// entry cost it more CPU than the rest of a subscribe); joins write those that queued
+    /// together (`joins.rs`), every refresh writes them all, so entries survive as long as their
+    /// node and come back after Redis lost them. On a cluster the entries must share a slot
+    /// (`joins::slot_chunks` groups them).
     async fn write_presence(&self, entries: &[(ChannelName, ClientInfo)]) -> Result<(), EngineError> {
         let lapse = (now_ms() + self.settings.presence_ttl.as_millis() as u64) as i64;
         let keep = secs(self.settings.presence_ttl) * 2;
@@ -369,25 +375,31 @@ impl RedisEngine {
     /// Refreshes every presence entry this node holds, `PRESENCE_BATCH` entries of one slot per
     /// round trip.
     async fn refresh_presence_once(&self) {
-        let mut entries: Vec<(u16, ChannelName, ClientInfo)> = lock(&self.present)
-            .iter()
-            .map(|((c, _), info)| {
-                (fred::util::redis_keyslot(self.keys.presence(c).as_bytes()), c.clone(), info.clone())
-            })
-            .collect();
-        entries.sort_unstable_by_key(|(slot, ..)| *slot);
-        for batch in entries.chunk_by(|a, b| a.0 == b.0).flat_map(|same_slot| same_slot.chunks(PRESENCE_BATCH)) {
-            let batch: Vec<(ChannelName, ClientInfo)> = batch.iter().map(|(_, c, i)| (c.clone(), i.clone())).collect();
+        let entries: Vec<(ChannelName, ClientInfo)> =
+            lock(&self.present).iter().map(|((c, _), info)| (c.clone(), info.clone())).collect();
+        for batch in joins::slot_chunks(entries, |(c, _)| self.presence_slot(c)) {
             if let Err(e) = self.write_presence(&batch).await {
                 tracing::debug!(error = %e, "presence refresh failed");
                 return;
             }
         }
     }
+
+    /// The slot of `channel`'s presence keys on a cluster; 0 elsewhere, where one script call
+    /// may touch any keys.
+    fn presence_slot(&self, channel: &ChannelName) -> u16 {
+        match self.deployment {
+            Deployment::Cluster => fred::util::redis_keyslot(self.keys.presence(channel).as_bytes()),
+            _ => 0,
+        }
+    }
 }
 
-/// Presence entries refreshed per round trip.
-const PRESENCE_BATCH: usize = 128;
+impl Drop for RedisEngine {
+    fn drop(&mut self) {
+        self.joins.close();
+    }
+}
 
 async fn refresh_presence(engine: Weak<RedisEngine>) {
     let every = match engine.upgrade() {
@@ -450,7 +462,7 @@ impl DataPlane for RedisEngine {
     }
 
     async fn join(&self, channel: &ChannelName, client: &ClientInfo, announce: bool) -> Result<(), EngineError> {
-        self.write_presence(&[(channel.clone(), client.clone())]).await?;
+        self.joins.join(channel, client).await?;
         lock(&self.present).insert((channel.clone(), client.conn.clone()), client.clone());
         if announce {
             self.announce(PresenceChange::Join, channel, client).await;
