@@ -455,6 +455,8 @@ async fn a_connection_storm_over_many_channels_subscribes_in_batches_and_deliver
     let redis = RedisServer::start().await;
     let node = TestNode::start(quick_stop(redis_config(&redis, "n0"))).await;
     let before = command_calls(&redis, "subscribe").await;
+    let presence_writes = r#"pushd_redis_command_duration_seconds_count{operation="presence"}"#;
+    let writes_before = node.metric(presence_writes).await;
     // Every client on its own channel, all subscribing at once.
     let clients = join_all((0..CLIENTS).map(|i| {
         let node = &node;
@@ -468,6 +470,12 @@ async fn a_connection_storm_over_many_channels_subscribes_in_batches_and_deliver
     .await;
     let subscribes = command_calls(&redis, "subscribe").await - before;
     assert!(subscribes < CLIENTS as u64, "{subscribes} SUBSCRIBE commands for {CLIENTS} channels: not batched");
+    // Their presence entries too went to Redis in batches, and each is stored.
+    let writes = node.metric(presence_writes).await - writes_before;
+    assert!(writes < CLIENTS as f64, "{writes} presence writes for {CLIENTS} joins: not batched");
+    for (i, c) in clients.iter().enumerate() {
+        assert_eq!(presence(&node, &format!("storm:{i}")).await, json!([entry(c)]));
+    }
     for i in 0..CLIENTS {
         node.publish(&format!("storm:{i}"), json!({ "i": i })).await;
     }
