@@ -362,12 +362,17 @@ impl RedisEngine {
         self.call(Operation::Control, |c| self.bans_script.evalsha_with_reload(c, keys.clone(), args.clone())).await
     }
 
-    /// Reads every live ban into the node's copy (load `load` of `bans.rs`), dropping lapsed
-    /// ones from Redis on the way.
+    /// Reads every live ban into the node's copy (load `load` of `bans.rs`). A plain read, so
+    /// that a node starts and resubscribes while Redis refuses writes; lapsed entries are
+    /// dropped by the next ban.
     async fn load_bans(&self, load: u64) -> Result<(), EngineError> {
-        let args = vec![Value::from("load"), (now_ms() as i64).into()];
-        let flat: Vec<String> = self.call_bans(args).await?;
-        let users = flat.chunks_exact(2).filter_map(|p| Some((p[0].clone(), p[1].parse().ok()?))).collect();
+        let all: HashMap<String, String> = self.call(Operation::Control, |c| c.hgetall(self.keys.bans())).await?;
+        let now = now_ms();
+        let users = all
+            .into_iter()
+            .filter_map(|(user, until)| Some((user, until.parse::<u64>().ok()?)))
+            .filter(|(_, until)| *until > now)
+            .collect();
         self.bans.loaded(load, users);
         Ok(())
     }
@@ -548,7 +553,8 @@ impl ClusterPlane for RedisEngine {
     async fn ban(&self, user: &str, until_ms: u64) -> Result<(), EngineError> {
         let change = serde_json::to_string(&bans::Change { user: user.into(), until_ms: Some(until_ms) })
             .expect("a ban serialises");
-        let args: Vec<Value> = vec!["ban".into(), user.into(), (until_ms as i64).into(), change.into()];
+        let args: Vec<Value> =
+            vec!["ban".into(), user.into(), (until_ms as i64).into(), change.into(), (now_ms() as i64).into()];
         self.call_bans::<i64>(args).await.map(drop)
     }
 
