@@ -8,6 +8,7 @@ mod cli;
 mod floor;
 mod fuzz;
 mod publisher;
+mod rawws;
 mod replay;
 mod report;
 mod subscriber;

@@ -13,23 +13,21 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use hdrhistogram::Histogram;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, Semaphore, mpsc, watch};
 use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::tungstenite::Message;
 
 use crate::checker::{Checker, Seen};
 use crate::cli::{Fanout, Node};
 use crate::publisher::unix_micros;
+use crate::rawws::{Frame as WsFrame, OpenError, RawWs};
 use crate::report::Latency;
 
-/// Bytes read per syscall per connection; eagerly allocated, so it is most of a socket's cost.
-const READ_BUFFER: usize = 4 * 1024;
 /// Latency samples a task buffers before merging them into its shard.
 const LATENCY_BATCH: usize = 256;
 /// Deliveries a task counts before adding them to the shared progress counter.
@@ -43,7 +41,7 @@ const MAX_REJOINS: u32 = 5;
 /// Close codes after which a client must not reconnect (DESIGN.md close-code table).
 const FINAL_CLOSES: [u16; 4] = [4001, 4003, 4009, 4011];
 
-type Ws = WebSocketStream<TcpStream>;
+type Ws = RawWs;
 
 /// What every subscriber watches: the last published offset of each channel once known (`None`
 /// for a channel nothing was published to), and the stop signal.
@@ -144,7 +142,7 @@ pub async fn run(
     loop {
         let (code, stormed) = match sub.read(&mut ws, &mut goal).await {
             Ended::Stop => {
-                let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
+                let _ = tokio::time::timeout(Duration::from_secs(1), ws.close()).await;
                 break;
             }
             Ended::Closed(code, reason) => {
@@ -317,30 +315,40 @@ impl Subscriber {
             let changed = goal.changed();
             tokio::pin!(changed);
             open = loop {
+                if let Some(end) = self.take_frames(ws).await {
+                    return end;
+                }
                 tokio::select! {
                     biased;
                     r = &mut changed => break r.is_ok(),
-                    msg = ws.next() => if let Some(end) = self.on_message(msg) {
-                        return end;
+                    read = ws.fill() => match read {
+                        Ok(0) => return Ended::Closed(1006, "connection closed without a close frame".into()),
+                        Ok(_) => {}
+                        Err(e) => return Ended::Closed(1006, e.to_string()),
                     },
                 }
             };
         }
     }
 
-    fn on_message(&mut self, msg: Option<Result<Message, WsError>>) -> Option<Ended> {
-        match msg {
-            Some(Ok(Message::Text(text))) => {
-                self.on_frame(text.as_str());
-                None
+    /// Handles every whole frame in `ws`'s buffer (answering pings); `Some` when one ends the
+    /// connection.
+    async fn take_frames(&mut self, ws: &mut Ws) -> Option<Ended> {
+        loop {
+            let ping = match ws.frame() {
+                Ok(None) => return None,
+                Ok(Some(WsFrame::Text(text))) => {
+                    self.on_frame(text);
+                    continue;
+                }
+                Ok(Some(WsFrame::Close(code, reason))) => return Some(Ended::Closed(code, reason)),
+                Ok(Some(WsFrame::Ping(payload))) => payload,
+                Ok(Some(WsFrame::Other)) => continue,
+                Err(e) => return Some(Ended::Closed(1006, e.to_string())),
+            };
+            if let Err(e) = ws.send(0xA, &ping).await {
+                return Some(Ended::Closed(1006, e.to_string()));
             }
-            Some(Ok(Message::Close(frame))) => {
-                let (code, reason) = frame.map_or((1005, String::new()), |f| (f.code.into(), f.reason.to_string()));
-                Some(Ended::Closed(code, reason))
-            }
-            Some(Ok(_)) => None,
-            Some(Err(e)) => Some(Ended::Closed(1006, e.to_string())),
-            None => Some(Ended::Closed(1006, "connection closed without a close frame".into())),
         }
     }
 
@@ -446,17 +454,15 @@ async fn join_now(
 ) -> anyhow::Result<(Ws, Reply)> {
     let stream = TcpStream::connect(&node.authority).await.map_err(|e| io_error(e, &node.authority))?;
     stream.set_nodelay(true)?;
-    let url = match &plan.token {
-        Some(token) => format!("{}?token={token}", node.ws_url),
-        None => format!("{}?user=load-{n}", node.ws_url),
+    let query = match &plan.token {
+        Some(token) => format!("token={token}"),
+        None => format!("user=load-{n}"),
     };
-    let config = WebSocketConfig::default()
-        .read_buffer_size(READ_BUFFER)
-        .write_buffer_size(0)
-        .max_message_size(Some(plan.load.payload_bytes + 64 * 1024));
-    let (mut ws, _) = tokio_tungstenite::client_async_with_config(url, stream, Some(config))
+    let path = format!("{}?{query}", node.ws_url.path());
+    let mask = (n as u32).wrapping_mul(2_654_435_761).to_be_bytes();
+    let mut ws = RawWs::open(stream, &node.authority, &path, plan.load.payload_bytes + 64 * 1024, mask)
         .await
-        .map_err(|e| ws_error(e, &node.authority))?;
+        .map_err(|e| open_error(e, &node.authority))?;
     let welcome = next_reply(&mut ws).await.context("waiting for the welcome frame")?;
     if welcome.kind != "welcome" {
         bail!("expected a welcome frame first, got type {:?}", welcome.kind);
@@ -465,7 +471,7 @@ async fn join_now(
     if let Some((epoch, offset)) = since {
         cmd["since"] = serde_json::json!({"epoch": epoch, "offset": offset});
     }
-    ws.send(Message::text(cmd.to_string())).await.context("sending subscribe")?;
+    ws.send_text(&cmd.to_string()).await.context("sending subscribe")?;
     let reply = next_reply(&mut ws).await.context("waiting for the subscribe reply")?;
     match (reply.kind.as_str(), reply.ok) {
         ("reply", Some(true)) if reply.offset.is_some() => Ok((ws, reply)),
@@ -474,9 +480,23 @@ async fn join_now(
     }
 }
 
-/// The next text frame, parsed as a reply-shaped frame.
+/// The next text frame, parsed as a reply; pings are answered, a close or an error is an error.
 async fn next_reply(ws: &mut Ws) -> anyhow::Result<Reply> {
-    next_json(ws).await
+    loop {
+        let ping = match ws.frame().context("reading from the socket")? {
+            Some(WsFrame::Text(text)) => return serde_json::from_str(text).context("malformed frame"),
+            Some(WsFrame::Close(code, reason)) => bail!("server closed the socket: {code} {reason}"),
+            Some(WsFrame::Ping(payload)) => payload,
+            Some(WsFrame::Other) => continue,
+            None => {
+                if ws.fill().await.context("reading from the socket")? == 0 {
+                    bail!("server closed the connection");
+                }
+                continue;
+            }
+        };
+        ws.send(0xA, &ping).await.context("answering a ping")?;
+    }
 }
 
 /// The next text frame, parsed as `T`; a close or an error is an error.
@@ -514,14 +534,11 @@ fn io_error(e: std::io::Error, authority: &str) -> anyhow::Error {
     }
 }
 
-fn ws_error(e: WsError, authority: &str) -> anyhow::Error {
+fn open_error(e: OpenError, authority: &str) -> anyhow::Error {
     match e {
-        WsError::Io(e) => io_error(e, authority),
-        WsError::Http(response) => {
-            let body = response.body().as_deref().map(String::from_utf8_lossy).unwrap_or_default();
-            anyhow!("WebSocket upgrade refused with HTTP {}: {}", response.status(), body.trim())
-        }
-        e => anyhow::Error::new(e).context("WebSocket handshake"),
+        OpenError::Io(e) => io_error(e, authority),
+        OpenError::Refused(status, body) => anyhow!("WebSocket upgrade refused with HTTP {status}: {}", body.trim()),
+        OpenError::Protocol(what) => anyhow!("WebSocket handshake with {authority}: {what}"),
     }
 }
 
