@@ -6,13 +6,13 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use futures_util::SinkExt;
+use futures_util::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
+use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::cli::ReplayArgs;
 use crate::report::{Text, Verdict, json};
-use crate::subscriber::next_json;
 
 /// How long one replay may take before the run gives up on it.
 const REPLAY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -138,5 +138,22 @@ impl Verdict for ReplayReport {
 
     fn to_json(&self) -> String {
         json(self, self.failures.clone())
+    }
+}
+
+/// The next text frame, parsed as `T`; a close or an error is an error.
+async fn next_json<T, S>(ws: &mut WebSocketStream<S>) -> anyhow::Result<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Text(text))) => return serde_json::from_str(&text).context("malformed frame"),
+            Some(Ok(Message::Close(frame))) => bail!("server closed the socket: {frame:?}"),
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => return Err(e).context("reading from the socket"),
+            None => bail!("server closed the connection"),
+        }
     }
 }

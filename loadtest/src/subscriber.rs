@@ -13,14 +13,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
-use futures_util::StreamExt;
 use hdrhistogram::Histogram;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, Semaphore, mpsc, watch};
-use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::Message;
 
 use crate::checker::{Checker, Seen};
 use crate::cli::{Fanout, Node};
@@ -496,23 +493,6 @@ async fn next_reply(ws: &mut Ws) -> anyhow::Result<Reply> {
             }
         };
         ws.send(0xA, &ping).await.context("answering a ping")?;
-    }
-}
-
-/// The next text frame, parsed as `T`; a close or an error is an error.
-pub async fn next_json<T, S>(ws: &mut WebSocketStream<S>) -> anyhow::Result<T>
-where
-    T: serde::de::DeserializeOwned,
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    loop {
-        match ws.next().await {
-            Some(Ok(Message::Text(text))) => return serde_json::from_str(&text).context("malformed frame"),
-            Some(Ok(Message::Close(frame))) => bail!("server closed the socket: {frame:?}"),
-            Some(Ok(_)) => continue,
-            Some(Err(e)) => return Err(e).context("reading from the socket"),
-            None => bail!("server closed the connection"),
-        }
     }
 }
 
