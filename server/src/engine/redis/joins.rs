@@ -71,13 +71,13 @@ pub(super) async fn write_joins(joins: Arc<Joins>, engine: Weak<RedisEngine>) {
 }
 
 /// `items` in chunks of at most `PRESENCE_BATCH` that share a slot (what one script call may
-/// touch on a cluster).
-pub(super) fn slot_chunks<T>(mut items: Vec<T>, slot: impl Fn(&T) -> u16) -> Vec<Vec<T>> {
-    items.sort_by_key(&slot);
+/// touch on a cluster); `slot` is asked once per item.
+pub(super) fn slot_chunks<T>(items: Vec<T>, slot: impl Fn(&T) -> u16) -> Vec<Vec<T>> {
+    let mut slotted: Vec<(u16, T)> = items.into_iter().map(|item| (slot(&item), item)).collect();
+    slotted.sort_by_key(|(s, _)| *s);
     let mut chunks: Vec<Vec<T>> = Vec::new();
     let mut last = None;
-    for item in items {
-        let s = slot(&item);
+    for (s, item) in slotted {
         match chunks.last_mut() {
             Some(chunk) if last == Some(s) && chunk.len() < PRESENCE_BATCH => chunk.push(item),
             _ => chunks.push(vec![item]),
