@@ -108,8 +108,8 @@ fn accept(req: &mut Request<Incoming>) -> Result<(Response<Body>, OnUpgrade), &'
 async fn open(upgrade: OnUpgrade, config: WebSocketConfig) -> Result<(Arc<Wire>, WsStream), String> {
     let upgraded = upgrade.await.map_err(|e| e.to_string())?;
     let parts = upgraded.downcast::<TokioIo<Counted>>().map_err(|_| "the upgraded connection is not a TCP stream")?;
-    let (stream, held) = parts.io.into_inner().into_parts();
-    let wire = Arc::new(Wire::new(stream, held));
+    let (stream, held, switching) = parts.io.into_inner().into_parts();
+    let wire = Arc::new(Wire::new(stream, held, switching));
     // An empty `read_buf` may still hold hyper's whole read buffer alive: keep only real bytes.
     let early = if parts.read_buf.is_empty() { Bytes::new() } else { Bytes::copy_from_slice(&parts.read_buf) };
     let io = WireIo { wire: wire.clone(), early };

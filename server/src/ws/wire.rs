@@ -47,6 +47,8 @@ struct Outbound {
     messages: u64,
     /// In the hub flusher's list: set by the fan-out's first frame, cleared by its flush.
     flushing: bool,
+    /// The queue holds only the upgrade's 101 head, unsent: the first frame joins it.
+    switching: bool,
 }
 
 /// Chunks in order, the first kept inline: a socket written as fast as frames come (the usual
@@ -68,6 +70,7 @@ impl Chunks {
         }
     }
 
+    #[cfg(test)]
     fn extend(&mut self, chunks: impl IntoIterator<Item = Chunk>) {
         for chunk in chunks {
             self.push_back(chunk);
@@ -151,6 +154,24 @@ fn encode_text(text: &Utf8Bytes) -> Bytes {
 const PING: [u8; 2] = [0x89, 0x00];
 
 impl Outbound {
+    /// Queues `chunk`. The first one after the upgrade is copied into the 101 head's buffer, so
+    /// both go out in one plain `send` and the queue never needs more than its inline slot.
+    fn push(&mut self, chunk: Chunk) {
+        if std::mem::take(&mut self.switching)
+            && self.sent == 0
+            && self.queue.len() == 1
+            && let Some(head) = self.queue.first.take()
+        {
+            let mut joined = Vec::with_capacity(head.len() + chunk.len());
+            joined.extend_from_slice(&head.body);
+            joined.extend_from_slice(&chunk.header[..chunk.header_len as usize]);
+            joined.extend_from_slice(&chunk.body);
+            self.queue.push_back(Chunk::raw(joined.into()));
+            return;
+        }
+        self.queue.push_back(chunk);
+    }
+
     /// Fills `slices` with the queue's unwritten bytes, oldest first; returns how many it used.
     fn slices<'a>(&'a self, slices: &mut [IoSlice<'a>; MAX_SLICES]) -> usize {
         let mut n = 0;
@@ -192,17 +213,26 @@ impl Outbound {
 }
 
 impl Wire {
-    pub fn new(stream: TcpStream, held: Held) -> Self {
-        Self { out: Mutex::new(Outbound::default()), stream, blocked: Notify::new(), _held: held }
+    /// A wire whose first write starts with `switching`, the upgrade's 101 head held back by
+    /// `tcp::Counted` (empty if none), so that it goes out with the first frame.
+    pub fn new(stream: TcpStream, held: Held, switching: Bytes) -> Self {
+        let mut out = Outbound::default();
+        if !switching.is_empty() {
+            out.queue.push_back(Chunk::raw(switching));
+            out.switching = true;
+        }
+        Self { out: Mutex::new(out), stream, blocked: Notify::new(), _held: held }
     }
 
     /// Queues `frames` (and a ping, if `ping`) and writes what the socket takes now. True when
     /// nothing is left waiting; otherwise `flushed` finishes the job.
     pub fn send(&self, frames: impl IntoIterator<Item = Utf8Bytes>, ping: bool) -> io::Result<bool> {
         let mut out = lock(&self.out);
-        out.queue.extend(frames.into_iter().map(Chunk::text));
+        for frame in frames {
+            out.push(Chunk::text(frame));
+        }
         if ping {
-            out.queue.push_back(Chunk::raw(Bytes::from_static(&PING)));
+            out.push(Chunk::raw(Bytes::from_static(&PING)));
         }
         self.write_out(&mut out)
     }
@@ -271,7 +301,7 @@ impl Outlet for Wire {
         // per frame in the `writev`.
         let frame = delivery.encoded.get_or_init(|| encode_text(&delivery.frame));
         let mut out = lock(&self.out);
-        out.queue.push_back(Chunk::raw(frame.clone()));
+        out.push(Chunk::raw(frame.clone()));
         out.messages += 1;
         let first = !std::mem::replace(&mut out.flushing, true);
         Queued { waiting: out.queue.len(), first }
@@ -325,7 +355,7 @@ impl AsyncRead for WireIo {
 
 impl AsyncWrite for WireIo {
     fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        lock(&self.wire.out).queue.push_back(Chunk::raw(Bytes::copy_from_slice(buf)));
+        lock(&self.wire.out).push(Chunk::raw(Bytes::copy_from_slice(buf)));
         Poll::Ready(Ok(buf.len()))
     }
 
@@ -364,6 +394,25 @@ mod tests {
         let huge = Chunk::text(Utf8Bytes::from("x".repeat(70_000)));
         assert_eq!(&huge.body[..10], [0x81, 127, 0, 0, 0, 0, 0, 1, 0x11, 0x70]);
         assert_eq!(huge.len(), 70_010);
+    }
+
+    #[test]
+    fn the_first_frame_joins_the_101_head_in_one_chunk_and_later_ones_queue_behind() {
+        let mut out = Outbound::default();
+        out.queue.push_back(Chunk::raw(Bytes::from_static(b"HTTP/1.1 101 S\r\n\r\n")));
+        out.switching = true;
+        out.push(Chunk::text(Utf8Bytes::from_static("hi")));
+        assert_eq!(out.queue.len(), 1, "one chunk, one plain send");
+        out.push(Chunk::text(Utf8Bytes::from_static("yo")));
+        assert_eq!(out.queue.len(), 2);
+        assert_eq!(flat(&out), b"HTTP/1.1 101 S\r\n\r\n\x81\x02hi\x81\x02yo");
+        // A 101 already being written is not touched: the frame queues behind it.
+        let mut out = Outbound::default();
+        out.queue.push_back(Chunk::raw(Bytes::from_static(b"HTTP/1.1 101 S\r\n\r\n")));
+        out.switching = true;
+        out.consume(3);
+        out.push(Chunk::text(Utf8Bytes::from_static("hi")));
+        assert_eq!(flat(&out), b"P/1.1 101 S\r\n\r\n\x81\x02hi");
     }
 
     #[test]
