@@ -40,6 +40,9 @@ test("auto: a WebSocket that opened resets the count; only two failures in a row
   await settle(1);
   t.ws().open(); // opened: the transport works
   t.ws().serverClose(1006);
+  await settle();
+  assert.equal(t.fetch.requests.length, 0, "a WebSocket that opened and then closed does not fall back");
+  assert.equal(t.client.state, "disconnected");
   t.clock.advance(last(t, "disconnected").delay);
   await refuseWebSocket(t);
   assert.equal(t.fetch.requests.length, 0, "one failure before open since the last open");
@@ -128,20 +131,6 @@ test("auto: once WebSockets fail twice, a WebSocket and SSE failing together cou
   await settle();
   assert.equal(t.named("disconnected").length, 3);
   assert.equal(last(t, "disconnected").delay, 400, "the third failure");
-});
-
-test("auto: a WebSocket that opened and then closed does not fall back", async () => {
-  const t = setup({ random: () => 0.5 });
-  t.client.subscribe("a", () => {});
-  t.client.connect();
-  await refuseWebSocket(t);
-  t.clock.advance(250);
-  await settle(1);
-  t.ws().open();
-  t.ws().serverClose(1006);
-  await settle();
-  assert.equal(t.fetch.requests.length, 0);
-  assert.equal(t.client.state, "disconnected");
 });
 
 test("auto: WebSockets that never open within connectTimeout, twice, fall back to SSE", async () => {
