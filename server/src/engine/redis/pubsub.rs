@@ -561,18 +561,24 @@ async fn resync(engine: &Arc<RedisEngine>, ix: usize) -> Result<(), EngineError>
     resubscribed
 }
 
+/// A message on one of the control channels (`subscribe_control`).
+fn on_control(engine: &Arc<RedisEngine>, name: &str, text: &str) {
+    if name == engine.keys.control() {
+        super::scatter::on_request(engine, text)
+    } else if name == engine.keys.control_reply(&engine.settings.node_id) {
+        super::scatter::on_reply(engine, text)
+    } else if name == engine.keys.bans() {
+        engine.bans.on_change(text)
+    }
+}
+
 fn on_message(engine: &Arc<RedisEngine>, message: fred::types::Message) {
     let Some(text) = message.value.as_str() else { return };
-    if *message.channel == *engine.keys.control() {
-        return super::scatter::on_request(engine, &text);
-    }
-    if *message.channel == *engine.keys.control_reply(&engine.settings.node_id) {
-        return super::scatter::on_reply(engine, &text);
-    }
-    if *message.channel == *engine.keys.bans() {
-        return engine.bans.on_change(&text);
-    }
-    let Some(channel) = engine.keys.channel_of(&message.channel) else { return };
+    // A channel's messages first: the control channels' names (no braces) are built only for
+    // the rare message that is not one.
+    let Some(channel) = engine.keys.channel_of(&message.channel) else {
+        return on_control(engine, &message.channel, &text);
+    };
     let wire: Wire = match serde_json::from_str(&text) {
         Ok(w) => w,
         Err(e) => return tracing::warn!(%channel, error = %e, "unreadable pub/sub message"),
