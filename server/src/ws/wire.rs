@@ -26,6 +26,8 @@ use crate::tcp::Held;
 /// Most slices handed to one `writev` (the kernel takes at most 1024): 16 to 32 frames, some
 /// kilobytes, per system call, and a small array to fill on every write.
 const MAX_SLICES: usize = 32;
+/// Frames a queue's overflow buffer is made for at once: what one `writev` takes.
+const BURST: usize = MAX_SLICES;
 
 /// One WebSocket's socket and the frames waiting to be written to it.
 pub struct Wire {
@@ -66,6 +68,10 @@ impl Chunks {
         if self.first.is_none() {
             self.first = Some(chunk);
         } else {
+            if self.rest.capacity() == 0 {
+                // A burst gets its buffer in one allocation, not one per doubling.
+                self.rest.reserve_exact(BURST);
+            }
             self.rest.push_back(chunk);
         }
     }
@@ -84,7 +90,7 @@ impl Chunks {
     /// Drops the first chunk; a queue a burst grew gives its buffer back once drained.
     fn pop_front(&mut self) {
         self.first = self.rest.pop_front();
-        if self.first.is_none() && self.rest.capacity() > 16 {
+        if self.first.is_none() && self.rest.capacity() >= BURST {
             self.rest = VecDeque::new();
         }
     }
@@ -431,7 +437,9 @@ mod tests {
     #[test]
     fn a_burst_comes_out_in_order_and_its_buffer_is_given_back_once_drained() {
         let mut q = Chunks::default();
-        q.extend((0..40u8).map(|i| Chunk::raw(Bytes::from(vec![i]))));
+        q.extend((0..20u8).map(|i| Chunk::raw(Bytes::from(vec![i]))));
+        assert_eq!(q.rest.capacity(), BURST, "a burst's buffer made once, at its full size");
+        q.extend((20..40u8).map(|i| Chunk::raw(Bytes::from(vec![i]))));
         assert_eq!(q.len(), 40);
         let mut order = Vec::new();
         while let Some(c) = q.front() {
