@@ -9,6 +9,12 @@
 //! bounded share of a core, and leaves the rest of the machine (the readers on the other end
 //! of loopback, the kernel's packet processing) the CPU it needs. Rounds shorter than
 //! `MIN_REST` (a small node, a quiet channel) never rest: their frames are written at once.
+//!
+//! A round of more than `SPLIT_FROM` sockets is split among the runtime's workers, one part
+//! each, written at the same time: a write is a system call of several microseconds, so one
+//! thread writing every socket of a node caps the node at one core's worth of writes, and the
+//! last socket of a 10,000-socket round waits for the 9,999 before it. Each socket is in one
+//! part only, so its frames still go out in order.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -25,6 +31,9 @@ use crate::locks::lock;
 const MAX_REST: Duration = Duration::from_millis(20);
 /// Rests shorter than this are skipped (the timer's resolution is a millisecond).
 const MIN_REST: Duration = Duration::from_millis(1);
+/// Rounds of more sockets than this are split among the runtime's workers: below it, a round
+/// takes a few milliseconds and waking another worker would cost more than it saves.
+const SPLIT_FROM: usize = 256;
 
 /// Sockets with frames to write, and the flusher's wake-up.
 #[derive(Default)]
@@ -67,10 +76,10 @@ impl Flusher {
         self.wake.notify_one();
     }
 
-    /// Writes every dirty socket, round after round; a socket that cannot take everything
-    /// wakes its session's task, which waits for it. Observes store-to-write latency once a
-    /// round (its oldest message).
+    /// Writes every dirty socket, round after round, a big round on every worker at once.
+    /// Observes store-to-write latency once a round (its oldest message).
     pub async fn run(self: Arc<Self>, latency: Histogram) {
+        let workers = tokio::runtime::Handle::current().metrics().num_workers();
         let mut round = Vec::new();
         loop {
             self.wake.notified().await;
@@ -83,11 +92,10 @@ impl Flusher {
                 std::mem::swap(&mut dirty.lanes, &mut round);
                 dirty.oldest_us.take()
             };
-            for express in round.drain(..) {
-                // Flushing takes it off the list: frames queued from now on put it back in.
-                if !matches!(express.flush(), Ok(true)) {
-                    express.blocked().notify_one();
-                }
+            if workers > 1 && round.len() > SPLIT_FROM {
+                write_in_parallel(split(&mut round, workers)).await;
+            } else {
+                write(round.drain(..));
             }
             if let Some(t) = oldest {
                 latency.observe(now_us().saturating_sub(t) as f64 / 1e6);
@@ -101,5 +109,121 @@ impl Flusher {
                 tokio::time::sleep(rest).await;
             }
         }
+    }
+}
+
+/// Writes every socket of `lanes`; a socket that cannot take everything wakes its session's
+/// task, which waits for it.
+fn write(lanes: impl IntoIterator<Item = Express>) {
+    for express in lanes {
+        // Flushing takes it off the list: frames queued from now on put it back in.
+        if !matches!(express.flush(), Ok(true)) {
+            express.blocked().notify_one();
+        }
+    }
+}
+
+/// Moves `round`'s lanes into `parts` parts of nearly equal size (fewer if there are fewer
+/// lanes), leaving `round` empty with its buffer kept.
+fn split(round: &mut Vec<Express>, parts: usize) -> Vec<Vec<Express>> {
+    let per = round.len().div_ceil(parts.max(1)).max(1);
+    let mut out = Vec::with_capacity(parts);
+    while !round.is_empty() {
+        let at = round.len().saturating_sub(per);
+        out.push(round.split_off(at));
+    }
+    out
+}
+
+/// Writes each part on a task of its own and waits for all. Every part is spawned (none is
+/// written inline) so that the runtime's other workers can take them: the task a worker
+/// spawns last waits in a slot of that worker's that others do not steal from.
+async fn write_in_parallel(parts: Vec<Vec<Express>>) {
+    let tasks: Vec<_> = parts.into_iter().map(|part| tokio::spawn(async move { write(part) })).collect();
+    for task in tasks {
+        // A panicking write loses that part's round, not the flusher.
+        let _ = task.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::hub::{Delivery, Outlet, Queued};
+
+    /// An outlet that counts its flushes. With a `gate`, its flush also arrives there and
+    /// waits (up to 10 s) until a second flush has arrived: one thread writing the parts of a
+    /// round in turn never gets past it.
+    #[derive(Default)]
+    struct Socket {
+        flushes: AtomicUsize,
+        gate: Option<Arc<AtomicUsize>>,
+        notify: Notify,
+    }
+
+    impl Outlet for Socket {
+        fn queue(&self, _: &Delivery) -> Queued {
+            unreachable!("the flusher only flushes")
+        }
+        fn flush(&self) -> std::io::Result<bool> {
+            self.flushes.fetch_add(1, Ordering::SeqCst);
+            if let Some(gate) = &self.gate {
+                gate.fetch_add(1, Ordering::SeqCst);
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while gate.load(Ordering::SeqCst) < 2 {
+                    assert!(Instant::now() < deadline, "no other part was being written meanwhile");
+                    std::hint::spin_loop();
+                }
+            }
+            Ok(true)
+        }
+        fn messages(&self) -> u64 {
+            0
+        }
+        fn blocked(&self) -> &Notify {
+            &self.notify
+        }
+    }
+
+    fn sockets(n: usize) -> (Vec<Arc<Socket>>, Vec<Express>) {
+        let all: Vec<Arc<Socket>> = (0..n).map(|_| Arc::default()).collect();
+        let lanes = all.iter().map(|s| s.clone() as Express).collect();
+        (all, lanes)
+    }
+
+    fn flushed_once(all: &[Arc<Socket>]) -> bool {
+        all.iter().all(|s| s.flushes.load(Ordering::SeqCst) == 1)
+    }
+
+    #[test]
+    fn a_round_splits_into_parts_that_hold_every_lane_once() {
+        for (n, parts) in [(0, 2), (1, 2), (257, 2), (1000, 3), (1001, 4), (5, 8)] {
+            let (all, mut round) = sockets(n);
+            let split = split(&mut round, parts);
+            assert!(round.is_empty());
+            let sizes: Vec<usize> = split.iter().map(Vec::len).collect();
+            assert!(sizes.len() <= parts && sizes.iter().all(|&s| s <= n.div_ceil(parts)), "{n} in {parts}: {sizes:?}");
+            write(split.into_iter().flatten());
+            assert!(flushed_once(&all), "{n} lanes in {parts} parts");
+        }
+    }
+
+    /// Each part of a big round starts with a gated socket: the round completes only if two
+    /// workers write the parts at the same time.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_big_round_is_written_by_two_workers_at_once() {
+        let (all, mut round) = sockets(2 * SPLIT_FROM);
+        let gate = Arc::new(AtomicUsize::new(0));
+        let gated: Vec<Arc<Socket>> =
+            (0..2).map(|_| Arc::new(Socket { gate: Some(gate.clone()), ..Socket::default() })).collect();
+        let mut parts = split(&mut round, 2);
+        for (part, first) in parts.iter_mut().zip(&gated) {
+            part.insert(0, first.clone());
+        }
+        write_in_parallel(parts).await;
+        assert!(flushed_once(&all) && flushed_once(&gated));
     }
 }
