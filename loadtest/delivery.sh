@@ -7,6 +7,8 @@
 #   half      half the unpaced publish rate: p99 publish-to-delivery
 #   idle      5,000 subscribers over the two nodes: RSS per idle connection, CPU per connect
 #   many      18,000 subscribers on one node: RSS per idle connection, CPU per connect
+#   one       the paced run's 2,000 subscribers on one node (not in the default list): p50/p99
+#             when one node writes them all
 #   replay    1,000 missed messages replayed on resubscribe, memory engine and Redis engine
 # Every line says whether pushload's checks passed (nothing lost, duplicated or reordered).
 # Usage: loadtest/delivery.sh [runs, default 1] [sections, default all: "floor paced unpaced half idle
@@ -86,6 +88,10 @@ print("floor    %d writes of %d bytes to %d sockets: user %.2f + sys %.2f = %.2f
         start; fanout "half" --subscribers 2000 --rate "$half" --messages $(( half * 10 )) --publishers 8; stop ;;
       idle)
         start; fanout "idle" --subscribers 5000 --rate 10 --messages 10 --publishers 1; stop ;;
+      one)
+        start
+        urls=http://127.0.0.1:18090 watch="--pid ${node_pids[0]} --redis-pid $redis_pid"
+        fanout "one" --subscribers 2000 --rate 30 --messages 300 --publishers 2; stop ;;
       many)
         start
         urls=http://127.0.0.1:18090 watch="--pid ${node_pids[0]} --redis-pid $redis_pid"
