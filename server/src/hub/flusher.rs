@@ -133,7 +133,7 @@ fn parts(sockets: usize, workers: usize) -> usize {
 }
 
 /// Moves `round`'s lanes into `parts` parts of nearly equal size (fewer if there are fewer
-/// lanes), leaving `round` empty with its buffer kept.
+/// lanes), leaving `round` empty with its capacity kept.
 fn split(round: &mut Vec<Express>, parts: usize) -> Vec<Vec<Express>> {
     let per = round.len().div_ceil(parts.max(1)).max(1);
     let mut out = Vec::with_capacity(parts);
@@ -150,7 +150,8 @@ fn split(round: &mut Vec<Express>, parts: usize) -> Vec<Vec<Express>> {
 async fn write_in_parallel(parts: Vec<Vec<Express>>) {
     let tasks: Vec<_> = parts.into_iter().map(|part| tokio::spawn(async move { write(part) })).collect();
     for task in tasks {
-        // A panicking write loses that part's round, not the flusher.
+        // A panicking write (a bug) must not stop the flusher: every other socket of the node
+        // keeps being written.
         let _ = task.await;
     }
 }
