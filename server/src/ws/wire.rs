@@ -8,14 +8,14 @@
 //! writes itself (pongs, the close frame) joins the same queue, so frames never interleave.
 
 use std::collections::VecDeque;
-use std::io::{self, IoSlice};
+use std::io::{self, IoSlice, Read};
 use std::pin::Pin;
 use std::sync::Mutex;
 use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
 use hyper_tungstenite::tungstenite::Utf8Bytes;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
@@ -97,6 +97,10 @@ impl Chunks {
 
     fn len(&self) -> usize {
         usize::from(self.first.is_some()) + self.rest.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.first.is_none()
     }
 
     fn iter(&self) -> impl Iterator<Item = &Chunk> {
@@ -203,6 +207,19 @@ impl Outbound {
         n
     }
 
+    /// One `send` of what waits: a single whole chunk as it is (the usual case when paced:
+    /// one encoded frame), otherwise a `writev` of up to `MAX_SLICES` slices.
+    fn send(&self, socket: &socket2::SockRef<'_>) -> io::Result<usize> {
+        match self.queue.front() {
+            Some(first) if self.queue.len() == 1 && first.header_len == 0 => socket.send(&first.body[self.sent..]),
+            _ => {
+                let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+                let n = self.slices(&mut slices);
+                socket.send_vectored(&slices[..n])
+            }
+        }
+    }
+
     /// Drops `n` written bytes from the front of the queue.
     fn consume(&mut self, mut n: usize) {
         while let Some(first) = self.queue.front() {
@@ -257,37 +274,30 @@ impl Wire {
     ///
     /// Straight to the socket (`send`, `sendmsg`), not through tokio's `try_write`, which first
     /// reads the socket's readiness in its I/O driver: one more cache line per socket per
-    /// round, and the flusher writes thousands of sockets a round. The kernel says when the
-    /// socket is full; tokio is then told (`clear_write_readiness`), so `writable()` waits.
+    /// round, and the flusher writes thousands of sockets a round. Only when the kernel says
+    /// the socket is full is the send tried again through tokio (`try_io`), so that tokio
+    /// marks the socket not writable and `writable()` waits. It has to be a send made inside
+    /// `try_io`: tokio clears the readiness it read before that send, never a newer one. Telling
+    /// it "full" after the fact could erase a "writable" that arrived in between (the client
+    /// read, and its ACK freed the space), and nothing would wake the session again.
     fn write_out(&self, out: &mut Outbound) -> io::Result<bool> {
         let socket = socket2::SockRef::from(&self.stream);
-        while let Some(first) = out.queue.front() {
-            // The usual case when paced: one whole encoded frame, one plain send.
-            let written = if out.queue.len() == 1 && first.header_len == 0 {
-                socket.send(&first.body[out.sent..])
-            } else {
-                let mut slices = [IoSlice::new(&[]); MAX_SLICES];
-                let n = out.slices(&mut slices);
-                socket.send_vectored(&slices[..n])
+        while !out.queue.is_empty() {
+            let written = match out.send(&socket) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.stream.try_io(Interest::WRITABLE, || out.send(&socket))
+                }
+                written => written,
             };
             match written {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => out.consume(n),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.clear_write_readiness();
-                    return Ok(false);
-                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
         }
         Ok(true)
-    }
-
-    /// Tells tokio the socket is full, so that `writable()` and `poll_write_ready` wait for
-    /// the kernel's next "writable" instead of answering from a stale readiness.
-    fn clear_write_readiness(&self) {
-        let _ = self.stream.try_io(tokio::io::Interest::WRITABLE, || Err::<(), _>(io::ErrorKind::WouldBlock.into()));
     }
 
     /// Like `flushed`, for tungstenite's `poll_flush`.
@@ -347,9 +357,29 @@ impl AsyncRead for WireIo {
         let stream = &self.wire.stream;
         loop {
             ready!(stream.poll_read_ready(cx))?;
-            match stream.try_read(buf.initialize_unfilled()) {
+            let unfilled = buf.initialize_unfilled();
+            let len = unfilled.len();
+            // A read shorter than the buffer emptied the socket (epoll is edge-triggered), so
+            // tokio is told it is no longer readable, as its own `poll_read` does: without that,
+            // every frame a client sends costs a second `recv` that only says "would block".
+            // Reporting `WouldBlock` from inside `try_io` clears the readiness tokio saw before
+            // the read, never a newer one, so bytes arriving meanwhile still wake the reader.
+            let mut short = 0;
+            let read = stream.try_io(Interest::READABLE, || {
+                let n = (&*socket2::SockRef::from(stream)).read(unfilled)?;
+                if 0 < n && n < len {
+                    short = n;
+                    return Err(io::ErrorKind::WouldBlock.into());
+                }
+                Ok(n)
+            });
+            match read {
                 Ok(n) => {
                     buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && short > 0 => {
+                    buf.advance(short);
                     return Poll::Ready(Ok(()));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
@@ -376,6 +406,9 @@ impl AsyncWrite for WireIo {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
     use super::*;
 
     fn queue(bodies: &[&'static str]) -> Outbound {
@@ -431,7 +464,7 @@ mod tests {
         out.consume(2);
         assert_eq!(flat(&out), [2, b'd', b'e']);
         out.consume(3);
-        assert!(out.queue.len() == 0 && out.sent == 0);
+        assert!(out.queue.is_empty() && out.sent == 0);
     }
 
     #[test]
@@ -450,5 +483,56 @@ mod tests {
         assert_eq!((q.len(), q.rest.capacity()), (0, 0), "nothing held after the burst");
         q.push_back(Chunk::raw(Bytes::from_static(b"x")));
         assert_eq!((q.len(), q.rest.capacity()), (1, 0), "one chunk waits inline");
+    }
+
+    /// A connected loopback pair: the server's end in a `Wire`, and the client's end.
+    async fn pair() -> (Arc<Wire>, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let held = crate::tcp::Budget::take(&crate::tcp::Budget::new(1)).unwrap();
+        (Arc::new(Wire::new(server, held, Bytes::new())), client)
+    }
+
+    /// Reads after a short read (which marks the socket not readable without a second `recv`)
+    /// still wake for bytes sent later.
+    #[tokio::test]
+    async fn bytes_sent_after_a_short_read_wake_the_reader() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (wire, mut client) = pair().await;
+        let mut io = WireIo { wire, early: Bytes::new() };
+        let mut buf = [0u8; 64];
+        for word in [&b"one"[..], b"two", b"three"] {
+            client.write_all(word).await.unwrap();
+            let n = tokio::time::timeout(Duration::from_secs(10), io.read(&mut buf)).await.expect("woken").unwrap();
+            assert_eq!(&buf[..n], word);
+        }
+    }
+
+    /// A socket the client does not read fills up; once the client reads, `flushed` is woken
+    /// and finishes, every byte in order.
+    #[tokio::test]
+    async fn a_full_socket_is_written_again_once_the_client_reads() {
+        use tokio::io::AsyncReadExt;
+        let (wire, mut client) = pair().await;
+        let frame = Utf8Bytes::from("x".repeat(60_000));
+        let mut sent = 0;
+        while wire.send([frame.clone()], false).unwrap() {
+            sent += 1;
+        }
+        sent += 1;
+        let reader = tokio::spawn(async move {
+            let mut got = 0;
+            let mut buf = vec![0u8; 1 << 16];
+            while got < sent * 60_004 {
+                got += client.read(&mut buf).await.unwrap();
+            }
+            got
+        });
+        tokio::time::timeout(Duration::from_secs(10), wire.flushed())
+            .await
+            .expect("woken once the client read")
+            .unwrap();
+        assert_eq!(reader.await.unwrap(), sent * 60_004, "every frame, header and payload");
     }
 }
