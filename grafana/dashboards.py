@@ -23,6 +23,7 @@ ADMIN = 'api="admin"'
 OK = 'result="ok"'
 NOT_OK = 'result!="ok"'
 FAILED = 'code!~"2.."'
+WS = 'transport="ws"'
 
 
 def sel(metric, *matchers):
@@ -174,6 +175,18 @@ def overview():
                  "busiest channels (pushctl rooms --sort rate).",
                  [target(quantile(0.5, "pushd_delivery_latency_seconds", "node"), "p50 {{node}}", "A"),
                   target(quantile(0.99, "pushd_delivery_latency_seconds", "node"), "p99 {{node}}", "B")], unit="s")
+    d.timeseries("Write rounds p50 / p99", "How long one round of a node's flusher took to write every "
+                 "WebSocket that had frames waiting (docs/ARCHITECTURE.md, \"Express lanes\"). Rounds of 20 ms and "
+                 "more mean the node's writes fill its cores: frames then wait longer and share writes (the panel "
+                 "beside this one). Add nodes or cores before delivery latency follows.",
+                 [target(quantile(0.5, "pushd_flush_round_seconds", "node"), "p50 {{node}}", "A"),
+                  target(quantile(0.99, "pushd_flush_round_seconds", "node"), "p99 {{node}}", "B")], unit="s")
+    d.timeseries("Messages per WebSocket write", "WebSocket messages delivered per socket write of the flusher. "
+                 "About 1 while each message is written as it comes; above 1 under load, when messages queue "
+                 "behind a write and go out together: the node spends less CPU per delivery and each waits "
+                 "longer.",
+                 [target(f"sum by (node) ({rate('pushd_messages_delivered_total', WS)}) / "
+                         f"sum by (node) ({rate('pushd_flush_socket_writes_total')})", "{{node}}")])
     d.timeseries("Publish errors by code", "Publishes refused or failed. payload_too_large is a backend sending "
                  "more than --max-payload; unavailable means nothing was stored (Redis away): backends must retry "
                  "with their idempotency key.",

@@ -97,6 +97,10 @@ pub struct Metrics {
     pub kicks: IntCounter,
     /// Seconds from storing a message to writing it to a client (first of each write batch).
     pub delivery_latency: Histogram,
+    /// Seconds one round of the hub's flusher took to write every socket it had.
+    pub flush_round: Histogram,
+    /// Sockets the flusher's rounds wrote (one write each, whatever waited for it).
+    pub flush_writes: IntCounter,
     /// Server and admin API requests by api, route and status code.
     pub http_requests: IntCounterVec,
     /// Server and admin API request durations by api and route.
@@ -291,6 +295,13 @@ impl Metrics {
                 "Store-to-socket-write latency",
                 &LATENCY_BUCKETS[..14],
             ),
+            flush_round: r.histogram(
+                "pushd_flush_round_seconds",
+                "Time one round of the flusher took to write its sockets",
+                &LATENCY_BUCKETS[..14],
+            ),
+            flush_writes: r
+                .counter("pushd_flush_socket_writes_total", "Socket writes by the flusher, one per socket per round"),
             http_requests: r.counter_vec(
                 "pushd_http_requests_total",
                 "Server and admin API requests",

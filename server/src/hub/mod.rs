@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use flusher::Flusher;
+use flusher::{Flusher, RoundMetrics};
 use prometheus::IntCounter;
 
 use crate::channel::ChannelName;
@@ -87,7 +87,11 @@ impl Hub {
     /// flusher task (on the current runtime), resting `flush_rest` times each write round.
     pub fn new(metrics: Metrics, send_queue: usize, flush_rest: f64) -> Self {
         let flusher = Arc::new(Flusher::new(flush_rest));
-        tokio::spawn(flusher.clone().run(metrics.delivery_latency.clone()));
+        tokio::spawn(flusher.clone().run(RoundMetrics {
+            latency: metrics.delivery_latency.clone(),
+            duration: metrics.flush_round.clone(),
+            writes: metrics.flush_writes.clone(),
+        }));
         let express_delivered = metrics.delivered.with_label_values(&["ws"]);
         Self {
             channels: Sharded::default(),
