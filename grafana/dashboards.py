@@ -43,6 +43,12 @@ def target(expr, legend, ref="A"):
     return {"refId": ref, "expr": expr, "legendFormat": legend, "datasource": DATASOURCE}
 
 
+def p50_p99_by_node(metric):
+    """The median and the 99th percentile of a histogram, a line each per node."""
+    return [target(quantile(0.5, metric, "node"), "p50 {{node}}", "A"),
+            target(quantile(0.99, metric, "node"), "p99 {{node}}", "B")]
+
+
 class Dashboard:
     """Lays panels out left to right, 24 columns wide, rows starting where the last ended."""
 
@@ -173,14 +179,12 @@ def overview():
     d.timeseries("Delivery latency p50 / p99", "Seconds from storing a message to writing it to a socket. A p99 "
                  "above 0.5 s fires PushdDeliveryLatencyHigh: check node CPU, Redis command latency, and the "
                  "busiest channels (pushctl rooms --sort rate).",
-                 [target(quantile(0.5, "pushd_delivery_latency_seconds", "node"), "p50 {{node}}", "A"),
-                  target(quantile(0.99, "pushd_delivery_latency_seconds", "node"), "p99 {{node}}", "B")], unit="s")
+                 p50_p99_by_node("pushd_delivery_latency_seconds"), unit="s")
     d.timeseries("Write rounds p50 / p99", "How long one round of a node's flusher took to write every "
                  "WebSocket that had frames waiting (docs/ARCHITECTURE.md, \"Express lanes\"). Rounds of 20 ms and "
                  "more mean the node's writes fill its cores: frames then wait longer and share writes (the panel "
                  "beside this one). Add nodes or cores before delivery latency follows.",
-                 [target(quantile(0.5, "pushd_flush_round_seconds", "node"), "p50 {{node}}", "A"),
-                  target(quantile(0.99, "pushd_flush_round_seconds", "node"), "p99 {{node}}", "B")], unit="s")
+                 p50_p99_by_node("pushd_flush_round_seconds"), unit="s")
     d.timeseries("Messages per WebSocket write", "WebSocket messages delivered per socket write of the flusher. "
                  "About 1 while each message is written as it comes; above 1 under load, when messages queue "
                  "behind a write and go out together: the node spends less CPU per delivery and each waits "
@@ -211,8 +215,7 @@ def overview():
                  [target(f"sum by (result) ({rate('pushd_replays_total')})", "{{result}}")], unit="ops")
     d.timeseries("Replayed messages p50 / p99", "Messages one recovered resubscribe replayed. Values near "
                  "--max-replay mean clients come back just in time; larger gaps turn into not_recovered.",
-                 [target(quantile(0.5, "pushd_replayed_messages", "node"), "p50 {{node}}", "A"),
-                  target(quantile(0.99, "pushd_replayed_messages", "node"), "p99 {{node}}", "B")])
+                 p50_p99_by_node("pushd_replayed_messages"))
     d.timeseries("Slow-consumer closes", "Clients closed with 4010 because their send queue filled. They "
                  "reconnect and replay, so nothing is lost, but a steady stream (PushdSlowConsumersRising) means "
                  "a channel publishes faster than clients read: raise --send-queue or slow the channel.",
