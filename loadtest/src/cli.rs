@@ -98,6 +98,15 @@ pub struct FloorArgs {
     /// Bytes per frame: a 100-byte payload's message frame is about 110.
     #[arg(long, env = "PUSHLOAD_FRAME_BYTES", default_value_t = 110)]
     pub frame_bytes: usize,
+
+    /// Frames per write, each in a buffer of its own (as a broker's shared frames are), sent as
+    /// one `writev` of that many slices: what a write of a batch costs the kernel.
+    #[arg(long, env = "PUSHLOAD_FRAMES", default_value_t = 1)]
+    pub frames: usize,
+
+    /// With `--frames`, copy each write's frames into one buffer first and send one slice.
+    #[arg(long, env = "PUSHLOAD_GATHERED")]
+    pub gathered: bool,
 }
 
 /// Flags of `pushload fuzz`.
