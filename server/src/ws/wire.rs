@@ -2,10 +2,12 @@
 //!
 //! tungstenite reads and checks the client's frames through `WireIo`; the server's frames do
 //! not go through it. A server frame is a 2- or 4-byte header (server frames are not masked)
-//! and the message's bytes, the same shared bytes for every subscriber, so a batch of frames is
-//! written here as one `writev` of header and payload slices: nothing is copied into a buffer
-//! per socket, and a connection with nothing to send holds no buffer at all. What tungstenite
-//! writes itself (pongs, the close frame) joins the same queue, so frames never interleave.
+//! and the message's bytes, the same shared bytes for every subscriber. A lone frame is sent
+//! from those bytes as they are; a batch of small frames is copied into one buffer of the
+//! thread's and sent as one slice (the kernel charges more for walking many small slices than
+//! the copy costs); big frames go as one `writev` of header and payload slices. A connection
+//! with nothing to send holds no buffer at all. What tungstenite writes itself (pongs, the
+//! close frame) joins the same queue, so frames never interleave.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, Read};
@@ -23,11 +25,22 @@ use crate::hub::{Delivery, Outlet, Queued};
 use crate::locks::lock;
 use crate::tcp::Held;
 
-/// Most slices handed to one `writev` (the kernel takes at most 1024): 16 to 32 frames, some
-/// kilobytes, per system call, and a small array to fill on every write.
+/// Most slices handed to one `writev` (the kernel takes at most 1024): 16 to 32 big frames per
+/// system call, and a small array to fill on every write.
 const MAX_SLICES: usize = 32;
 /// Frames a queue's overflow buffer is made for at once: what one `writev` takes.
 const BURST: usize = MAX_SLICES;
+/// Most bytes of queued frames copied into one buffer and sent as one slice. The kernel walks a
+/// `writev`'s slices one by one: 20 slices of 110 bytes cost it 1.1 to 1.7 µs more per call
+/// than one `send` of the same 2.2 KB, on this project's benchmark machine, and the copy costs
+/// about 0.1 µs. Bigger frames go as slices, where a copy would cost more than it saves.
+const GATHER: usize = 16 * 1024;
+
+thread_local! {
+    /// The buffer a burst of small frames is gathered in: one per thread, reused by every
+    /// socket's send (the send is synchronous, so no socket holds it past its call).
+    static GATHERED: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(Vec::with_capacity(GATHER));
+}
 
 /// One WebSocket's socket and the frames waiting to be written to it.
 pub struct Wire {
@@ -182,42 +195,66 @@ impl Outbound {
         self.queue.push_back(chunk);
     }
 
+    /// The queue's unwritten bytes, oldest first: each chunk's header and body as two slices.
+    fn unsent(&self) -> impl Iterator<Item = &[u8]> {
+        let mut skip = self.sent;
+        self.queue.iter().flat_map(|chunk| [&chunk.header[..chunk.header_len as usize], &chunk.body[..]]).filter_map(
+            move |slice| {
+                let from = skip;
+                skip = skip.saturating_sub(slice.len());
+                (from < slice.len()).then(|| &slice[from..])
+            },
+        )
+    }
+
     /// Fills `slices` with the queue's unwritten bytes, oldest first; returns how many it used.
     fn slices<'a>(&'a self, slices: &mut [IoSlice<'a>; MAX_SLICES]) -> usize {
         let mut n = 0;
-        let mut skip = self.sent;
-        for chunk in self.queue.iter() {
-            if n + 2 > MAX_SLICES {
-                break;
-            }
-            let header = &chunk.header[..chunk.header_len as usize];
-            if skip < header.len() {
-                slices[n] = IoSlice::new(&header[skip..]);
-                n += 1;
-                skip = 0;
-            } else {
-                skip -= header.len();
-            }
-            if skip < chunk.body.len() {
-                slices[n] = IoSlice::new(&chunk.body[skip..]);
-                n += 1;
-            }
-            skip = 0;
+        for (slot, slice) in slices.iter_mut().zip(self.unsent()) {
+            *slot = IoSlice::new(slice);
+            n += 1;
         }
         n
     }
 
-    /// One `send` of what waits: a single whole chunk as it is (the usual case when paced:
-    /// one encoded frame), otherwise a `writev` of up to `MAX_SLICES` slices.
-    fn send(&self, socket: &socket2::SockRef<'_>) -> io::Result<usize> {
-        match self.queue.front() {
-            Some(first) if self.queue.len() == 1 && first.header_len == 0 => socket.send(&first.body[self.sent..]),
-            _ => {
-                let mut slices = [IoSlice::new(&[]); MAX_SLICES];
-                let n = self.slices(&mut slices);
-                socket.send_vectored(&slices[..n])
+    /// Copies the unwritten bytes, oldest first, into `buf`, whole chunks while they fit in
+    /// `GATHER` bytes. False (and `buf` is to be ignored) when a chunk too big to copy came
+    /// before `GATHER / 2` bytes were gathered: a `writev` of the slices is then the better send.
+    fn gather(&self, buf: &mut Vec<u8>) -> bool {
+        buf.clear();
+        let mut skip = self.sent;
+        for chunk in self.queue.iter() {
+            if buf.len() + chunk.len() - skip > GATHER {
+                return buf.len() >= GATHER / 2;
             }
+            let header = &chunk.header[..chunk.header_len as usize];
+            if skip < header.len() {
+                buf.extend_from_slice(&header[skip..]);
+                buf.extend_from_slice(&chunk.body);
+            } else {
+                buf.extend_from_slice(&chunk.body[skip - header.len()..]);
+            }
+            skip = 0;
         }
+        true
+    }
+
+    /// One `send` of what waits: a single whole chunk as it is (the usual case when paced:
+    /// one encoded frame); several small frames copied into one buffer (a burst); otherwise a
+    /// `writev` of up to `MAX_SLICES` slices (big frames).
+    fn send(&self, socket: &socket2::SockRef<'_>) -> io::Result<usize> {
+        if let Some(first) = self.queue.front()
+            && self.queue.len() == 1
+            && first.header_len == 0
+        {
+            return socket.send(&first.body[self.sent..]);
+        }
+        let gathered = GATHERED.with_borrow_mut(|buf| self.gather(buf).then(|| socket.send(buf)));
+        gathered.unwrap_or_else(|| {
+            let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+            let n = self.slices(&mut slices);
+            socket.send_vectored(&slices[..n])
+        })
     }
 
     /// Drops `n` written bytes from the front of the queue.
@@ -468,6 +505,26 @@ mod tests {
     }
 
     #[test]
+    fn small_frames_are_gathered_into_one_buffer_from_where_the_last_write_stopped() {
+        let mut out = queue(&["abc", "de", "f"]);
+        out.consume(3);
+        let mut buf = Vec::new();
+        assert!(out.gather(&mut buf));
+        assert_eq!(buf, flat(&out));
+        assert_eq!(buf, [b'b', b'c', 0x81, 2, b'd', b'e', 0x81, 1, b'f']);
+        // As many as fit in GATHER bytes; the rest waits for the next send.
+        let many = (0..300).map(|_| "x".repeat(98)).collect::<Vec<_>>();
+        let mut out = Outbound::default();
+        out.queue.extend(many.iter().map(|b| Chunk::text(Utf8Bytes::from(b.clone()))));
+        assert!(out.gather(&mut buf));
+        assert_eq!(buf.len(), GATHER / 100 * 100, "whole 100-byte frames only");
+        // A big frame after little is left to writev, slices and all.
+        let mut out = queue(&["abc"]);
+        out.queue.push_back(Chunk::text(Utf8Bytes::from("y".repeat(GATHER))));
+        assert!(!out.gather(&mut buf));
+    }
+
+    #[test]
     fn a_burst_comes_out_in_order_and_its_buffer_is_given_back_once_drained() {
         let mut q = Chunks::default();
         q.extend((0..20u8).map(|i| Chunk::raw(Bytes::from(vec![i]))));
@@ -507,6 +564,27 @@ mod tests {
             let n = tokio::time::timeout(Duration::from_secs(10), io.read(&mut buf)).await.expect("woken").unwrap();
             assert_eq!(&buf[..n], word);
         }
+    }
+
+    /// A burst of small frames (gathered) and a big one (slices) arrive whole and in order.
+    #[tokio::test]
+    async fn a_burst_and_a_big_frame_arrive_whole_and_in_order() {
+        use tokio::io::AsyncReadExt;
+        let (wire, mut client) = pair().await;
+        let frames: Vec<String> = (0..500).map(|i| format!("{i:0>120}")).chain(["z".repeat(70_000)]).collect();
+        let mut expected = Vec::new();
+        for f in &frames {
+            expected.extend(encode_text(&Utf8Bytes::from(f.clone())));
+        }
+        wire.send(frames.iter().map(|f| Utf8Bytes::from(f.clone())), false).unwrap();
+        let reader = tokio::spawn(async move {
+            let mut got = vec![0u8; expected.len()];
+            client.read_exact(&mut got).await.unwrap();
+            (got, expected)
+        });
+        tokio::time::timeout(Duration::from_secs(10), wire.flushed()).await.expect("written").unwrap();
+        let (got, expected) = reader.await.unwrap();
+        assert!(got == expected, "the bytes on the wire are the frames in order");
     }
 
     /// A socket the client does not read fills up; once the client reads, `flushed` is woken
