@@ -1,57 +1,32 @@
 //! This node's sockets, by channel and by connection id. The hub owns no socket and no history:
 //! the engine hands it publications, the hub serialises each one once into the frame every
-//! subscriber receives, and queues that shared frame for every local subscriber with a
-//! non-blocking `try_send`. Channels are sharded and each has its
-//! own lock, so fan-out for one busy channel never waits on another's.
+//! subscriber receives and holds it in its channel (`local.rs`); the flusher's next round fans
+//! it out to the channel's subscribers, none of them waited on, and writes each socket it
+//! touched once (`flusher.rs`). Channels are sharded and each has its own lock, so delivery on
+//! one busy channel never waits on another's.
 
 mod flusher;
 mod handle;
+mod local;
 mod queue;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 
 use flusher::{Flusher, RoundMetrics};
+use local::{Held, LocalChannel, Subscriber};
 use prometheus::IntCounter;
 
 use crate::channel::ChannelName;
 use crate::engine::{ClientInfo, Deliver, Epoch, Offset, Position, PresenceChange, Publication};
 use crate::locks::{lock, read, write};
 use crate::metrics::Metrics;
-use crate::protocol::{Close, CloseCode, presence_frame};
+use crate::protocol::{Close, presence_frame};
 use crate::shard::Sharded;
 
 pub use handle::{ConnId, Delivery, Express, Out, Outlet, Queued, SessionHandle, SessionInfo, Transport};
 pub use queue::Queue;
-
-/// One channel's local subscribers and its message rate.
-#[derive(Default)]
-struct LocalChannel {
-    subs: RwLock<HashMap<ConnId, Subscriber>>,
-    /// Publications delivered to this node for the channel.
-    messages: AtomicU64,
-    /// (messages at the last rate sample, messages per second since then).
-    rate: Mutex<(u64, f64)>,
-}
-
-/// One session subscribed to one channel.
-struct Subscriber {
-    handle: SessionHandle,
-    /// `Some` while the channel rides the session's express lane: the epoch and the offset of
-    /// the last message queued on the socket. Every push to the session's queue for this
-    /// channel happens under this lock, which `go_express` relies on.
-    express: Mutex<Option<(Epoch, Offset)>>,
-}
-
-impl LocalChannel {
-    /// Queues one item for every local subscriber, without waiting on any of them.
-    fn push_all(&self, out: impl Fn() -> Out) {
-        for sub in read(&self.subs).values() {
-            sub.handle.push(out());
-        }
-    }
-}
 
 /// A channel with local subscribers, as operators see it.
 #[derive(Debug, Clone)]
@@ -74,14 +49,6 @@ pub struct Hub {
     send_queue: usize,
 }
 
-/// What became of one message offered to one session.
-enum Offered {
-    /// Queued on the socket by the express lane (or already there: a duplicate).
-    Express,
-    /// Sent through the session's queue.
-    Queued,
-}
-
 impl Hub {
     /// A hub whose express lanes allow `send_queue` frames waiting per socket. Starts the
     /// flusher task (on the current runtime), resting `flush_rest` times each write round.
@@ -101,34 +68,6 @@ impl Hub {
             express_delivered,
             send_queue,
         }
-    }
-
-    /// Hands `delivery` to `sub`'s socket directly when the channel rides its express lane and
-    /// this is the next message; otherwise through its queue, taking the channel off the lane
-    /// (a new epoch, a gap) so that the session decides what to send.
-    fn offer(&self, sub: &Subscriber, delivery: &Arc<Delivery>, dirty: &mut Vec<Express>) -> Offered {
-        let handle = &sub.handle;
-        let p = &delivery.publication;
-        let mut lane = lock(&sub.express);
-        if let (Some((epoch, last)), Some(express)) = (lane.as_mut(), &handle.express) {
-            if *epoch == p.epoch && p.offset <= *last + 1 {
-                if p.offset == *last + 1 {
-                    *last = p.offset;
-                    let queued = express.queue(delivery);
-                    if queued.waiting > self.send_queue {
-                        handle.close(Close::new(CloseCode::SlowConsumer, "send queue full: reconnect and replay"));
-                    }
-                    if queued.first {
-                        dirty.push(express.clone());
-                    }
-                }
-                return Offered::Express;
-            }
-            *lane = None;
-        }
-        // Pushed under the lane's lock: see `go_express`.
-        handle.push(Out::Message(delivery.clone()));
-        Offered::Queued
     }
 
     /// Puts `channel` on `conn`'s express lane at `position`, unless it rides it already, and
@@ -155,6 +94,18 @@ impl Hub {
         true
     }
 
+    /// After `local` was given something to hold (`first`: it held nothing before): fanned out
+    /// now if a round is being written, else handed to the flusher for its next round.
+    fn handed_over(&self, local: Arc<LocalChannel>, first: bool, time_us: u64) {
+        if self.flusher.writing() {
+            let mut lanes = Vec::new();
+            local.fan_out(&mut lanes);
+            self.flusher.add_lanes(lanes, time_us);
+        } else if first {
+            self.flusher.add(local, time_us);
+        }
+    }
+
     fn subscribers(&self, channel: &ChannelName) -> Option<Arc<LocalChannel>> {
         read(self.channels.of(channel)).get(channel).cloned()
     }
@@ -164,7 +115,7 @@ impl Hub {
         let mut shard = write(self.channels.of(channel));
         let subs = shard.entry(channel.clone()).or_insert_with(|| {
             self.metrics.channels.inc();
-            Arc::default()
+            Arc::new(LocalChannel::new(self.send_queue, self.express_delivered.clone()))
         });
         let sub = Subscriber { handle: handle.clone(), express: Mutex::new(None) };
         if write(&subs.subs).insert(handle.conn.clone(), sub).is_none() {
@@ -251,18 +202,15 @@ impl Drop for Hub {
 }
 
 impl Deliver for Hub {
+    /// Serialises the message once and holds it in its channel: while the flusher writes a
+    /// round, fanned out now (with anything the channel held before it); otherwise at the start
+    /// of the next round, with every message that came meanwhile (see `flusher.rs`).
     fn deliver(&self, publication: Arc<Publication>) {
         let Some(local) = self.subscribers(&publication.channel) else { return };
         local.messages.fetch_add(1, Ordering::Relaxed);
-        let delivery = Arc::new(Delivery::new(publication));
-        let (mut dirty, mut express) = (Vec::new(), 0);
-        for sub in read(&local.subs).values() {
-            if let Offered::Express = self.offer(sub, &delivery, &mut dirty) {
-                express += 1;
-            }
-        }
-        self.express_delivered.inc_by(express);
-        self.flusher.add(dirty, delivery.publication.time_us);
+        let time_us = publication.time_us;
+        let first = local.hold(Held::Message(Arc::new(Delivery::new(publication))));
+        self.handed_over(local, first, time_us);
     }
 
     fn deliver_presence(&self, channel: &ChannelName, change: PresenceChange, client: &ClientInfo) {
@@ -272,15 +220,12 @@ impl Deliver for Hub {
         }
     }
 
+    /// Held behind the channel's messages, so that nothing delivered before the reset reaches
+    /// a session after it.
     fn reset(&self, channel: &ChannelName, position: &Position) {
         let Some(local) = self.subscribers(channel) else { return };
-        for sub in read(&local.subs).values() {
-            // Off the express lane, under its lock: what follows the reset goes through the
-            // session, after it.
-            let mut lane = lock(&sub.express);
-            *lane = None;
-            sub.handle.push(Out::Reset(Box::new((channel.clone(), position.clone()))));
-        }
+        let first = local.hold(Held::Reset(Box::new((channel.clone(), position.clone()))));
+        self.handed_over(local, first, crate::engine::now_us());
     }
 }
 
@@ -355,6 +300,13 @@ mod tests {
         items
     }
 
+    /// Runs the fan-out of the flusher's next round now; returns the sockets it would write.
+    fn fan_out(hub: &Hub) -> usize {
+        let mut round = Vec::new();
+        hub.flusher.fan_out(&mut Vec::new(), &mut round);
+        round.len()
+    }
+
     #[tokio::test]
     async fn the_next_message_of_a_caught_up_channel_goes_express_and_anything_else_through_the_queue() {
         let (hub, handle, socket, queue) = subscribed();
@@ -363,16 +315,20 @@ mod tests {
         hub.deliver(message(&e, 6));
         hub.deliver(message(&e, 6));
         hub.deliver(message(&e, 7));
+        assert!(lock(&socket.0).is_empty() && queued(&queue).is_empty(), "held until the round");
+        assert_eq!(fan_out(&hub), 1, "one socket to write");
         assert_eq!(*lock(&socket.0), [6, 7], "the next offsets, once each");
         assert!(queued(&queue).is_empty());
         // A gap: the session must decide (it closes with 4010); the channel leaves the lane.
         hub.deliver(message(&e, 9));
         hub.deliver(message(&e, 10));
         hub.deliver(message(&e, 8));
+        fan_out(&hub);
         assert_eq!(queued(&queue), ["9", "10", "8"], "nothing overtakes what went through the queue");
         // A new epoch goes through the queue too.
         assert!(hub.go_express(&channel(), &handle.conn, (e.clone(), 10), || queue.is_empty()));
         hub.deliver(message(&Epoch::new("f"), 1));
+        fan_out(&hub);
         assert_eq!(queued(&queue), ["1"]);
         assert_eq!(*lock(&socket.0), [6, 7]);
     }
@@ -382,11 +338,13 @@ mod tests {
         let (hub, handle, socket, queue) = subscribed();
         let e = Epoch::new("e");
         hub.deliver(message(&e, 1));
+        fan_out(&hub);
         // Message 1 waits in the queue: letting 2 go express would put it on the socket first.
         assert!(!hub.go_express(&channel(), &handle.conn, (e.clone(), 0), || queue.is_empty()));
         assert_eq!(queued(&queue), ["1"]);
         assert!(hub.go_express(&channel(), &handle.conn, (e.clone(), 1), || queue.is_empty()));
         hub.deliver(message(&e, 2));
+        fan_out(&hub);
         assert_eq!(*lock(&socket.0), [2]);
     }
 
@@ -398,11 +356,63 @@ mod tests {
         hub.reset(&channel(), &Position { epoch: f.clone(), offset: 0 });
         hub.deliver(message(&e, 4));
         hub.deliver(message(&f, 1));
+        fan_out(&hub);
         assert_eq!(queued(&queue), ["reset 0", "4", "1"], "nothing overtakes the reset");
         assert!(lock(&socket.0).is_empty());
         // Unsubscribed: nothing reaches the socket or the queue.
         hub.remove_subscriber(&channel(), &handle.conn);
         hub.deliver(message(&f, 2));
+        fan_out(&hub);
         assert!(lock(&socket.0).is_empty() && queued(&queue).is_empty());
+    }
+
+    #[tokio::test]
+    async fn what_a_channel_holds_reaches_every_subscriber_in_one_round_one_write_each() {
+        let (hub, _, _, _) = subscribed();
+        let e = Epoch::new("e");
+        let mut sockets = Vec::new();
+        for n in 2..=4 {
+            let socket = Arc::new(Socket::default());
+            let info = SessionInfo::new("u".into(), Transport::Ws, None);
+            let (handle, queue) = SessionHandle::new(format!("n.{n}").into(), info, 16, Some(socket.clone()));
+            hub.add_subscriber(&channel(), &handle);
+            assert!(hub.go_express(&channel(), &handle.conn, (e.clone(), 0), || queue.is_empty()));
+            sockets.push(socket);
+        }
+        for offset in 1..=20 {
+            hub.deliver(message(&e, offset));
+        }
+        assert_eq!(fan_out(&hub), 3, "each caught-up socket listed once for the round");
+        for socket in &sockets {
+            assert_eq!(*lock(&socket.0), (1..=20).collect::<Vec<_>>());
+        }
+        assert_eq!(fan_out(&hub), 0, "nothing held twice");
+    }
+
+    #[tokio::test]
+    async fn messages_held_before_a_reset_reach_the_session_before_it() {
+        let (hub, handle, socket, queue) = subscribed();
+        let (e, f) = (Epoch::new("e"), Epoch::new("f"));
+        assert!(hub.go_express(&channel(), &handle.conn, (e.clone(), 3), || queue.is_empty()));
+        hub.deliver(message(&e, 4));
+        hub.reset(&channel(), &Position { epoch: f.clone(), offset: 0 });
+        hub.deliver(message(&f, 1));
+        fan_out(&hub);
+        assert_eq!(*lock(&socket.0), [4], "4 came before the reset, on the lane");
+        assert_eq!(queued(&queue), ["reset 0", "1"]);
+    }
+
+    #[tokio::test]
+    async fn while_a_round_is_written_a_message_is_fanned_out_at_once_behind_what_was_held() {
+        let (hub, handle, socket, queue) = subscribed();
+        let e = Epoch::new("e");
+        assert!(hub.go_express(&channel(), &handle.conn, (e.clone(), 0), || queue.is_empty()));
+        hub.deliver(message(&e, 1));
+        assert!(lock(&socket.0).is_empty(), "held while the flusher rests");
+        hub.flusher.writing.store(true, std::sync::atomic::Ordering::Relaxed);
+        hub.deliver(message(&e, 2));
+        assert_eq!(*lock(&socket.0), [1, 2], "fanned out at once, in order");
+        assert_eq!(fan_out(&hub), 1, "the socket handed to the next round, the channel empty");
+        assert_eq!(*lock(&socket.0), [1, 2]);
     }
 }
