@@ -7,8 +7,8 @@
 //! and fanned out when the next round starts, all of a channel's at once: each socket's state
 //! is fetched once for them, not once per message. Messages delivered while a round is being
 //! written are fanned out at once instead, so that the sockets the round has not reached yet
-//! take them in this round rather than wait for the next (holding them too cost the half-rate
-//! benchmark 3 to 9 ms of median latency for 10 % of the node's CPU).
+//! take them in this round rather than wait for the next (holding those too saved a few per
+//! cent more of the node's CPU, and cost the half-rate benchmark 3 to 9 ms of median latency).
 //!
 //! Under load the flusher rests between rounds, for `--flush-rest` times the round it just
 //! wrote (at most `MAX_REST`): a write costs the kernel about the same for one frame as for
