@@ -24,7 +24,7 @@ use crate::protocol::{Close, CloseCode};
 pub(super) struct LocalChannel {
     pub subs: RwLock<HashMap<ConnId, Subscriber>>,
     /// Delivered to this node and not yet fanned out, in the engine's order.
-    held: Mutex<Vec<Held>>,
+    held: Mutex<Holding>,
     /// Held while a fan-out runs.
     fanning: Mutex<()>,
     /// Publications delivered to this node for the channel.
@@ -35,6 +35,14 @@ pub(super) struct LocalChannel {
     send_queue: usize,
     /// Messages delivered over express lanes (all WebSocket), counted once per message.
     express_delivered: IntCounter,
+}
+
+/// What a channel holds, and how many items it held before them.
+#[derive(Default)]
+struct Holding {
+    items: Vec<Held>,
+    /// Items fanned out so far: the sequence number of `items[0]`.
+    taken: u64,
 }
 
 /// What a channel holds for its next fan-out.
@@ -51,6 +59,11 @@ pub(super) struct Subscriber {
     /// the last message queued on the socket. Every push to the session's queue for this
     /// channel happens under this lock, which `Hub::go_express` relies on.
     pub express: Mutex<Option<(Epoch, Offset)>>,
+    /// The sequence number of the first held item this subscriber gets: what the channel held
+    /// before it subscribed was delivered before it subscribed, and is not its to receive (its
+    /// subscribe reply's position covers it; a reset held then would take it back to an epoch
+    /// it never saw).
+    pub since: u64,
 }
 
 /// What became of one message offered to one session.
@@ -78,8 +91,14 @@ impl LocalChannel {
     /// held nothing before (the caller then hands the channel to the flusher).
     pub fn hold(&self, item: Held) -> bool {
         let mut held = lock(&self.held);
-        held.push(item);
-        held.len() == 1
+        held.items.push(item);
+        held.items.len() == 1
+    }
+
+    /// The sequence number the next held item gets: a subscriber added now gets that one on.
+    pub fn next_held(&self) -> u64 {
+        let held = lock(&self.held);
+        held.taken + held.items.len() as u64
     }
 
     /// Queues everything held on every subscriber, in order; the sockets that got their first
@@ -88,13 +107,19 @@ impl LocalChannel {
     /// held items in the order they came.
     pub fn fan_out(&self, lanes: &mut Vec<Express>) {
         let _one_at_a_time = lock(&self.fanning);
-        let held = std::mem::take(&mut *lock(&self.held));
+        let (held, first) = {
+            let mut holding = lock(&self.held);
+            let first = holding.taken;
+            holding.taken += holding.items.len() as u64;
+            (std::mem::take(&mut holding.items), first)
+        };
         if held.is_empty() {
             return;
         }
         let mut express = 0;
         for sub in read(&self.subs).values() {
-            for item in &held {
+            let skip = sub.since.saturating_sub(first) as usize;
+            for item in held.iter().skip(skip) {
                 match item {
                     Held::Message(delivery) => {
                         if let Offered::Express = self.offer(sub, delivery, lanes) {

@@ -117,7 +117,7 @@ impl Hub {
             self.metrics.channels.inc();
             Arc::new(LocalChannel::new(self.send_queue, self.express_delivered.clone()))
         });
-        let sub = Subscriber { handle: handle.clone(), express: Mutex::new(None) };
+        let sub = Subscriber { handle: handle.clone(), express: Mutex::new(None), since: subs.next_held() };
         if write(&subs.subs).insert(handle.conn.clone(), sub).is_none() {
             self.metrics.subscriptions.with_label_values(&[handle.info.transport.as_str()]).inc();
         }
@@ -414,5 +414,22 @@ mod tests {
         assert_eq!(*lock(&socket.0), [1, 2], "fanned out at once, in order");
         assert_eq!(fan_out(&hub), 1, "the socket handed to the next round, the channel empty");
         assert_eq!(*lock(&socket.0), [1, 2]);
+    }
+
+    #[tokio::test]
+    async fn a_subscriber_added_while_its_channel_holds_messages_gets_only_what_comes_after() {
+        let (hub, handle, _, queue) = subscribed();
+        let (e, f) = (Epoch::new("e"), Epoch::new("f"));
+        hub.deliver(message(&e, 4));
+        hub.reset(&channel(), &Position { epoch: f.clone(), offset: 0 });
+        hub.deliver(message(&f, 1));
+        let info = SessionInfo::new("v".into(), Transport::Ws, None);
+        let (late, late_queue) = SessionHandle::new("n.9".into(), info, 16, None);
+        hub.add_subscriber(&channel(), &late);
+        hub.deliver(message(&f, 2));
+        fan_out(&hub);
+        assert_eq!(queued(&queue), ["4", "reset 0", "1", "2"], "the first subscriber gets everything, in order");
+        assert_eq!(queued(&late_queue), ["2"], "held before it subscribed: not its to receive");
+        assert!(hub.go_express(&channel(), &handle.conn, (f.clone(), 2), || queue.is_empty()));
     }
 }
