@@ -147,17 +147,26 @@ impl Flusher {
                 return;
             }
             let started = Instant::now();
-            let oldest = self.fan_out(&mut channels, &mut round);
-            metrics.writes.inc_by(round.len() as u64);
+            // A panic in a fan-out or a write is a bug: it is logged and counted (`panics.rs`),
+            // and the flusher goes on, so every other socket of the node keeps being written.
+            let oldest = survive(|| self.fan_out(&mut channels, &mut round)).flatten();
+            channels.clear();
+            let sockets = round.len();
+            metrics.writes.inc_by(sockets as u64);
             self.writing.store(true, Ordering::Relaxed);
-            let parts = parts(round.len(), workers);
+            let parts = parts(sockets, workers);
             if parts > 1 {
                 write_in_parallel(split(&mut round, parts)).await;
             } else {
-                write(round.drain(..));
+                survive(|| write(round.drain(..)));
+                round.clear();
             }
             self.writing.store(false, Ordering::Relaxed);
-            if let Some(t) = oldest {
+            // Rounds that wrote nothing are not measured: a message that went only through
+            // sessions' queues (SSE, a channel off the lane) is measured by the session.
+            if let Some(t) = oldest
+                && sockets > 0
+            {
                 metrics.latency.observe(now_us().saturating_sub(t) as f64 / 1e6);
             }
             let took = started.elapsed();
@@ -172,6 +181,11 @@ impl Flusher {
             }
         }
     }
+}
+
+/// Runs `f`; `None` if it panicked (the panic hook has logged and counted it).
+fn survive<T>(f: impl FnOnce() -> T) -> Option<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).ok()
 }
 
 /// Writes every socket of `lanes`; a socket that cannot take everything wakes its session's
@@ -230,6 +244,9 @@ mod tests {
         flushes: AtomicUsize,
         gate: Option<Arc<AtomicUsize>>,
         notify: Notify,
+        /// Its flush panics (after notifying `flushed`).
+        panics: bool,
+        flushed: Notify,
     }
 
     impl Outlet for Socket {
@@ -238,6 +255,8 @@ mod tests {
         }
         fn flush(&self) -> std::io::Result<bool> {
             self.flushes.fetch_add(1, Ordering::SeqCst);
+            self.flushed.notify_one();
+            assert!(!self.panics, "a deliberate panic in a test");
             if let Some(gate) = &self.gate {
                 gate.fetch_add(1, Ordering::SeqCst);
                 let deadline = Instant::now() + Duration::from_secs(10);
@@ -303,5 +322,25 @@ mod tests {
         }
         write_in_parallel(parts).await;
         assert!(flushed_once(&all) && flushed_once(&gated));
+    }
+
+    #[tokio::test]
+    async fn a_panicking_write_does_not_stop_the_flusher() {
+        let flusher = Arc::new(Flusher::new(0.0));
+        let histogram = |name: &str| Histogram::with_opts(prometheus::HistogramOpts::new(name, name)).unwrap();
+        let metrics = RoundMetrics {
+            latency: histogram("latency"),
+            duration: histogram("duration"),
+            writes: IntCounter::new("writes", "writes").unwrap(),
+        };
+        let writes = metrics.writes.clone();
+        tokio::spawn(flusher.clone().run(metrics));
+        let bad = Arc::new(Socket { panics: true, ..Socket::default() });
+        flusher.add_lanes(vec![bad.clone()], 1);
+        tokio::time::timeout(Duration::from_secs(10), bad.flushed.notified()).await.expect("the first round ran");
+        let good = Arc::new(Socket::default());
+        flusher.add_lanes(vec![good.clone()], 1);
+        tokio::time::timeout(Duration::from_secs(10), good.flushed.notified()).await.expect("a round after the panic");
+        assert_eq!(writes.get(), 2);
     }
 }
