@@ -2,10 +2,11 @@
 //!
 //! tungstenite reads and checks the client's frames through `WireIo`; the server's frames do
 //! not go through it. A server frame is a 2- or 4-byte header (server frames are not masked)
-//! and the message's bytes, the same shared bytes for every subscriber. A lone frame is sent
-//! from those bytes as they are; a batch of small frames is copied into one buffer of the
-//! thread's and sent as one slice (the kernel charges more for walking many small slices than
-//! the copy costs); big frames go as one `writev` of header and payload slices. A connection
+//! and the message's bytes, the same shared bytes for every subscriber. A lone message frame
+//! (encoded once per message, header and payload together) is sent from those bytes as they
+//! are; otherwise what waits is copied into one buffer of the thread's, up to 16 KiB, and sent
+//! as one slice (the kernel charges more for walking many small slices than the copy costs);
+//! a frame that does not fit goes as one `writev` of header and payload slices. A connection
 //! with nothing to send holds no buffer at all. What tungstenite writes itself (pongs, the
 //! close frame) joins the same queue, so frames never interleave.
 
