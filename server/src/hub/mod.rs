@@ -276,10 +276,21 @@ mod tests {
         let identity = crate::metrics::Identity { node_id: "n", engine: "memory", max_connections: 10 };
         let hub = Hub::new(Metrics::new(&identity), 16, 1.0);
         let socket = Arc::new(Socket::default());
-        let info = SessionInfo::new("u".into(), Transport::Ws, None);
-        let (handle, queue) = SessionHandle::new("n.1".into(), info, 16, Some(socket.clone()));
-        hub.add_subscriber(&channel(), &handle);
+        let (handle, queue) = join(&hub, 1, Some(socket.clone()));
         (hub, handle, socket, queue)
+    }
+
+    /// Session `n.<n>` subscribed to `room`: a WebSocket-like one over `socket`, if given.
+    fn join(hub: &Hub, n: u32, socket: Option<Arc<Socket>>) -> (SessionHandle, Arc<Queue>) {
+        let info = SessionInfo::new("u".into(), Transport::Ws, None);
+        let (handle, queue) = SessionHandle::new(format!("n.{n}").into(), info, 16, socket.map(|s| s as Express));
+        hub.add_subscriber(&channel(), &handle);
+        (handle, queue)
+    }
+
+    /// Puts `room` on the session's lane after `offset` of `epoch`, if its queue is empty.
+    fn lane(hub: &Hub, handle: &SessionHandle, queue: &Queue, epoch: &Epoch, offset: Offset) -> bool {
+        hub.go_express(&channel(), &handle.conn, (epoch.clone(), offset), || queue.is_empty())
     }
 
     /// The offsets of the messages waiting in `queue` (and whether a reset came first).
@@ -311,7 +322,7 @@ mod tests {
     async fn the_next_message_of_a_caught_up_channel_goes_express_and_anything_else_through_the_queue() {
         let (hub, handle, socket, queue) = subscribed();
         let e = Epoch::new("e");
-        assert!(hub.go_express(&channel(), &handle.conn, (e.clone(), 5), || queue.is_empty()));
+        assert!(lane(&hub, &handle, &queue, &e, 5));
         hub.deliver(message(&e, 6));
         hub.deliver(message(&e, 6));
         hub.deliver(message(&e, 7));
@@ -326,7 +337,7 @@ mod tests {
         fan_out(&hub);
         assert_eq!(queued(&queue), ["9", "10", "8"], "nothing overtakes what went through the queue");
         // A new epoch goes through the queue too.
-        assert!(hub.go_express(&channel(), &handle.conn, (e.clone(), 10), || queue.is_empty()));
+        assert!(lane(&hub, &handle, &queue, &e, 10));
         hub.deliver(message(&Epoch::new("f"), 1));
         fan_out(&hub);
         assert_eq!(queued(&queue), ["1"]);
@@ -340,9 +351,9 @@ mod tests {
         hub.deliver(message(&e, 1));
         fan_out(&hub);
         // Message 1 waits in the queue: letting 2 go express would put it on the socket first.
-        assert!(!hub.go_express(&channel(), &handle.conn, (e.clone(), 0), || queue.is_empty()));
+        assert!(!lane(&hub, &handle, &queue, &e, 0));
         assert_eq!(queued(&queue), ["1"]);
-        assert!(hub.go_express(&channel(), &handle.conn, (e.clone(), 1), || queue.is_empty()));
+        assert!(lane(&hub, &handle, &queue, &e, 1));
         hub.deliver(message(&e, 2));
         fan_out(&hub);
         assert_eq!(*lock(&socket.0), [2]);
@@ -352,7 +363,7 @@ mod tests {
     async fn a_reset_takes_the_channel_off_the_lane_and_what_follows_comes_after_it() {
         let (hub, handle, socket, queue) = subscribed();
         let (e, f) = (Epoch::new("e"), Epoch::new("f"));
-        assert!(hub.go_express(&channel(), &handle.conn, (e.clone(), 3), || queue.is_empty()));
+        assert!(lane(&hub, &handle, &queue, &e, 3));
         hub.reset(&channel(), &Position { epoch: f.clone(), offset: 0 });
         hub.deliver(message(&e, 4));
         hub.deliver(message(&f, 1));
@@ -373,10 +384,8 @@ mod tests {
         let mut sockets = Vec::new();
         for n in 2..=4 {
             let socket = Arc::new(Socket::default());
-            let info = SessionInfo::new("u".into(), Transport::Ws, None);
-            let (handle, queue) = SessionHandle::new(format!("n.{n}").into(), info, 16, Some(socket.clone()));
-            hub.add_subscriber(&channel(), &handle);
-            assert!(hub.go_express(&channel(), &handle.conn, (e.clone(), 0), || queue.is_empty()));
+            let (handle, queue) = join(&hub, n, Some(socket.clone()));
+            assert!(lane(&hub, &handle, &queue, &e, 0));
             sockets.push(socket);
         }
         for offset in 1..=20 {
@@ -393,7 +402,7 @@ mod tests {
     async fn messages_held_before_a_reset_reach_the_session_before_it() {
         let (hub, handle, socket, queue) = subscribed();
         let (e, f) = (Epoch::new("e"), Epoch::new("f"));
-        assert!(hub.go_express(&channel(), &handle.conn, (e.clone(), 3), || queue.is_empty()));
+        assert!(lane(&hub, &handle, &queue, &e, 3));
         hub.deliver(message(&e, 4));
         hub.reset(&channel(), &Position { epoch: f.clone(), offset: 0 });
         hub.deliver(message(&f, 1));
@@ -406,7 +415,7 @@ mod tests {
     async fn while_a_round_is_written_a_message_is_fanned_out_at_once_behind_what_was_held() {
         let (hub, handle, socket, queue) = subscribed();
         let e = Epoch::new("e");
-        assert!(hub.go_express(&channel(), &handle.conn, (e.clone(), 0), || queue.is_empty()));
+        assert!(lane(&hub, &handle, &queue, &e, 0));
         hub.deliver(message(&e, 1));
         assert!(lock(&socket.0).is_empty(), "held while the flusher rests");
         hub.flusher.writing.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -423,13 +432,11 @@ mod tests {
         hub.deliver(message(&e, 4));
         hub.reset(&channel(), &Position { epoch: f.clone(), offset: 0 });
         hub.deliver(message(&f, 1));
-        let info = SessionInfo::new("v".into(), Transport::Ws, None);
-        let (late, late_queue) = SessionHandle::new("n.9".into(), info, 16, None);
-        hub.add_subscriber(&channel(), &late);
+        let (_late, late_queue) = join(&hub, 9, None);
         hub.deliver(message(&f, 2));
         fan_out(&hub);
         assert_eq!(queued(&queue), ["4", "reset 0", "1", "2"], "the first subscriber gets everything, in order");
         assert_eq!(queued(&late_queue), ["2"], "held before it subscribed: not its to receive");
-        assert!(hub.go_express(&channel(), &handle.conn, (f.clone(), 2), || queue.is_empty()));
+        assert!(lane(&hub, &handle, &queue, &f, 2));
     }
 }
